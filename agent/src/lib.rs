@@ -1,0 +1,1 @@
+//! libumm_agent.so — see agent/README or umm-agent(7).

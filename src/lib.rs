@@ -1,0 +1,35 @@
+//! umm — a non-cooperative userfaultfd memory manager.
+//!
+//! The library holds the pieces the manager binary (`umm`) and the agent
+//! (`libumm_agent.so`) share:
+//! - [`uffd`]: the kernel ABI (ioctls, feature negotiation, batched event reads);
+//! - [`sys`]: thin safe wrappers for the other raw calls (procfs, pidfd, sockets, fds);
+//! - [`layout`]: the model of one address space, pure data;
+//! - [`protocol`]: the agent↔manager wire format;
+//! - [`source`]: where page contents come from.
+//!
+//! `unsafe` lives only in `uffd` and `sys`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod layout;
+pub mod protocol;
+pub mod source;
+pub mod sys;
+pub mod uffd;
+
+/// The page size umm works in. x86_64 and aarch64 (4 KiB kernels) only.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Round `addr` down to a page boundary.
+pub const fn page_floor(addr: u64) -> u64 {
+    addr & !(PAGE_SIZE - 1)
+}
+
+/// Round `addr` up to a page boundary (saturating at the top of the address space).
+pub const fn page_ceil(addr: u64) -> u64 {
+    match addr.checked_add(PAGE_SIZE - 1) {
+        Some(a) => a & !(PAGE_SIZE - 1),
+        None => u64::MAX & !(PAGE_SIZE - 1),
+    }
+}

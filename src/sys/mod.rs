@@ -1,0 +1,6 @@
+//! Thin safe wrappers for the raw calls umm needs besides the userfaultfd ABI: procfs parsing
+//! and reading, pidfds, SCM_RIGHTS on unix sockets, process spawning, resource limits.
+//! With [`crate::uffd`], the only home of the library's `unsafe`.
+
+pub mod fd;
+pub mod proc;
