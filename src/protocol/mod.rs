@@ -22,6 +22,9 @@
 //! Decoding is strict: a frame longer than MAX_FRAME, a length below 4, an unknown kind, a
 //! version other than VERSION, a payload with missing or trailing bytes, non-UTF-8 text, or
 //! flags outside the known set are errors. Every error names what was wrong.
+//!
+//! [`decode_ref`] decodes without allocating (text fields borrow from the buffer); the agent
+//! uses it inside its interposed `mmap`. [`decode`] is the owning form.
 
 pub use imp::*;
 
@@ -40,6 +43,21 @@ mod imp {
     pub const HELLO_HAS_UFFD: u32 = 1 << 0;
     pub const HELLO_WANT_GRANT: u32 = 1 << 1;
     pub const HELLO_REQUIRE: u32 = 1 << 2;
+    /// Every Hello flag this version knows.
+    pub const HELLO_KNOWN_FLAGS: u32 = HELLO_HAS_UFFD | HELLO_WANT_GRANT | HELLO_REQUIRE;
+
+    /// Message kinds on the wire.
+    pub const KIND_HELLO: u16 = 0x0001;
+    pub const KIND_HANDOFF: u16 = 0x0002;
+    pub const KIND_REGISTER: u16 = 0x0003;
+    pub const KIND_ACK: u16 = 0x0101;
+    pub const KIND_NACK: u16 = 0x0102;
+    pub const KIND_GRANT: u16 = 0x0103;
+
+    /// Size of the length prefix.
+    pub const PREFIX_LEN: usize = 4;
+    /// Size of `version` + `kind`, the smallest legal `len`.
+    pub const HEADER_LEN: usize = 4;
 
     /// Why a Nack was sent.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +79,43 @@ mod imp {
         Other = 7,
     }
 
+    impl NackCode {
+        /// Every code, in wire order.
+        pub const ALL: [NackCode; 7] = [
+            NackCode::Version,
+            NackCode::Denied,
+            NackCode::BadFd,
+            NackCode::Setup,
+            NackCode::Malformed,
+            NackCode::NoGrant,
+            NackCode::Other,
+        ];
+
+        /// The code for a wire value, if it is one.
+        pub fn from_u16(v: u16) -> Option<NackCode> {
+            NackCode::ALL.into_iter().find(|c| *c as u16 == v)
+        }
+
+        /// A short name for log lines.
+        pub fn name(self) -> &'static str {
+            match self {
+                NackCode::Version => "version mismatch",
+                NackCode::Denied => "denied",
+                NackCode::BadFd => "bad fd",
+                NackCode::Setup => "setup failed",
+                NackCode::Malformed => "malformed message",
+                NackCode::NoGrant => "no grant",
+                NackCode::Other => "other",
+            }
+        }
+    }
+
+    impl fmt::Display for NackCode {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.name())
+        }
+    }
+
     /// One protocol message (the fd, if any, travels beside it).
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Message {
@@ -72,22 +127,170 @@ mod imp {
         Grant,
     }
 
+    /// A decoded message whose text borrows from the received bytes (no allocation).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum MessageRef<'a> {
+        Hello { pid: u32, flags: u32, exe: &'a str },
+        Handoff,
+        Register { start: u64, len: u64 },
+        Ack { registered_bytes: u64 },
+        Nack { code: NackCode, reason: &'a str },
+        Grant,
+    }
+
+    impl MessageRef<'_> {
+        /// The owning form.
+        pub fn to_message(&self) -> Message {
+            match *self {
+                MessageRef::Hello { pid, flags, exe } => Message::Hello {
+                    pid,
+                    flags,
+                    exe: exe.to_owned(),
+                },
+                MessageRef::Handoff => Message::Handoff,
+                MessageRef::Register { start, len } => Message::Register { start, len },
+                MessageRef::Ack { registered_bytes } => Message::Ack { registered_bytes },
+                MessageRef::Nack { code, reason } => Message::Nack {
+                    code,
+                    reason: reason.to_owned(),
+                },
+                MessageRef::Grant => Message::Grant,
+            }
+        }
+
+        /// The wire kind.
+        pub fn kind(&self) -> u16 {
+            match self {
+                MessageRef::Hello { .. } => KIND_HELLO,
+                MessageRef::Handoff => KIND_HANDOFF,
+                MessageRef::Register { .. } => KIND_REGISTER,
+                MessageRef::Ack { .. } => KIND_ACK,
+                MessageRef::Nack { .. } => KIND_NACK,
+                MessageRef::Grant => KIND_GRANT,
+            }
+        }
+    }
+
+    /// The name of a kind for messages ("Hello", ..., "unknown").
+    pub fn kind_name(kind: u16) -> &'static str {
+        match kind {
+            KIND_HELLO => "Hello",
+            KIND_HANDOFF => "Handoff",
+            KIND_REGISTER => "Register",
+            KIND_ACK => "Ack",
+            KIND_NACK => "Nack",
+            KIND_GRANT => "Grant",
+            _ => "unknown",
+        }
+    }
+
+    /// The longest prefix of `s` that fits in `max` bytes and ends on a char boundary.
+    fn clip(s: &str, max: usize) -> &str {
+        if s.len() <= max {
+            return s;
+        }
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    }
+
+    /// Appends to a fixed buffer. Every message fits in a frame by construction (the text
+    /// fields are clipped), so writes never run out of room.
+    struct Writer<'a> {
+        buf: &'a mut [u8],
+        pos: usize,
+    }
+
+    impl Writer<'_> {
+        fn put(&mut self, bytes: &[u8]) {
+            self.buf[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
+            self.pos += bytes.len();
+        }
+        fn u16(&mut self, v: u16) {
+            self.put(&v.to_le_bytes());
+        }
+        fn u32(&mut self, v: u32) {
+            self.put(&v.to_le_bytes());
+        }
+        fn u64(&mut self, v: u64) {
+            self.put(&v.to_le_bytes());
+        }
+        /// `len:u16 bytes[len]`, the text clipped to `max` bytes.
+        fn text(&mut self, s: &str, max: usize) {
+            let s = clip(s, max);
+            self.u16(s.len() as u16);
+            self.put(s.as_bytes());
+        }
+    }
+
+    // Every message fits in one frame, whatever its text.
+    const _: () = assert!(HEADER_LEN + 10 + MAX_EXE <= MAX_FRAME);
+    const _: () = assert!(HEADER_LEN + 4 + MAX_REASON <= MAX_FRAME);
+    const _: () = assert!(MAX_EXE <= u16::MAX as usize);
+    const _: () = assert!(MAX_REASON <= u16::MAX as usize);
+
     impl Message {
         /// Whether this message must travel with exactly one fd.
         pub fn carries_fd(&self) -> bool {
-            todo!()
+            match self {
+                Message::Hello { flags, .. } => flags & HELLO_HAS_UFFD != 0,
+                Message::Handoff | Message::Grant => true,
+                Message::Register { .. } | Message::Ack { .. } | Message::Nack { .. } => false,
+            }
+        }
+
+        /// The wire kind.
+        pub fn kind(&self) -> u16 {
+            match self {
+                Message::Hello { .. } => KIND_HELLO,
+                Message::Handoff => KIND_HANDOFF,
+                Message::Register { .. } => KIND_REGISTER,
+                Message::Ack { .. } => KIND_ACK,
+                Message::Nack { .. } => KIND_NACK,
+                Message::Grant => KIND_GRANT,
+            }
         }
 
         /// Encode as one frame (length prefix included) into `buf`; returns the bytes written.
         /// Never allocates (the agent encodes inside an interposed mmap). Text longer than its
         /// limit is truncated at a char boundary.
-        pub fn encode_into(&self, _buf: &mut [u8; MAX_FRAME + 4]) -> usize {
-            todo!()
+        pub fn encode_into(&self, buf: &mut [u8; MAX_FRAME + 4]) -> usize {
+            let mut w = Writer {
+                buf: &mut buf[..],
+                pos: PREFIX_LEN,
+            };
+            w.u16(VERSION);
+            w.u16(self.kind());
+            match self {
+                Message::Hello { pid, flags, exe } => {
+                    w.u32(*pid);
+                    w.u32(*flags);
+                    w.text(exe, MAX_EXE);
+                }
+                Message::Register { start, len } => {
+                    w.u64(*start);
+                    w.u64(*len);
+                }
+                Message::Ack { registered_bytes } => w.u64(*registered_bytes),
+                Message::Nack { code, reason } => {
+                    w.u16(*code as u16);
+                    w.text(reason, MAX_REASON);
+                }
+                Message::Handoff | Message::Grant => {}
+            }
+            let end = w.pos;
+            let len = (end - PREFIX_LEN) as u32;
+            buf[..PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+            end
         }
 
         /// Encode into a new Vec (manager side).
         pub fn encode(&self) -> Vec<u8> {
-            todo!()
+            let mut buf = [0u8; MAX_FRAME + 4];
+            let n = self.encode_into(&mut buf);
+            buf[..n].to_vec()
         }
     }
 
@@ -123,17 +326,190 @@ mod imp {
     }
 
     impl fmt::Display for ProtocolError {
-        fn fmt(&self, _f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            todo!()
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match *self {
+                ProtocolError::FrameTooLong(len) => write!(
+                    f,
+                    "frame length {len} exceeds the maximum of {MAX_FRAME} bytes"
+                ),
+                ProtocolError::FrameTooShort(len) => write!(
+                    f,
+                    "frame length {len} is below the minimum of {HEADER_LEN} bytes (version + kind)"
+                ),
+                ProtocolError::Version { got, want } => write!(
+                    f,
+                    "peer speaks protocol version {got}, this side speaks version {want}"
+                ),
+                ProtocolError::UnknownKind(kind) => write!(f, "unknown message kind {kind:#06x}"),
+                ProtocolError::Truncated { kind, need, have } => write!(
+                    f,
+                    "{} message truncated: payload needs {need} bytes, frame has {have}",
+                    kind_name(kind)
+                ),
+                ProtocolError::Trailing { kind, extra } => write!(
+                    f,
+                    "{} message has {extra} unexpected trailing bytes",
+                    kind_name(kind)
+                ),
+                ProtocolError::BadUtf8 { field } => write!(f, "{field} is not valid UTF-8"),
+                ProtocolError::TooLong { field, len, max } => {
+                    write!(f, "{field} is {len} bytes long, the limit is {max}")
+                }
+                ProtocolError::BadFlags(flags) => write!(
+                    f,
+                    "bad Hello flags {flags:#x}: exactly one of HAS_UFFD ({HELLO_HAS_UFFD:#x}) and \
+                     WANT_GRANT ({HELLO_WANT_GRANT:#x}) must be set, and no bit outside \
+                     {HELLO_KNOWN_FLAGS:#x}"
+                ),
+                ProtocolError::BadNackCode(code) => write!(
+                    f,
+                    "unknown Nack code {code} (known: 1..={})",
+                    NackCode::ALL.len()
+                ),
+            }
         }
     }
 
     impl std::error::Error for ProtocolError {}
 
+    /// Whether Hello flags are legal: known bits only, exactly one of HAS_UFFD / WANT_GRANT.
+    pub fn hello_flags_valid(flags: u32) -> bool {
+        flags & !HELLO_KNOWN_FLAGS == 0
+            && ((flags & HELLO_HAS_UFFD != 0) != (flags & HELLO_WANT_GRANT != 0))
+    }
+
+    /// Reads a payload front to back, reporting missing bytes against the whole payload.
+    struct Reader<'a> {
+        kind: u16,
+        payload: &'a [u8],
+        pos: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+            let have = self.payload.len();
+            if have - self.pos < n {
+                return Err(ProtocolError::Truncated {
+                    kind: self.kind,
+                    need: self.pos + n,
+                    have,
+                });
+            }
+            let s = &self.payload[self.pos..self.pos + n];
+            self.pos += n;
+            Ok(s)
+        }
+        fn u16(&mut self) -> Result<u16, ProtocolError> {
+            let b = self.take(2)?;
+            Ok(u16::from_le_bytes([b[0], b[1]]))
+        }
+        fn u32(&mut self) -> Result<u32, ProtocolError> {
+            let b = self.take(4)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        fn u64(&mut self) -> Result<u64, ProtocolError> {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(self.take(8)?);
+            Ok(u64::from_le_bytes(a))
+        }
+        /// `len:u16 bytes[len]` as UTF-8 of at most `max` bytes.
+        fn text(&mut self, field: &'static str, max: usize) -> Result<&'a str, ProtocolError> {
+            let len = self.u16()? as usize;
+            if len > max {
+                return Err(ProtocolError::TooLong { field, len, max });
+            }
+            let bytes = self.take(len)?;
+            std::str::from_utf8(bytes).map_err(|_| ProtocolError::BadUtf8 { field })
+        }
+        fn finish(&self) -> Result<(), ProtocolError> {
+            let extra = self.payload.len() - self.pos;
+            if extra != 0 {
+                return Err(ProtocolError::Trailing {
+                    kind: self.kind,
+                    extra,
+                });
+            }
+            Ok(())
+        }
+    }
+
+    /// Check the length prefix at the start of `buf`: `Ok(None)` while fewer than 4 bytes are
+    /// in, else the frame's total size (prefix included).
+    pub fn frame_size(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(prefix) = buf.get(..PREFIX_LEN) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::FrameTooLong(len));
+        }
+        if len < HEADER_LEN {
+            return Err(ProtocolError::FrameTooShort(len));
+        }
+        Ok(Some(PREFIX_LEN + len))
+    }
+
+    /// [`decode`] without allocating: text fields borrow from `buf`.
+    pub fn decode_ref(buf: &[u8]) -> Result<Option<(MessageRef<'_>, usize)>, ProtocolError> {
+        let Some(size) = frame_size(buf)? else {
+            return Ok(None);
+        };
+        let Some(frame) = buf.get(PREFIX_LEN..size) else {
+            return Ok(None);
+        };
+        let version = u16::from_le_bytes([frame[0], frame[1]]);
+        if version != VERSION {
+            return Err(ProtocolError::Version {
+                got: version,
+                want: VERSION,
+            });
+        }
+        let kind = u16::from_le_bytes([frame[2], frame[3]]);
+        let mut r = Reader {
+            kind,
+            payload: &frame[HEADER_LEN..],
+            pos: 0,
+        };
+        let msg = match kind {
+            KIND_HELLO => {
+                let pid = r.u32()?;
+                let flags = r.u32()?;
+                let exe = r.text("exe", MAX_EXE)?;
+                r.finish()?;
+                if !hello_flags_valid(flags) {
+                    return Err(ProtocolError::BadFlags(flags));
+                }
+                MessageRef::Hello { pid, flags, exe }
+            }
+            KIND_HANDOFF => MessageRef::Handoff,
+            KIND_REGISTER => MessageRef::Register {
+                start: r.u64()?,
+                len: r.u64()?,
+            },
+            KIND_ACK => MessageRef::Ack {
+                registered_bytes: r.u64()?,
+            },
+            KIND_NACK => {
+                let raw = r.u16()?;
+                let reason = r.text("reason", MAX_REASON)?;
+                r.finish()?;
+                let code = NackCode::from_u16(raw).ok_or(ProtocolError::BadNackCode(raw))?;
+                MessageRef::Nack { code, reason }
+            }
+            KIND_GRANT => MessageRef::Grant,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(Some((msg, size)))
+    }
+
     /// Decode the first complete frame in `buf`. `Ok(None)`: more bytes needed. `Ok(Some((msg,
     /// used)))`: one message and the bytes it used (prefix included). A bad length prefix is an
     /// error as soon as the 4 prefix bytes are in, without waiting for the body.
-    pub fn decode(_buf: &[u8]) -> Result<Option<(Message, usize)>, ProtocolError> {
-        todo!()
+    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, ProtocolError> {
+        Ok(decode_ref(buf)?.map(|(m, used)| (m.to_message(), used)))
     }
 }
+
+#[cfg(test)]
+mod tests;
