@@ -7,6 +7,18 @@
 //! - All addresses and lengths are page aligned (`crate::PAGE_SIZE`); methods given unaligned
 //!   input round outward (start down, end up). Empty ranges are no-ops.
 //! - `Layout: Clone`; cloning is how FORK creates the child's model and must cost O(runs).
+//!
+//! Details the contract leaves open, as implemented (see `imp.rs` for the representation):
+//! - A single address (`state`, `run_at`, `next_missing`, `split_vma_at`, ...) means the page
+//!   containing it. An unaligned `register` start moves down and `source` then belongs to that
+//!   page.
+//! - Ends saturate at `page_floor(u64::MAX)`: the top page of the 64-bit space is never
+//!   registered, and no input overflows or panics (source offsets wrap).
+//! - `Remap` rounds `[from, from+len)` outward and `to` down, and shortens `len` so that the
+//!   destination fits below the top; the moved pieces become VMAs of their own (known bounds at
+//!   `to` and `to+len`).
+//! - A known bound is kept only where registered memory continues on both sides; bounds next to
+//!   unregistered memory are implicit.
 
 use std::ops::Range;
 
@@ -45,95 +57,9 @@ pub enum LayoutEvent {
 
 pub use imp::Layout;
 
-mod imp {
-    use super::*;
+mod imp;
 
-    /// See the module documentation.
-    #[derive(Clone, Debug, Default)]
-    pub struct Layout {
-        _todo: (),
-    }
-
-    impl Layout {
-        pub fn new() -> Layout {
-            todo!()
-        }
-
-        /// Register `range` (one VMA, as read from /proc/PID/maps or reported by the agent) with
-        /// every page in `state`; `source` is the source offset of `range.start` (pages follow
-        /// contiguously) or None. Pages of `range` already registered are overwritten. `range`
-        /// becomes one known VMA: VMA bounds inside it are dropped, its ends become bounds.
-        pub fn register(&mut self, _range: Range<u64>, _state: PageState, _source: Option<u64>) {
-            todo!()
-        }
-
-        /// Forget `range` (like Unmap).
-        pub fn unregister(&mut self, _range: Range<u64>) {
-            todo!()
-        }
-
-        /// Apply a kernel layout event.
-        pub fn apply(&mut self, _event: LayoutEvent) {
-            todo!()
-        }
-
-        /// Record a VMA boundary learned later (an mprotect split raises no event): after this,
-        /// no run or VMA returned by queries crosses `addr`. No-op outside registered memory.
-        pub fn split_vma_at(&mut self, _addr: u64) {
-            todo!()
-        }
-
-        /// Mark registered pages in `range` `Present` (unregistered pages are ignored).
-        pub fn mark_present(&mut self, _range: Range<u64>) {
-            todo!()
-        }
-
-        /// State of the page containing `addr`; None if not registered.
-        pub fn state(&self, _addr: u64) -> Option<PageState> {
-            todo!()
-        }
-
-        /// The known VMA (registered range between known bounds) containing `addr`.
-        pub fn vma_containing(&self, _addr: u64) -> Option<Range<u64>> {
-            todo!()
-        }
-
-        /// The run starting at the page of `addr`: pages from there with the same state and a
-        /// contiguous source, not crossing a known VMA bound, at most `max_len` bytes (rounded
-        /// down to pages, at least one page). None if `addr` is not registered.
-        pub fn run_at(&self, _addr: u64, _max_len: u64) -> Option<Run> {
-            todo!()
-        }
-
-        /// The first run of `Missing` pages at or after `from` (what background fill must still
-        /// copy), not crossing a known VMA bound, at most `max_len` bytes.
-        pub fn next_missing(&self, _from: u64, _max_len: u64) -> Option<Run> {
-            todo!()
-        }
-
-        /// Every known VMA, in address order.
-        pub fn vmas(&self) -> Vec<Range<u64>> {
-            todo!()
-        }
-
-        /// Bytes registered. O(1): kept up to date by every change.
-        pub fn registered_bytes(&self) -> u64 {
-            todo!()
-        }
-
-        /// Bytes in each state: (missing, zero, present). O(1), like `registered_bytes`.
-        pub fn bytes_by_state(&self) -> (u64, u64, u64) {
-            todo!()
-        }
-
-        /// Number of runs kept (the model's cost driver).
-        pub fn run_count(&self) -> usize {
-            todo!()
-        }
-
-        /// Approximate heap bytes the model uses.
-        pub fn memory_bytes(&self) -> usize {
-            todo!()
-        }
-    }
-}
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
