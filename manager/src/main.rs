@@ -1,1 +1,150 @@
-fn main() {}
+//! `umm` — a non-cooperative userfaultfd memory manager.
+
+mod daemon;
+mod manager;
+mod peers;
+mod run;
+mod serve;
+mod slab;
+mod space;
+mod stats;
+mod trace;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "umm",
+    version,
+    about = "A non-cooperative userfaultfd memory manager",
+    long_about = "umm serves the anonymous memory of other processes through userfaultfd. \
+                  A small agent (libumm_agent.so, loaded with LD_PRELOAD) hands each process's \
+                  userfaultfd to the manager, which answers its page faults, follows fork, \
+                  mremap, madvise and munmap, and counts what it served.\n\n\
+                  Logging: RUST_LOG=info (or debug) for more detail."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a command with its whole process tree's memory served by an embedded manager.
+    Run(RunArgs),
+    /// A long-running manager that processes opt in to with the agent.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct CommonArgs {
+    /// Write a JSON report of what was served to FILE at the end.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Write one JSON line per fault and layout event to FILE.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Smallest fault-around window in bytes (a fault is answered with at least this much).
+    #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_window)]
+    fault_around_min: u64,
+    /// Largest fault-around window in bytes (sequential faults grow the window up to this).
+    #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
+    fault_around_max: u64,
+    /// How often (milliseconds) a changing process's maps are rescanned for new mappings.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    rescan_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The agent library (default: $UMM_AGENT, else libumm_agent.so next to this binary or in
+    /// ../lib/umm/).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// Never give the command's processes a /dev/userfaultfd fd (by default, umm run as root
+    /// grants it to processes of its own tree that cannot open a userfaultfd themselves, such
+    /// as ones that switched to another uid).
+    #[arg(long)]
+    no_grant: bool,
+    /// No summary on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The unix socket agents connect to (UMM_SOCKET).
+    #[arg(long, value_name = "PATH", default_value = "/run/umm/umm.sock")]
+    socket: PathBuf,
+    /// Give a /dev/userfaultfd fd to agents that cannot open a userfaultfd themselves. This
+    /// lets those processes create userfaultfds at will (what vm.unprivileged_userfaultfd=0
+    /// forbids): enable it only for processes you trust.
+    #[arg(long)]
+    grant_device: bool,
+    /// Also accept processes of this uid (repeatable; the daemon's own uid and root always).
+    /// Makes the socket connectable by everyone: the uid check is done on each connection.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+}
+
+fn parse_window(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v < umm::PAGE_SIZE || v > umm::source::MAX_CHUNK as u64 || v % umm::PAGE_SIZE != 0 {
+        return Err(format!(
+            "must be a multiple of {} between {} and {}",
+            umm::PAGE_SIZE,
+            umm::PAGE_SIZE,
+            umm::source::MAX_CHUNK
+        ));
+    }
+    Ok(v)
+}
+
+impl CommonArgs {
+    fn config(&self, policy: manager::Policy, grant_device: bool) -> manager::Config {
+        manager::Config {
+            policy,
+            grant_device,
+            fault_around_min: self.fault_around_min,
+            fault_around_max: self.fault_around_max.max(self.fault_around_min),
+            rescan_interval: Duration::from_millis(self.rescan_ms.max(1)),
+            trace: self.trace.clone(),
+            ..manager::Config::default()
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, rec| {
+            writeln!(
+                buf,
+                "umm: {}: {}",
+                rec.level().as_str().to_lowercase(),
+                rec.args()
+            )
+        })
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let code = match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Daemon(args) => daemon::main(args),
+    };
+    std::process::exit(code);
+}

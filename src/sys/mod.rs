@@ -4,3 +4,5 @@
 
 pub mod fd;
 pub mod proc;
+pub mod process;
+pub mod socket;

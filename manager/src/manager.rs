@@ -1,0 +1,594 @@
+//! The event loop: one thread owns every uffd, every socket and every layout.
+//!
+//! Each turn (the seed's rules, DESIGN.md "Event loop rules"):
+//! 1. wait for readiness; accept peers, read their messages, note readable uffds;
+//! 2. drain every readable uffd completely, applying layout events in order (FORK creates the
+//!    child's space at once, and it is drained in the same turn);
+//! 3. serve faults, oldest first (parked ones from earlier turns first);
+//! 4. a bounded slice of background work (none in track mode: zeros need no prefetch).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+
+use umm::layout::LayoutEvent;
+use umm::source::Zeros;
+use umm::sys::proc;
+use umm::uffd::{Event, UnknownEvent};
+
+use crate::peers::Peer;
+use crate::slab::{Id, Slab, Token};
+use crate::space::{Origin, Space};
+use crate::stats::Stats;
+use crate::trace::{Record, Trace};
+
+/// Who may hand over a process.
+#[derive(Clone, Debug)]
+pub enum Policy {
+    /// `umm run`: only descendants of this manager (the command's tree), whatever their uid.
+    Tree,
+    /// `umm daemon`: peers with one of these uids (the daemon's own uid and root always).
+    Uids(Vec<u32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub policy: Policy,
+    /// Give a `/dev/userfaultfd` fd to agents that cannot open a uffd themselves.
+    pub grant_device: bool,
+    pub fault_around_min: u64,
+    pub fault_around_max: u64,
+    pub rescan_interval: Duration,
+    pub coverage_interval: Duration,
+    pub handshake_timeout: Duration,
+    pub trace: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Policy::Uids(vec![]),
+            grant_device: false,
+            fault_around_min: umm::PAGE_SIZE,
+            fault_around_max: 2 << 20,
+            rescan_interval: Duration::from_millis(100),
+            coverage_interval: Duration::from_millis(250),
+            handshake_timeout: Duration::from_secs(10),
+            trace: None,
+        }
+    }
+}
+
+/// A fault read from a uffd and not yet answered.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingFault {
+    pub space: Id,
+    pub addr: u64,
+    pub write: bool,
+    pub tid: u32,
+    pub read_at: Instant,
+    /// Turns this fault has been parked for a failure other than EAGAIN.
+    pub hard_tries: u32,
+}
+
+/// Why the loop stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// `umm run`: the command exited with this wait status mapped to an exit code.
+    CommandExited(i32),
+    /// A signal asked the daemon to stop.
+    Signal(i32),
+}
+
+const TICK: Duration = Duration::from_millis(50);
+/// How long a parked fault waits before it is decided again.
+const PARK_RETRY: Duration = Duration::from_millis(1);
+/// Copies failing with unexpected errors are retried this many turns, then the space is
+/// given up (fail-open: its uffd is closed and the kernel serves it as normal memory).
+pub const HARD_FAILURE_LIMIT: u32 = 20;
+
+pub struct Manager {
+    pub(crate) epoll: Epoll,
+    pub(crate) listener: UnixListener,
+    timer: TimerFd,
+    signals: Option<SignalFd>,
+    pub(crate) peers: Slab<Peer>,
+    pub(crate) spaces: Slab<Space>,
+    pub(crate) faults: VecDeque<PendingFault>,
+    pub(crate) parked: Vec<PendingFault>,
+    pub(crate) to_drain: Vec<Id>,
+    event_buf: Vec<Result<Event, UnknownEvent>>,
+    pub(crate) zeros: Zeros,
+    pub(crate) stats: Stats,
+    pub(crate) trace: Option<Trace>,
+    pub(crate) cfg: Config,
+    pub(crate) own_pid: u32,
+    pub(crate) own_pidns: Option<u64>,
+    pub(crate) shutdown: Option<Shutdown>,
+    /// `umm run`: the command's pid, reaped by this loop.
+    pub(crate) command: Option<u32>,
+    last_probe: Instant,
+    last_coverage_round: Instant,
+}
+
+impl Manager {
+    pub fn new(
+        listener: UnixListener,
+        cfg: Config,
+        signals: Option<SignalFd>,
+    ) -> io::Result<Manager> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_CLOEXEC | TimerFlags::TFD_NONBLOCK,
+        )?;
+        timer.set(
+            Expiration::Interval(TimeSpec::from_duration(TICK)),
+            TimerSetTimeFlags::empty(),
+        )?;
+        epoll.add(&listener, event_for(Token::Listener))?;
+        epoll.add(&timer, event_for(Token::Timer))?;
+        if let Some(s) = &signals {
+            epoll.add(s, event_for(Token::Signals))?;
+        }
+        let started = Instant::now();
+        let trace = match &cfg.trace {
+            Some(p) => Some(Trace::create(p, started).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create trace file {}: {e}", p.display()),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Manager {
+            epoll,
+            listener,
+            timer,
+            signals,
+            peers: Slab::default(),
+            spaces: Slab::default(),
+            faults: VecDeque::new(),
+            parked: Vec::new(),
+            to_drain: Vec::new(),
+            event_buf: Vec::with_capacity(umm::uffd::READ_BATCH),
+            zeros: Zeros::new(),
+            stats: Stats::default(),
+            trace,
+            cfg,
+            own_pid: std::process::id(),
+            own_pidns: proc::pid_namespace("self").ok(),
+            shutdown: None,
+            command: None,
+            last_probe: started,
+            last_coverage_round: started,
+        })
+    }
+
+    /// Run until a shutdown reason is set.
+    pub fn run(&mut self) -> io::Result<Shutdown> {
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            if let Some(s) = self.shutdown {
+                return Ok(s);
+            }
+            let timeout = if self.parked.is_empty() {
+                EpollTimeout::NONE
+            } else {
+                EpollTimeout::try_from(PARK_RETRY).unwrap_or(EpollTimeout::ZERO)
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            for ev in &events[..n] {
+                self.dispatch(ev.data());
+            }
+            self.drain_readable();
+            self.serve_faults();
+        }
+    }
+
+    fn dispatch(&mut self, data: u64) {
+        match Token::decode(data) {
+            Some(Token::Listener) => self.accept_peers(),
+            Some(Token::Timer) => self.on_tick(),
+            Some(Token::Signals) => self.on_signals(),
+            Some(Token::Peer(t)) => {
+                if let Some(id) = self.peers.resolve(t) {
+                    self.on_peer_readable(id);
+                }
+            }
+            Some(Token::Uffd(t)) => {
+                if let Some(id) = self.spaces.resolve(t) {
+                    self.to_drain.push(id);
+                }
+            }
+            Some(Token::Pidfd(t)) => {
+                if let Some(id) = self.spaces.resolve(t) {
+                    self.on_process_exit(id);
+                }
+            }
+            None => log::warn!("epoll returned an unknown token {data:#x}"),
+        }
+    }
+
+    // ----- uffd draining and layout events -------------------------------------------------
+
+    /// Step 2: drain every uffd that was reported readable, and every FORK child created
+    /// while doing so.
+    pub(crate) fn drain_readable(&mut self) {
+        while let Some(id) = self.to_drain.pop() {
+            self.drain_space(id);
+        }
+    }
+
+    /// Read everything the space's uffd has, applying events in order.
+    pub(crate) fn drain_space(&mut self, id: Id) {
+        let mut buf = std::mem::take(&mut self.event_buf);
+        buf.clear();
+        let res = match self.spaces.get(id) {
+            Some(s) if !s.read_blocked => s.uffd.read_events(&mut buf),
+            _ => {
+                self.event_buf = buf;
+                return;
+            }
+        };
+        let now = Instant::now();
+        for ev in buf.drain(..) {
+            self.apply_event(id, ev, now);
+        }
+        self.event_buf = buf;
+        if let Err(e) = res {
+            match e.errno {
+                Errno::EMFILE | Errno::ENFILE => self.fd_exhausted(id),
+                _ if e.mm_gone() => self.close_space(id, "its address space is gone"),
+                _ => {
+                    let what = self.describe_space(id);
+                    log::error!("{what}: {e}; giving up on it (its memory stays as it is)");
+                    self.stats.abandoned += 1;
+                    self.close_space(id, "read failed");
+                }
+            }
+        }
+    }
+
+    fn apply_event(&mut self, id: Id, ev: Result<Event, UnknownEvent>, now: Instant) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(unknown) => {
+                self.stats.unknown_events += 1;
+                log::warn!("{}: {unknown}; ignored", self.describe_space(id));
+                return;
+            }
+        };
+        let pid = self.spaces.get(id).and_then(|s| s.pid).unwrap_or(0);
+        let layout_event = match ev {
+            Event::Pagefault {
+                addr, write, tid, ..
+            } => {
+                self.stats.faults += 1;
+                if let Some(s) = self.spaces.get_mut(id) {
+                    s.faults += 1;
+                    s.dirty = true;
+                }
+                self.faults.push_back(PendingFault {
+                    space: id,
+                    addr,
+                    write,
+                    tid,
+                    read_at: now,
+                    hard_tries: 0,
+                });
+                return;
+            }
+            Event::Fork { child_uffd } => {
+                self.stats.forks += 1;
+                if let Some(child) = self.adopt_fork_child(id, child_uffd) {
+                    if let Some(t) = &mut self.trace {
+                        t.write(
+                            id.index as usize,
+                            pid,
+                            Record::Fork {
+                                child: child.index as usize,
+                            },
+                        );
+                    }
+                }
+                return;
+            }
+            Event::Remap { from, to, len } => {
+                self.stats.remaps += 1;
+                if let Some(t) = &mut self.trace {
+                    t.write(id.index as usize, pid, Record::Remap { from, to, len });
+                }
+                LayoutEvent::Remap { from, to, len }
+            }
+            Event::Remove { start, end } => {
+                self.stats.removes += 1;
+                if let Some(t) = &mut self.trace {
+                    t.write(id.index as usize, pid, Record::Remove { start, end });
+                }
+                LayoutEvent::Remove { start, end }
+            }
+            Event::Unmap { start, end } => {
+                self.stats.unmaps += 1;
+                if let Some(t) = &mut self.trace {
+                    t.write(id.index as usize, pid, Record::Unmap { start, end });
+                }
+                LayoutEvent::Unmap { start, end }
+            }
+        };
+        if let Some(s) = self.spaces.get_mut(id) {
+            let before = s.layout.registered_bytes();
+            s.layout.apply(layout_event);
+            s.dirty = true;
+            let after = s.layout.registered_bytes();
+            self.stats.registered_delta(before, after);
+        }
+    }
+
+    /// A FORK event: the child's uffd is in our fd table; its model is the parent's at this
+    /// instant (pages missing in the parent are missing in the child too).
+    fn adopt_fork_child(&mut self, parent: Id, child_uffd: std::os::fd::OwnedFd) -> Option<Id> {
+        let p = self.spaces.get(parent)?;
+        let mut child = Space::new(
+            umm::uffd::Uffd::from_owned(child_uffd),
+            p.layout.clone(),
+            Origin::Fork { parent },
+            crate::space::FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
+        );
+        child.same_pidns = p.same_pidns;
+        child.exe = p.exe.clone();
+        let registered = child.layout.registered_bytes();
+        let id = self.spaces.insert(child);
+        let space = self.spaces.get(id).expect("just inserted");
+        if let Err(e) = self
+            .epoll
+            .add(space.uffd.as_fd(), event_for(Token::Uffd(id)))
+        {
+            log::error!(
+                "fork child of {}: epoll add failed: {e}",
+                self.describe_space(parent)
+            );
+            self.spaces.remove(id);
+            return None;
+        }
+        self.stats.processes += 1;
+        self.stats.registered_delta(0, registered);
+        // The child may already be faulting: drain it in this turn.
+        self.to_drain.push(id);
+        Some(id)
+    }
+
+    /// EMFILE/ENFILE while reading: a FORK fd could not be installed and the forking parent
+    /// stays blocked until we read again. Free what we can, stop polling this uffd until the
+    /// next tick (level-triggered epoll would spin), and retry then.
+    fn fd_exhausted(&mut self, id: Id) {
+        log::warn!(
+            "{}: out of file descriptors for a forked child's uffd; closing dead address \
+             spaces and retrying",
+            self.describe_space(id)
+        );
+        self.probe_all();
+        if let Some(s) = self.spaces.get_mut(id) {
+            s.read_blocked = true;
+            let _ = self
+                .epoll
+                .modify(s.uffd.as_fd(), &mut EpollEvent::new(EpollFlags::empty(), 0));
+        }
+    }
+
+    // ----- address-space lifetime ----------------------------------------------------------
+
+    pub(crate) fn describe_space(&self, id: Id) -> String {
+        self.spaces
+            .get(id)
+            .map(|s| s.describe(id))
+            .unwrap_or_else(|| format!("space {} (closed)", id.index))
+    }
+
+    /// Close a space's uffd: the kernel unregisters its ranges and wakes anything blocked, so
+    /// the process (if alive) continues on normal memory.
+    pub(crate) fn close_space(&mut self, id: Id, why: &str) {
+        let Some(space) = self.spaces.remove(id) else {
+            return;
+        };
+        log::debug!("{}: closed ({why})", space.describe(id));
+        let _ = self.epoll.delete(space.uffd.as_fd());
+        if let Some(p) = &space.pidfd {
+            let _ = self.epoll.delete(p.as_fd());
+        }
+        self.stats
+            .registered_delta(space.layout.registered_bytes(), 0);
+        self.stats.spaces_closed += 1;
+        if let Some(t) = &mut self.trace {
+            t.write(id.index as usize, space.pid.unwrap_or(0), Record::Exit);
+        }
+    }
+
+    fn on_process_exit(&mut self, id: Id) {
+        // The pidfd says the process is gone. Its mm may already be released; either way
+        // nothing will fault on this uffd again.
+        self.close_space(id, "process exited");
+    }
+
+    /// Is the space's mm still alive? `UFFDIO_ZEROPAGE` at address 0 changes nothing: ENOENT
+    /// (or EAGAIN while events are pending) while the mm lives, ESRCH once it is gone.
+    pub(crate) fn probe(&mut self, id: Id) -> bool {
+        let gone = match self.spaces.get(id) {
+            Some(s) => matches!(s.uffd.zeropage(0, umm::PAGE_SIZE, true), Err(e) if e.mm_gone()),
+            None => return false,
+        };
+        if gone {
+            self.close_space(id, "address space gone (exit or exec)");
+        }
+        !gone
+    }
+
+    pub(crate) fn probe_all(&mut self) {
+        for id in self.spaces.ids() {
+            self.probe(id);
+        }
+    }
+
+    // ----- timer ---------------------------------------------------------------------------
+
+    fn on_tick(&mut self) {
+        let _ = self.timer.wait(); // non-blocking fd: just consumes the expirations
+        let now = Instant::now();
+        self.expire_handshakes(now);
+        // Spaces whose reads were blocked by fd exhaustion get another chance.
+        for id in self.spaces.ids() {
+            if let Some(s) = self.spaces.get_mut(id) {
+                if s.read_blocked {
+                    s.read_blocked = false;
+                    let _ = self
+                        .epoll
+                        .modify(s.uffd.as_fd(), &mut event_for(Token::Uffd(id)));
+                    self.to_drain.push(id);
+                }
+            }
+        }
+        // Exit detection for spaces without a pidfd (forked children whose pid is not known
+        // yet, and mms replaced by exec). pidfds cover the rest promptly.
+        if now.duration_since(self.last_probe) >= Duration::from_millis(100) {
+            self.last_probe = now;
+            for id in self.spaces.ids() {
+                let unknown = self.spaces.get(id).is_some_and(|s| s.pidfd.is_none());
+                if unknown {
+                    self.probe(id);
+                }
+            }
+        }
+        self.rescan_due(now);
+        if now.duration_since(self.last_coverage_round) >= self.cfg.coverage_interval {
+            self.last_coverage_round = now;
+            self.sample_coverage();
+        }
+        if let Some(t) = &mut self.trace {
+            t.flush();
+        }
+    }
+
+    /// Coverage as DESIGN.md defines it, over every live process with a known pid.
+    fn sample_coverage(&mut self) {
+        let mut total = proc::Coverage::default();
+        let mut seen = std::collections::HashSet::new();
+        for (_, s) in self.spaces.iter() {
+            let Some(pid) = s.pid else { continue };
+            if !seen.insert(pid) {
+                continue;
+            }
+            if let Ok(c) = proc::coverage(pid) {
+                total.anon_bytes += c.anon_bytes;
+                total.registered_anon_bytes += c.registered_anon_bytes;
+            }
+        }
+        if let Some(r) = total.ratio() {
+            self.stats.coverage_sample(r);
+        }
+    }
+
+    // ----- signals -------------------------------------------------------------------------
+
+    fn on_signals(&mut self) {
+        loop {
+            let info = match self.signals.as_mut().map(|s| s.read_signal()) {
+                Some(Ok(Some(info))) => info,
+                _ => return,
+            };
+            let sig = info.ssi_signo as i32;
+            match Signal::try_from(sig) {
+                Ok(Signal::SIGCHLD) => self.reap_children(),
+                Ok(s @ (Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP)) => {
+                    if let Some(cmd) = self.command {
+                        // Forward what a process sent us. A terminal's signal (SI_KERNEL) already
+                        // reached the command in the same foreground process group.
+                        if info.ssi_code != libc::SI_KERNEL {
+                            log::info!("forwarding {s} to the command (pid {cmd})");
+                            let _ =
+                                nix::sys::signal::kill(nix::unistd::Pid::from_raw(cmd as i32), s);
+                        }
+                    } else if s != Signal::SIGHUP {
+                        log::info!("{s} received; shutting down");
+                        self.shutdown = Some(Shutdown::Signal(sig));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reap every exited child (we are a subreaper, so orphans land here too); when the
+    /// command itself exits, stop.
+    fn reap_children(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    if Some(pid.as_raw() as u32) == self.command {
+                        self.shutdown = Some(Shutdown::CommandExited(code));
+                    }
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    if Some(pid.as_raw() as u32) == self.command {
+                        self.shutdown = Some(Shutdown::CommandExited(128 + sig as i32));
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Close every uffd (targets continue on normal memory) and flush the trace.
+    pub fn finish(&mut self) {
+        for id in self.spaces.ids() {
+            self.close_space(id, "manager stopping");
+        }
+        for id in self.peers.ids() {
+            self.drop_peer(id, None);
+        }
+        if let Some(t) = &mut self.trace {
+            t.flush();
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn live_spaces(&self) -> usize {
+        self.spaces.len()
+    }
+}
+
+pub(crate) fn event_for(token: Token) -> EpollEvent {
+    EpollEvent::new(EpollFlags::EPOLLIN, token.encode())
+}
+
+/// Block the signals the loop reads through a signalfd, and make that signalfd.
+pub fn signal_fd(signals: &[Signal]) -> io::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    for s in signals {
+        set.add(*s);
+    }
+    set.thread_block()?;
+    Ok(SignalFd::with_flags(
+        &set,
+        SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+    )?)
+}

@@ -1,0 +1,485 @@
+//! Agent connections: accepting, reading framed messages with their fds, the handshake that
+//! hands a uffd over, and Register requests afterwards.
+//!
+//! A peer never blocks the loop: its socket is non-blocking, its buffer is bounded by the
+//! frame limit, a handshake has a deadline, and anything malformed drops that peer alone.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use umm::layout::Layout;
+use umm::protocol::{self, Message, NackCode, HELLO_HAS_UFFD, HELLO_WANT_GRANT, MAX_FRAME};
+use umm::sys::{fd as sysfd, proc, socket};
+use umm::uffd::{Features, Uffd};
+
+use crate::manager::{event_for, Manager, Policy};
+use crate::slab::{Id, Token};
+use crate::space::{FaultAround, Origin, Space};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    AwaitHello,
+    /// We sent a Grant; the agent makes its uffd from it and sends Handoff.
+    AwaitHandoff,
+    /// Handed over; the connection stays for Register requests.
+    Attached(Id),
+}
+
+pub struct Peer {
+    stream: UnixStream,
+    cred: socket::PeerCred,
+    inbuf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    state: PeerState,
+    deadline: Instant,
+    exe: String,
+}
+
+impl Peer {
+    fn describe(&self) -> String {
+        if self.exe.is_empty() {
+            format!("peer pid {} uid {}", self.cred.pid, self.cred.uid)
+        } else {
+            format!(
+                "peer pid {} uid {} ({})",
+                self.cred.pid, self.cred.uid, self.exe
+            )
+        }
+    }
+}
+
+/// Why a peer is dropped; each is one log line, a Nack, and a count in the report.
+pub(crate) enum Reject {
+    Refused(NackCode, String),
+    Protocol(String),
+}
+
+impl Manager {
+    pub(crate) fn accept_peers(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: leave the connection in the backlog for later.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("peer socket: {e}");
+                continue;
+            }
+            let cred = match socket::peer_cred(&stream) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("peer without credentials ({e}); dropped");
+                    continue;
+                }
+            };
+            let peer = Peer {
+                stream,
+                cred,
+                inbuf: Vec::new(),
+                fds: VecDeque::new(),
+                state: PeerState::AwaitHello,
+                deadline: Instant::now() + self.cfg.handshake_timeout,
+                exe: String::new(),
+            };
+            let id = self.peers.insert(peer);
+            let p = self.peers.get(id).expect("just inserted");
+            if let Err(e) = self.epoll.add(p.stream.as_fd(), event_for(Token::Peer(id))) {
+                log::warn!("epoll add for a peer failed: {e}");
+                self.peers.remove(id);
+            }
+        }
+    }
+
+    pub(crate) fn on_peer_readable(&mut self, id: Id) {
+        let mut chunk = [0u8; MAX_FRAME + 4];
+        loop {
+            let Some(peer) = self.peers.get_mut(id) else {
+                return;
+            };
+            let got = match socket::recv_with_fds(peer.stream.as_fd(), &mut chunk) {
+                Ok(g) => g,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let what = peer.describe();
+                    log::info!("{what}: read failed ({e}); dropped");
+                    self.drop_peer(id, None);
+                    return;
+                }
+            };
+            if got.len == 0 {
+                self.peer_closed(id);
+                return;
+            }
+            if got.truncated || peer.fds.len() + got.fds.len() > 2 {
+                self.drop_peer(
+                    id,
+                    Some(Reject::Protocol(
+                        "sent more file descriptors than the protocol allows".into(),
+                    )),
+                );
+                return;
+            }
+            peer.fds.extend(got.fds);
+            peer.inbuf.extend_from_slice(&chunk[..got.len]);
+            if !self.decode_frames(id) {
+                return;
+            }
+        }
+    }
+
+    /// Handle every complete frame in the peer's buffer. False when the peer was dropped.
+    fn decode_frames(&mut self, id: Id) -> bool {
+        loop {
+            let Some(peer) = self.peers.get_mut(id) else {
+                return false;
+            };
+            let (msg, used) = match protocol::decode(&peer.inbuf) {
+                Ok(Some(x)) => x,
+                Ok(None) => return true,
+                Err(e) => {
+                    let why = match e {
+                        protocol::ProtocolError::Version { .. } => {
+                            Reject::Refused(NackCode::Version, e.to_string())
+                        }
+                        _ => Reject::Protocol(e.to_string()),
+                    };
+                    self.drop_peer(id, Some(why));
+                    return false;
+                }
+            };
+            peer.inbuf.drain(..used);
+            if let Err(d) = self.handle_message(id, msg) {
+                self.drop_peer(id, Some(d));
+                return false;
+            }
+        }
+    }
+
+    fn handle_message(&mut self, id: Id, msg: Message) -> Result<(), Reject> {
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        match (peer.state, msg) {
+            (PeerState::AwaitHello, Message::Hello { pid: _, flags, exe }) => {
+                peer.exe = exe;
+                let cred = peer.cred;
+                self.authorize(cred)?;
+                if flags & HELLO_HAS_UFFD != 0 {
+                    let fd = self.take_fd(id, "Hello")?;
+                    self.attach(id, fd)
+                } else if flags & HELLO_WANT_GRANT != 0 {
+                    self.grant(id)
+                } else {
+                    Err(Reject::Protocol(
+                        "Hello with neither a uffd nor a grant request".into(),
+                    ))
+                }
+            }
+            (PeerState::AwaitHandoff, Message::Handoff) => {
+                let fd = self.take_fd(id, "Handoff")?;
+                self.attach(id, fd)
+            }
+            (PeerState::Attached(space), Message::Register { start, len }) => {
+                self.expect_no_fd(id)?;
+                self.stats.register_requests += 1;
+                let end = start.saturating_add(len);
+                let range = umm::page_floor(start)..umm::page_ceil(end);
+                if !range.is_empty() {
+                    self.register_range(space, range, false);
+                }
+                let registered = self
+                    .spaces
+                    .get(space)
+                    .map_or(0, |s| s.layout.registered_bytes());
+                self.reply(
+                    id,
+                    &Message::Ack {
+                        registered_bytes: registered,
+                    },
+                )
+            }
+            (state, msg) => Err(Reject::Protocol(format!(
+                "unexpected {} in state {state:?}",
+                message_name(&msg)
+            ))),
+        }
+    }
+
+    fn take_fd(&mut self, id: Id, what: &str) -> Result<OwnedFd, Reject> {
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        let fd = peer.fds.pop_front().ok_or_else(|| {
+            Reject::Protocol(format!("{what} says a uffd is attached, none arrived"))
+        })?;
+        if !peer.fds.is_empty() {
+            return Err(Reject::Protocol(format!(
+                "{what} came with more than one fd"
+            )));
+        }
+        Ok(fd)
+    }
+
+    fn expect_no_fd(&mut self, id: Id) -> Result<(), Reject> {
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        if peer.fds.is_empty() {
+            Ok(())
+        } else {
+            Err(Reject::Protocol(
+                "a message without fds came with one".into(),
+            ))
+        }
+    }
+
+    /// Whether this peer may hand a process over.
+    fn authorize(&self, cred: socket::PeerCred) -> Result<(), Reject> {
+        if cred.pid == self.own_pid {
+            return Err(Reject::Refused(
+                NackCode::Denied,
+                "the manager does not manage itself".into(),
+            ));
+        }
+        match &self.cfg.policy {
+            Policy::Tree => {
+                if is_descendant(cred.pid, self.own_pid) {
+                    Ok(())
+                } else {
+                    Err(Reject::Refused(
+                        NackCode::Denied,
+                        format!(
+                            "pid {} is not in the process tree of the command this manager runs",
+                            cred.pid
+                        ),
+                    ))
+                }
+            }
+            Policy::Uids(allowed) => {
+                let me = nix::unistd::geteuid().as_raw();
+                if cred.uid == me || cred.uid == 0 || allowed.contains(&cred.uid) {
+                    Ok(())
+                } else {
+                    Err(Reject::Refused(
+                        NackCode::Denied,
+                        format!("uid {} is not allowed (see --allow-uid)", cred.uid),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The agent could not open a uffd: give it a `/dev/userfaultfd` fd if we may.
+    fn grant(&mut self, id: Id) -> Result<(), Reject> {
+        if !self.cfg.grant_device {
+            return Err(Reject::Refused(
+                NackCode::NoGrant,
+                "the process cannot open a userfaultfd itself and this manager does not grant \
+                 /dev/userfaultfd (start it with --grant-device, or run the process with \
+                 CAP_SYS_PTRACE)"
+                    .into(),
+            ));
+        }
+        let dev = Uffd::open_device().map_err(|e| {
+            Reject::Refused(
+                NackCode::NoGrant,
+                format!("cannot open /dev/userfaultfd to grant: {e}"),
+            )
+        })?;
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        let frame = Message::Grant.encode();
+        socket::send_with_fds(peer.stream.as_fd(), &frame, &[dev.as_fd()])
+            .map_err(|e| Reject::Protocol(format!("sending the grant failed: {e}")))?;
+        peer.state = PeerState::AwaitHandoff;
+        peer.deadline = Instant::now() + self.cfg.handshake_timeout;
+        Ok(())
+    }
+
+    /// Take the uffd over: check it, enable the events, register the process's memory, start
+    /// watching it, ack.
+    fn attach(&mut self, id: Id, fd: OwnedFd) -> Result<(), Reject> {
+        if !sysfd::is_userfaultfd(fd.as_fd()) {
+            return Err(Reject::Refused(
+                NackCode::BadFd,
+                format!(
+                    "the attached fd is {}, not a userfaultfd",
+                    sysfd::describe(fd.as_fd())
+                ),
+            ));
+        }
+        let uffd = Uffd::from_owned(fd);
+        uffd.api(Features::NON_COOPERATIVE)
+            .map_err(|e| Reject::Refused(NackCode::Setup, e.to_string()))?;
+        let peer = self.peers.get(id).expect("caller checked");
+        let pid = peer.cred.pid;
+        let exe = if peer.exe.is_empty() {
+            proc::exe(pid)
+        } else {
+            peer.exe.clone()
+        };
+        // An exec replaced the mm of any older space of this pid: let the probe find out.
+        let older: Vec<Id> = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| s.pid == Some(pid))
+            .map(|(i, _)| i)
+            .collect();
+        for old in older {
+            self.probe(old);
+        }
+        let mut space = Space::new(
+            uffd,
+            Layout::new(),
+            Origin::Handoff,
+            FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
+        );
+        space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
+        let sid = self.spaces.insert(space);
+        self.set_pid(sid, pid);
+        if let Some(s) = self.spaces.get_mut(sid) {
+            s.exe = exe;
+        }
+        let registered = self.rescan(sid);
+        let s = self.spaces.get(sid).expect("just inserted");
+        if let Err(e) = self.epoll.add(s.uffd.as_fd(), event_for(Token::Uffd(sid))) {
+            self.close_space(sid, "epoll add failed");
+            return Err(Reject::Refused(NackCode::Setup, format!("epoll: {e}")));
+        }
+        log::info!(
+            "{}: handed over, {} registered",
+            s.describe(sid),
+            crate::stats::human_bytes(registered)
+        );
+        self.stats.handoffs += 1;
+        self.stats.processes += 1;
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        peer.state = PeerState::Attached(sid);
+        self.reply(
+            id,
+            &Message::Ack {
+                registered_bytes: registered,
+            },
+        )?;
+        // Faults may have queued while the agent waited for the ack.
+        self.to_drain.push(sid);
+        Ok(())
+    }
+
+    fn reply(&mut self, id: Id, msg: &Message) -> Result<(), Reject> {
+        let peer = self.peers.get(id).expect("caller checked");
+        socket::send_with_fds(peer.stream.as_fd(), &msg.encode(), &[])
+            .map_err(|e| Reject::Protocol(format!("sending the reply failed: {e}")))
+    }
+
+    /// The peer closed its end: the process exited or exec'd (the agent's socket is
+    /// close-on-exec), or all its forked holders did. Check its space at once.
+    fn peer_closed(&mut self, id: Id) {
+        let state = self.peers.get(id).map(|p| p.state);
+        if let Some(PeerState::AwaitHello | PeerState::AwaitHandoff) = state {
+            let what = self.peers.get(id).map(|p| p.describe()).unwrap_or_default();
+            log::info!("{what}: disconnected during the handshake");
+            self.stats.protocol_errors += 1;
+        }
+        self.drop_peer(id, None);
+        if let Some(PeerState::Attached(space)) = state {
+            self.probe(space);
+        }
+    }
+
+    /// Drop a peer, with a Nack and a log line when there is a reason.
+    pub(crate) fn drop_peer(&mut self, id: Id, why: Option<Reject>) {
+        let Some(peer) = self.peers.remove(id) else {
+            return;
+        };
+        let _ = self.epoll.delete(peer.stream.as_fd());
+        let Some(why) = why else { return };
+        let (code, reason, refused) = match why {
+            Reject::Refused(code, r) => (code, r, true),
+            Reject::Protocol(r) => (NackCode::Malformed, r, false),
+        };
+        self.finish_drop(&peer, code, reason, refused);
+    }
+
+    fn finish_drop(&mut self, peer: &Peer, code: NackCode, reason: String, refused: bool) {
+        if refused {
+            self.stats.refused += 1;
+            log::warn!("{}: refused: {reason}", peer.describe());
+        } else {
+            self.stats.protocol_errors += 1;
+            log::warn!("{}: protocol error: {reason}; dropped", peer.describe());
+        }
+        let nack = Message::Nack { code, reason };
+        let _ = socket::send_with_fds(peer.stream.as_fd(), &nack.encode(), &[]);
+    }
+
+    /// Peers that did not finish their handshake in time (slow or stuck) are dropped.
+    pub(crate) fn expire_handshakes(&mut self, now: Instant) {
+        let late: Vec<Id> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !matches!(p.state, PeerState::Attached(_)) && now >= p.deadline)
+            .map(|(i, _)| i)
+            .collect();
+        for id in late {
+            let secs = self.cfg.handshake_timeout.as_secs_f64();
+            self.drop_peer(
+                id,
+                Some(Reject::Protocol(format!(
+                    "handshake not finished within {secs:.1} s"
+                ))),
+            );
+        }
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Handoff => "Handoff",
+        Message::Register { .. } => "Register",
+        Message::Ack { .. } => "Ack",
+        Message::Nack { .. } => "Nack",
+        Message::Grant => "Grant",
+    }
+}
+
+/// Whether `pid` descends from `ancestor` (walking parent links; a subreaper keeps orphans in
+/// the tree).
+fn is_descendant(pid: u32, ancestor: u32) -> bool {
+    let mut at = pid;
+    for _ in 0..4096 {
+        if at == ancestor {
+            return true;
+        }
+        if at <= 1 {
+            return false;
+        }
+        match proc::parent_pid(at) {
+            Ok(p) => at = p,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_descends_from_us_and_we_do_not_descend_from_it() {
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        assert!(is_descendant(child.id(), me));
+        assert!(!is_descendant(me, child.id()));
+        assert!(!is_descendant(1, me));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

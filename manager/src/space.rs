@@ -1,0 +1,214 @@
+//! One managed address space (one `mm`): its uffd, its layout model, who it belongs to, and
+//! the fault-around state.
+
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use umm::layout::Layout;
+use umm::uffd::Uffd;
+use umm::PAGE_SIZE;
+
+use crate::slab::Id;
+
+/// How the manager came to hold this address space's uffd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// An agent handed it over.
+    Handoff,
+    /// A FORK event of the given parent space created it.
+    Fork { parent: Id },
+}
+
+/// Fault-around: a few sequential streams per address space. A fault that lands where a
+/// stream expected the next one (or within its window past that) doubles the stream's window;
+/// any other fault starts a new stream with the minimum window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stream {
+    next: u64,
+    window: u64,
+    last_used: u64,
+}
+
+const STREAMS: usize = 4;
+
+#[derive(Debug)]
+pub struct FaultAround {
+    streams: [Stream; STREAMS],
+    clock: u64,
+    min: u64,
+    max: u64,
+}
+
+impl FaultAround {
+    pub fn new(min: u64, max: u64) -> FaultAround {
+        FaultAround {
+            streams: [Stream::default(); STREAMS],
+            clock: 0,
+            min: min.max(PAGE_SIZE),
+            max: max.max(min).max(PAGE_SIZE),
+        }
+    }
+
+    /// The window (bytes) to serve for a fault at `page`, and the stream that will own it.
+    pub fn window(&mut self, page: u64) -> (u64, usize) {
+        self.clock += 1;
+        let hit = self
+            .streams
+            .iter()
+            .position(|s| s.window != 0 && page >= s.next && page < s.next + s.window);
+        let idx = match hit {
+            Some(i) => {
+                let s = &mut self.streams[i];
+                s.window = (s.window * 2).min(self.max);
+                i
+            }
+            None => {
+                let i = (0..STREAMS)
+                    .min_by_key(|&i| self.streams[i].last_used)
+                    .unwrap_or(0);
+                self.streams[i].window = self.min;
+                i
+            }
+        };
+        self.streams[idx].last_used = self.clock;
+        (self.streams[idx].window, idx)
+    }
+
+    /// Record that `[page, page+served)` was served for the stream.
+    pub fn served(&mut self, stream: usize, page: u64, served: u64) {
+        if let Some(s) = self.streams.get_mut(stream) {
+            s.next = page + served.max(PAGE_SIZE);
+        }
+    }
+}
+
+pub struct Space {
+    pub uffd: Uffd,
+    pub layout: Layout,
+    /// The process's pid in the manager's pid namespace, once known.
+    pub pid: Option<u32>,
+    pub pidfd: Option<OwnedFd>,
+    /// Whether thread ids in fault messages are in the manager's pid namespace.
+    pub same_pidns: bool,
+    pub origin: Origin,
+    pub exe: String,
+    pub fault_around: FaultAround,
+    /// Ranges the kernel refused to register (EBUSY: another uffd owns them, EINVAL): not
+    /// retried by rescans.
+    pub refused: Vec<Range<u64>>,
+    /// Something happened since the last rescan (faults, events).
+    pub dirty: bool,
+    pub last_rescan: Instant,
+    pub faults: u64,
+    pub pages_served: u64,
+    /// Consecutive copy failures of the kind "anything else" (ENOMEM...), for the bounded
+    /// retry before giving up on this space.
+    pub hard_failures: u32,
+    /// The uffd's read queue could not be drained for lack of fds (EMFILE on FORK).
+    pub read_blocked: bool,
+}
+
+impl Space {
+    pub fn new(uffd: Uffd, layout: Layout, origin: Origin, fault_around: FaultAround) -> Space {
+        Space {
+            uffd,
+            layout,
+            pid: None,
+            pidfd: None,
+            same_pidns: true,
+            origin,
+            exe: String::new(),
+            fault_around,
+            refused: Vec::new(),
+            dirty: false,
+            last_rescan: Instant::now(),
+            faults: 0,
+            pages_served: 0,
+            hard_failures: 0,
+            read_blocked: false,
+        }
+    }
+
+    /// A short name for log lines: `pid 1234 (/usr/bin/python3)` or `forked space 7`.
+    pub fn describe(&self, id: Id) -> String {
+        match (self.pid, self.exe.is_empty()) {
+            (Some(pid), false) => format!("pid {pid} ({})", self.exe),
+            (Some(pid), true) => format!("pid {pid}"),
+            (None, _) => match self.origin {
+                Origin::Fork { parent } => format!(
+                    "space {} (forked from space {}, pid not yet known)",
+                    id.index, parent.index
+                ),
+                Origin::Handoff => format!("space {} (pid unknown)", id.index),
+            },
+        }
+    }
+}
+
+/// The parts of `range` that `layout` does not have registered, in order.
+pub fn unregistered_parts(layout: &Layout, range: Range<u64>) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    for vma in layout.vmas() {
+        if vma.end <= at {
+            continue;
+        }
+        if vma.start >= range.end {
+            break;
+        }
+        if vma.start > at {
+            out.push(at..vma.start.min(range.end));
+        }
+        at = at.max(vma.end);
+        if at >= range.end {
+            break;
+        }
+    }
+    if at < range.end {
+        out.push(at..range.end);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umm::layout::PageState;
+
+    #[test]
+    fn sequential_faults_grow_the_window_and_random_ones_reset_it() {
+        let mut fa = FaultAround::new(PAGE_SIZE, 64 * PAGE_SIZE);
+        let base = 0x10_0000;
+        let (w, s) = fa.window(base);
+        assert_eq!(w, PAGE_SIZE);
+        fa.served(s, base, w);
+        let (w2, s2) = fa.window(base + PAGE_SIZE);
+        assert_eq!(w2, 2 * PAGE_SIZE);
+        fa.served(s2, base + PAGE_SIZE, w2);
+        let mut at = base + 3 * PAGE_SIZE;
+        let mut w = 0;
+        for _ in 0..10 {
+            let (ww, s) = fa.window(at);
+            fa.served(s, at, ww);
+            at += ww;
+            w = ww;
+        }
+        assert_eq!(w, 64 * PAGE_SIZE);
+        let (w, _) = fa.window(0x9000_0000);
+        assert_eq!(w, PAGE_SIZE);
+    }
+
+    #[test]
+    fn unregistered_parts_are_the_gaps() {
+        let mut l = Layout::new();
+        l.register(0x2000..0x4000, PageState::Zero, None);
+        l.register(0x6000..0x7000, PageState::Zero, None);
+        assert_eq!(
+            unregistered_parts(&l, 0x1000..0x8000),
+            vec![0x1000..0x2000, 0x4000..0x6000, 0x7000..0x8000]
+        );
+        assert_eq!(unregistered_parts(&l, 0x2000..0x4000), vec![]);
+        assert_eq!(unregistered_parts(&l, 0x3000..0x5000), vec![0x4000..0x5000]);
+    }
+}

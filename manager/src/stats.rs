@@ -1,0 +1,302 @@
+//! Counters, the fault-latency histogram, and the JSON report.
+
+use serde::Serialize;
+
+/// A log-linear latency histogram in microseconds: 8 sub-buckets per power of two, so any
+/// percentile is within 12.5 % of the truth, in constant memory.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+    max: u64,
+}
+
+const SUB: u32 = 8;
+const SUB_BITS: u32 = 3;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: vec![0; (64 * SUB) as usize],
+            count: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket_of(v: u64) -> usize {
+        if v < SUB as u64 {
+            return v as usize;
+        }
+        let exp = 63 - v.leading_zeros(); // >= SUB_BITS
+        let sub = (v >> (exp - SUB_BITS)) & (SUB as u64 - 1);
+        ((exp - SUB_BITS + 1) * SUB) as usize + sub as usize
+    }
+
+    /// The largest value that falls into bucket `b` (reports round up, never flatter).
+    fn bucket_high(b: usize) -> u64 {
+        let b = b as u64;
+        if b < SUB as u64 {
+            return b;
+        }
+        let exp = b / SUB as u64 + SUB_BITS as u64 - 1;
+        let sub = b % SUB as u64;
+        let low = (1u64 << exp) | (sub << (exp - SUB_BITS as u64));
+        low + (1u64 << (exp - SUB_BITS as u64)) - 1
+    }
+
+    pub fn record(&mut self, v: u64) {
+        self.buckets[Self::bucket_of(v)] += 1;
+        self.count += 1;
+        self.max = self.max.max(v);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The value at quantile `q` (0..=1), None when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (b, &n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Self::bucket_high(b).min(self.max));
+            }
+        }
+        Some(self.max)
+    }
+}
+
+/// Everything the manager counts. One instance per manager.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Address spaces managed: handed over by agents plus created by FORK.
+    pub processes: u64,
+    pub handoffs: u64,
+    pub faults: u64,
+    pub pages_served: u64,
+    pub bytes_served: u64,
+    pub copies: u64,
+    /// Faults whose page was already there (another thread's fault, or a stale model).
+    pub eexist: u64,
+    /// Copies that met EAGAIN (layout changing) and were decided again after reading events.
+    pub eagain_retries: u64,
+    /// Copies that met ENOENT (VMA split or gone).
+    pub enoent: u64,
+    pub forks: u64,
+    pub remaps: u64,
+    pub removes: u64,
+    pub unmaps: u64,
+    pub unknown_events: u64,
+    /// Peers refused (not allowed, bad fd, setup failed).
+    pub refused: u64,
+    pub protocol_errors: u64,
+    /// Address spaces given up on with their uffd closed (fail-open).
+    pub abandoned: u64,
+    pub spaces_closed: u64,
+    pub registered_now: u64,
+    pub peak_registered_bytes: u64,
+    pub register_requests: u64,
+    pub rescans: u64,
+    pub latency_us: Histogram,
+    pub coverage_last: Option<f64>,
+    pub coverage_min: Option<f64>,
+    pub coverage_samples: u64,
+}
+
+impl Stats {
+    pub fn registered_delta(&mut self, before: u64, after: u64) {
+        self.registered_now = (self.registered_now + after).saturating_sub(before);
+        self.peak_registered_bytes = self.peak_registered_bytes.max(self.registered_now);
+    }
+
+    pub fn coverage_sample(&mut self, ratio: f64) {
+        self.coverage_samples += 1;
+        self.coverage_last = Some(ratio);
+        self.coverage_min = Some(self.coverage_min.map_or(ratio, |m| m.min(ratio)));
+    }
+
+    pub fn report(&self, spaces_live: usize, exit_status: Option<i32>) -> Report {
+        Report {
+            processes: self.processes,
+            handoffs: self.handoffs,
+            faults: self.faults,
+            pages_served: self.pages_served,
+            bytes_served: self.bytes_served,
+            copies: self.copies,
+            coverage: CoverageReport {
+                last: self.coverage_last,
+                min: self.coverage_min,
+                samples: self.coverage_samples,
+            },
+            events: EventCounts {
+                fork: self.forks,
+                remap: self.remaps,
+                remove: self.removes,
+                unmap: self.unmaps,
+                unknown: self.unknown_events,
+            },
+            fault_latency_us: Latency {
+                p50: self.latency_us.quantile(0.5),
+                p99: self.latency_us.quantile(0.99),
+                max: (self.latency_us.count() > 0).then_some(self.latency_us.max()),
+            },
+            peak_registered_bytes: self.peak_registered_bytes,
+            eexist: self.eexist,
+            eagain_retries: self.eagain_retries,
+            enoent: self.enoent,
+            refused: self.refused,
+            protocol_errors: self.protocol_errors,
+            abandoned: self.abandoned,
+            register_requests: self.register_requests,
+            rescans: self.rescans,
+            spaces_closed: self.spaces_closed,
+            spaces_live,
+            exit_status,
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct CoverageReport {
+    pub last: Option<f64>,
+    pub min: Option<f64>,
+    pub samples: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct EventCounts {
+    pub fork: u64,
+    pub remap: u64,
+    pub remove: u64,
+    pub unmap: u64,
+    pub unknown: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Latency {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+}
+
+/// The `--report` JSON.
+#[derive(Serialize, Debug)]
+pub struct Report {
+    pub processes: u64,
+    pub handoffs: u64,
+    pub faults: u64,
+    pub pages_served: u64,
+    pub bytes_served: u64,
+    pub copies: u64,
+    pub coverage: CoverageReport,
+    pub events: EventCounts,
+    pub fault_latency_us: Latency,
+    pub peak_registered_bytes: u64,
+    pub eexist: u64,
+    pub eagain_retries: u64,
+    pub enoent: u64,
+    pub refused: u64,
+    pub protocol_errors: u64,
+    pub abandoned: u64,
+    pub register_requests: u64,
+    pub rescans: u64,
+    pub spaces_closed: u64,
+    pub spaces_live: usize,
+    pub exit_status: Option<i32>,
+}
+
+impl Report {
+    /// The human summary printed on stderr at the end of `umm run`.
+    pub fn summary(&self) -> String {
+        let cov = match (self.coverage.last, self.coverage.min) {
+            (Some(l), Some(m)) => format!("coverage {l:.2} (min {m:.2})"),
+            _ => "coverage not sampled".to_string(),
+        };
+        let lat = match (self.fault_latency_us.p50, self.fault_latency_us.p99) {
+            (Some(p50), Some(p99)) => format!(
+                "fault latency p50 {p50} µs, p99 {p99} µs, max {} µs",
+                self.fault_latency_us.max.unwrap_or(0)
+            ),
+            _ => "no faults timed".to_string(),
+        };
+        format!(
+            "umm: {} processes ({} handed over), {} faults, {} pages ({}) served; \
+             events: {} fork, {} remap, {} remove, {} unmap; {cov}; {lat}",
+            self.processes,
+            self.handoffs,
+            self.faults,
+            self.pages_served,
+            human_bytes(self.bytes_served),
+            self.events.fork,
+            self.events.remap,
+            self.events.remove,
+            self.events.unmap,
+        )
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_percentiles_are_within_an_eighth() {
+        let mut h = Histogram::default();
+        for v in 1..=1000u64 {
+            h.record(v);
+        }
+        let p50 = h.quantile(0.5).unwrap();
+        let p99 = h.quantile(0.99).unwrap();
+        assert!((500..=563).contains(&p50), "{p50}");
+        assert!((990..=1000).contains(&p99), "{p99}");
+        assert_eq!(h.max(), 1000);
+        assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn histogram_buckets_cover_every_value() {
+        for v in [0u64, 1, 7, 8, 9, 15, 16, 17, 1 << 20, u64::MAX / 2] {
+            let b = Histogram::bucket_of(v);
+            assert!(Histogram::bucket_high(b) >= v, "{v}");
+            if b > 0 {
+                assert!(Histogram::bucket_high(b - 1) < v, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn registered_bytes_peak_tracks_the_maximum() {
+        let mut s = Stats::default();
+        s.registered_delta(0, 100);
+        s.registered_delta(0, 50);
+        s.registered_delta(150, 20);
+        assert_eq!(s.registered_now, 20);
+        assert_eq!(s.peak_registered_bytes, 150);
+    }
+}

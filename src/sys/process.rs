@@ -1,0 +1,61 @@
+//! Processes: pidfds, spawning with a clean signal mask, reaping orphans.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+/// `pidfd_open(pid, 0)`: an fd that polls readable once the process has exited.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Spawn `cmd` with an empty signal mask: the manager blocks the signals it reads through a
+/// signalfd, and a child must not inherit that.
+pub fn spawn_unblocked(cmd: &mut Command) -> io::Result<Child> {
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe sigprocmask(2) through nix (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+    }
+    cmd.spawn()
+}
+
+/// Become the reaper of orphaned descendants, so that a process whose parent died stays in
+/// this process's tree (and keeps its right to attach).
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfd_of_a_child_becomes_readable_when_it_exits() {
+        let mut child = Command::new("/bin/true").spawn().unwrap();
+        let fd = pidfd_open(child.id()).unwrap();
+        child.wait().unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&fd),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(),
+            1
+        );
+    }
+}
