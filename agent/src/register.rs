@@ -1,0 +1,318 @@
+//! After the handoff: tell the manager about new private anonymous mappings (Register), from
+//! inside the interposed `mmap`/`mremap`.
+//!
+//! Rules of this path: no heap allocation (the caller may be an allocator holding its own
+//! lock), no panics escaping, errno preserved, bounded waits, and a thread that already holds
+//! the socket lock (a signal handler interrupting a Register) skips instead of deadlocking.
+//! Any failed round trip stops Register requests for the rest of the process's life.
+
+use std::cell::UnsafeCell;
+use std::ffi::c_int;
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use umm::protocol::{Message, MessageRef, MAX_FRAME, MAX_REASON};
+
+use crate::sys::{self, Deadline, Fail};
+
+/// The pid that handed its uffd off (0: not handed off, nothing to do).
+static HANDOFF_PID: AtomicI32 = AtomicI32::new(0);
+/// The connected manager socket, kept for Register requests (-1: none).
+static SOCK: AtomicI32 = AtomicI32::new(-1);
+/// (device, inode) of SOCK when it was published: the program may close the number and open
+/// something else there; then the agent must not write to it.
+static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
+static SOCK_INO: AtomicU64 = AtomicU64::new(0);
+/// Set by the first failed Register round trip (or a panic): never send again.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+/// Reply timeout (UMM_TIMEOUT_MS).
+pub(crate) static TIMEOUT_MS: AtomicU32 = AtomicU32::new(5000);
+/// UMM_AGENT_QUIET=1.
+pub(crate) static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Make the handed-off state visible to the interposed calls. Called once, by the
+/// constructor, after the manager acknowledged the uffd.
+pub(crate) fn publish(sock: OwnedFd, pid: i32) {
+    let raw = sock.into_raw_fd();
+    let (dev, ino) = sys::file_id(raw).unwrap_or((0, 0));
+    SOCK_DEV.store(dev, Ordering::Relaxed);
+    SOCK_INO.store(ino, Ordering::Relaxed);
+    SOCK.store(raw, Ordering::Relaxed);
+    // Release: whoever sees the pid sees the socket too.
+    HANDOFF_PID.store(pid, Ordering::Release);
+}
+
+/// Stop sending Register requests and close the socket. The caller holds the lock, so no
+/// other thread is using the socket.
+fn stop() {
+    STOPPED.store(true, Ordering::SeqCst);
+    sys::close(SOCK.swap(-1, Ordering::SeqCst));
+}
+
+/// An interposed call panicked (a bug): say so once and stop sending Register requests. The
+/// socket stays open: another thread may be using it, and closing it under that thread could
+/// let the number be reused by the program.
+pub(crate) fn give_up_after_panic() {
+    if !STOPPED.swap(true, Ordering::SeqCst) && !QUIET.load(Ordering::Relaxed) {
+        sys::warn(
+            sys::raw_getpid(),
+            format_args!(
+                "internal error in the interposed mmap; new mappings are no longer registered"
+            ),
+        );
+    }
+}
+
+/// Whether a new mapping with these `mmap` arguments is memory the manager serves: private
+/// anonymous (no MAP_SHARED, no MAP_HUGETLB), writable or a PROT_NONE reservation.
+pub(crate) fn wants_mmap(prot: c_int, flags: c_int) -> bool {
+    /// The mapping-type bits (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE).
+    const MAP_TYPE: c_int = 0x0f;
+    flags & MAP_TYPE == libc::MAP_PRIVATE
+        && flags & libc::MAP_ANONYMOUS != 0
+        && flags & libc::MAP_HUGETLB == 0
+        && (prot & libc::PROT_WRITE != 0 || prot == libc::PROT_NONE)
+}
+
+/// A successful mapping of `[start, start + len)` was made by this process: Register it if
+/// this is the process that handed off and Register requests still work.
+pub(crate) fn after_map(start: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let pid = HANDOFF_PID.load(Ordering::Acquire);
+    if pid == 0 || STOPPED.load(Ordering::Relaxed) {
+        return;
+    }
+    // A forked child shares the socket but must not use it: the manager covers it by other
+    // means (EVENT_FORK). getpid is asked of the kernel: no cached value survives a raw clone.
+    if sys::raw_getpid() != pid {
+        return;
+    }
+    let saved = sys::errno();
+    register(pid, start, umm::page_ceil(len));
+    sys::set_errno(saved);
+}
+
+fn register(pid: i32, start: u64, len: u64) {
+    let timeout = TIMEOUT_MS.load(Ordering::Relaxed);
+    // Another thread's round trip takes at most `timeout`; wait a little longer than that.
+    let wait = Deadline::after_ms(timeout.saturating_mul(2).saturating_add(1000));
+    let mut guard = match LOCK.acquire(sys::raw_gettid(), &wait) {
+        Acquire::Held(g) => g,
+        // This thread is inside a Register already (a signal handler mapping memory), or the
+        // holder is stuck: skip this mapping rather than deadlock.
+        Acquire::Reentrant | Acquire::TimedOut => return,
+    };
+    if STOPPED.load(Ordering::SeqCst) {
+        return;
+    }
+    let bufs = guard.buffers();
+    if let Err(fail) = round_trip(bufs, start, len, &Deadline::after_ms(timeout)) {
+        if !QUIET.load(Ordering::Relaxed) {
+            sys::warn(
+                pid,
+                format_args!(
+                    "Register of [{start:#x}, {:#x}) failed ({fail}); new mappings are no longer \
+                     registered",
+                    start.saturating_add(len)
+                ),
+            );
+        }
+        stop();
+    }
+}
+
+/// Send Register and wait for its Ack.
+fn round_trip<'b>(
+    bufs: &'b mut Buffers,
+    start: u64,
+    len: u64,
+    deadline: &Deadline,
+) -> Result<(), Fail<'b>> {
+    let fd: RawFd = SOCK.load(Ordering::SeqCst);
+    if fd < 0 {
+        return Err(Fail::SocketGone);
+    }
+    let expected = (
+        SOCK_DEV.load(Ordering::Relaxed),
+        SOCK_INO.load(Ordering::Relaxed),
+    );
+    if sys::file_id(fd) != Some(expected) {
+        return Err(Fail::SocketGone);
+    }
+    let n = Message::Register { start, len }.encode_into(&mut bufs.send);
+    sys::send_all(fd, &bufs.send[..n], None, deadline)?;
+    match sys::read_reply(fd, &mut bufs.recv, deadline, None)? {
+        MessageRef::Ack { .. } => Ok(()),
+        MessageRef::Nack { code, reason } => Err(Fail::Nack { code, reason }),
+        other => Err(Fail::Unexpected(other.kind())),
+    }
+}
+
+/// The frames of one Register round trip. They live in a static behind the lock rather than
+/// on the caller's stack, which may be a small signal stack.
+struct Buffers {
+    send: [u8; MAX_FRAME + 4],
+    /// The largest legal reply to Register is a Nack with the longest reason.
+    recv: [u8; 4 + 4 + 4 + MAX_REASON],
+}
+
+/// A futex lock that knows its owner's tid, so the owner re-entering (from a signal handler)
+/// is told instead of deadlocking.
+struct Lock {
+    /// Tid of the holder, 0 when free.
+    owner: AtomicI32,
+    /// Threads sleeping in FUTEX_WAIT.
+    waiters: AtomicU32,
+    bufs: UnsafeCell<Buffers>,
+}
+
+// SAFETY: `bufs` is only reached through a `Guard`, and a Guard exists only while `owner`
+// holds its thread's tid, so at most one thread (and, re-entrant calls being refused, one
+// frame of it) touches the buffers at a time.
+unsafe impl Sync for Lock {}
+
+static LOCK: Lock = Lock {
+    owner: AtomicI32::new(0),
+    waiters: AtomicU32::new(0),
+    bufs: UnsafeCell::new(Buffers {
+        send: [0; MAX_FRAME + 4],
+        recv: [0; 4 + 4 + 4 + MAX_REASON],
+    }),
+};
+
+enum Acquire<'a> {
+    Held(Guard<'a>),
+    Reentrant,
+    TimedOut,
+}
+
+struct Guard<'a> {
+    lock: &'a Lock,
+}
+
+impl Guard<'_> {
+    fn buffers(&mut self) -> &mut Buffers {
+        // SAFETY: this guard is the lock's only holder (see `impl Sync for Lock`), and the
+        // returned borrow cannot outlive it.
+        unsafe { &mut *self.lock.bufs.get() }
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.lock.owner.store(0, Ordering::SeqCst);
+        if self.lock.waiters.load(Ordering::SeqCst) > 0 {
+            // SAFETY: FUTEX_WAKE on an aligned i32 that lives for the whole program.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.lock.owner.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1 as c_int,
+                )
+            };
+        }
+    }
+}
+
+impl Lock {
+    fn acquire(&self, tid: i32, deadline: &Deadline) -> Acquire<'_> {
+        loop {
+            match self
+                .owner
+                .compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Acquire::Held(Guard { lock: self }),
+                Err(cur) if cur == tid => return Acquire::Reentrant,
+                Err(cur) => {
+                    if deadline.remaining_ms() == 0 {
+                        return Acquire::TimedOut;
+                    }
+                    let ts = deadline.remaining();
+                    self.waiters.fetch_add(1, Ordering::SeqCst);
+                    // SAFETY: FUTEX_WAIT on an aligned i32 that lives for the whole program,
+                    // with a relative timeout read from `ts`. It returns at once if the owner
+                    // changed since `cur` was read (then the loop tries again).
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_futex,
+                            self.owner.as_ptr(),
+                            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                            cur,
+                            &ts as *const libc::timespec,
+                        )
+                    };
+                    self.waiters.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_private_anonymous_writable_or_reserved_mappings_are_wanted() {
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        assert!(wants_mmap(rw, anon));
+        assert!(wants_mmap(libc::PROT_WRITE, anon | libc::MAP_FIXED));
+        assert!(wants_mmap(libc::PROT_NONE, anon | libc::MAP_NORESERVE));
+        assert!(wants_mmap(rw, anon | libc::MAP_STACK | libc::MAP_GROWSDOWN));
+        assert!(!wants_mmap(libc::PROT_READ, anon));
+        assert!(!wants_mmap(libc::PROT_READ | libc::PROT_EXEC, anon));
+        assert!(!wants_mmap(rw, libc::MAP_SHARED | libc::MAP_ANONYMOUS));
+        assert!(!wants_mmap(
+            rw,
+            libc::MAP_SHARED_VALIDATE | libc::MAP_ANONYMOUS
+        ));
+        assert!(!wants_mmap(rw, anon | libc::MAP_HUGETLB));
+        assert!(!wants_mmap(rw, libc::MAP_PRIVATE));
+    }
+
+    #[test]
+    fn the_holder_reentering_is_refused_and_others_get_the_lock_after_it() {
+        let lock: &'static Lock = Box::leak(Box::new(Lock {
+            owner: AtomicI32::new(0),
+            waiters: AtomicU32::new(0),
+            bufs: UnsafeCell::new(Buffers {
+                send: [0; MAX_FRAME + 4],
+                recv: [0; 4 + 4 + 4 + MAX_REASON],
+            }),
+        }));
+        let d = Deadline::after_ms(60_000);
+        let me = sys::raw_gettid();
+        let Acquire::Held(g) = lock.acquire(me, &d) else {
+            panic!("a free lock must be taken")
+        };
+        assert!(matches!(lock.acquire(me, &d), Acquire::Reentrant));
+        // Another thread times out while it is held...
+        let t = std::thread::spawn(move || {
+            let short = Deadline::after_ms(50);
+            matches!(lock.acquire(sys::raw_gettid(), &short), Acquire::TimedOut)
+        });
+        assert!(t.join().unwrap());
+        // ...and gets it once it is released.
+        let t = std::thread::spawn(move || {
+            matches!(
+                lock.acquire(sys::raw_gettid(), &Deadline::after_ms(60_000)),
+                Acquire::Held(_)
+            )
+        });
+        drop(g);
+        assert!(t.join().unwrap());
+        assert_eq!(lock.owner.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn nothing_is_sent_before_a_handoff() {
+        // HANDOFF_PID is 0 in the test binary: after_map must return without touching errno.
+        sys::set_errno(libc::EXDEV);
+        after_map(0x1000, 0x1000);
+        assert_eq!(sys::errno(), libc::EXDEV);
+    }
+}
