@@ -109,6 +109,8 @@ pub struct Manager {
     pub(crate) to_drain: Vec<Id>,
     event_buf: Vec<Result<Event, UnknownEvent>>,
     pub(crate) zeros: Zeros,
+    /// Ranges `plan` chose to fill beside a fault's own run (reused buffer).
+    pub(crate) extra_fill: Vec<std::ops::Range<u64>>,
     pub(crate) stats: Stats,
     pub(crate) trace: Option<Trace>,
     pub(crate) cfg: Config,
@@ -164,6 +166,7 @@ impl Manager {
             to_drain: Vec::new(),
             event_buf: Vec::with_capacity(umm::uffd::READ_BATCH),
             zeros: Zeros::new(),
+            extra_fill: Vec::new(),
             stats: Stats::default(),
             trace,
             cfg,

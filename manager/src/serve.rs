@@ -14,6 +14,15 @@ use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_LIMIT};
 use crate::slab::{Id, Token};
 use crate::trace::Record;
 
+/// The block whose density sizes the window of a non-sequential fault.
+const DENSITY_BLOCK: u64 = 2 << 20;
+
+/// What to copy for one fault: `primary` contains the faulting page.
+struct Plan {
+    primary: std::ops::Range<u64>,
+    stream: usize,
+}
+
 /// What became of a fault this turn.
 enum Outcome {
     /// Answered (or nothing is waiting any more).
@@ -47,18 +56,32 @@ impl Manager {
         let mut drained = false;
         let mut single_page = false;
         loop {
-            let Some((len, stream)) = self.plan(f.space, page, single_page) else {
+            let Some(plan) = self.plan(f.space, page, single_page) else {
                 return Outcome::Done;
             };
             let space = self.spaces.get_mut(f.space).expect("checked above");
-            let result = space
-                .uffd
-                .copy(page, self.zeros.slice(len as usize), CopyMode::default());
+            let primary = plan.primary.clone();
+            let len = primary.end - primary.start;
+            let result = space.uffd.copy(
+                primary.start,
+                self.zeros.slice(len as usize),
+                CopyMode::default(),
+            );
             let done = match result {
                 Ok(n) => n,
-                Err(e) if e.done > 0 => e.done,
+                // A partial copy that covered the faulting page woke its thread.
+                Err(e) if primary.start + e.done > page => e.done,
+                Err(e) if e.done > 0 => {
+                    // Stopped before the faulting page (a page in front of it is present):
+                    // account for what was copied and serve the page alone.
+                    let copied = primary.start..primary.start + e.done;
+                    space.layout.mark_present(copied.clone());
+                    self.count_served(f.space, copied.end - copied.start);
+                    single_page = true;
+                    continue;
+                }
                 Err(e) => match e.errno {
-                    Errno::EEXIST => {
+                    Errno::EEXIST if primary.start == page => {
                         // The faulting page is there already (another thread's fault, or it
                         // was populated before registration). The kernel does not wake the
                         // waiter on EEXIST: we must.
@@ -67,6 +90,14 @@ impl Manager {
                         let _ = space.uffd.wake(page, PAGE_SIZE);
                         self.finish_fault(&f, 0);
                         return Outcome::Done;
+                    }
+                    Errno::EEXIST => {
+                        // The window's first page is present; the faulting one may not be.
+                        space
+                            .layout
+                            .mark_present(primary.start..primary.start + PAGE_SIZE);
+                        single_page = true;
+                        continue;
                     }
                     Errno::EAGAIN => {
                         // Layout changing: an event is pending. Read events, then decide
@@ -88,7 +119,7 @@ impl Manager {
                         // thread refaults (and gets SIGSEGV if the memory is really gone).
                         self.stats.enoent += 1;
                         if len > PAGE_SIZE && !single_page {
-                            self.refresh_vma_bounds(f.space, page, page + len);
+                            self.refresh_vma_bounds(f.space, primary.start, primary.end);
                             single_page = true;
                             continue;
                         }
@@ -117,16 +148,56 @@ impl Manager {
                     }
                 },
             };
-            space.layout.mark_present(page..page + done);
-            space.fault_around.served(stream, page, done);
+            let served = primary.start..primary.start + done;
+            space.layout.mark_present(served.clone());
+            space.fault_around.served(plan.stream, served.end);
             space.hard_failures = 0;
-            space.pages_served += done / PAGE_SIZE;
-            self.stats.copies += 1;
-            self.stats.pages_served += done / PAGE_SIZE;
-            self.stats.bytes_served += done;
-            self.finish_fault(&f, done);
+            self.count_served(f.space, done);
+            let extra = self.fill_extras(f.space);
+            self.finish_fault(&f, done + extra);
             return Outcome::Done;
         }
+    }
+
+    fn count_served(&mut self, id: Id, bytes: u64) {
+        if let Some(s) = self.spaces.get_mut(id) {
+            s.pages_served += bytes / PAGE_SIZE;
+        }
+        self.stats.copies += 1;
+        self.stats.pages_served += bytes / PAGE_SIZE;
+        self.stats.bytes_served += bytes;
+    }
+
+    /// The other zero runs of a dense block (see `plan`), after the faulting page was served.
+    /// Best effort: the first failure ends it (the layout may be changing; no one waits here).
+    fn fill_extras(&mut self, id: Id) -> u64 {
+        let extras = std::mem::take(&mut self.extra_fill);
+        let mut total = 0;
+        for r in &extras {
+            let Some(space) = self.spaces.get_mut(id) else {
+                break;
+            };
+            let len = r.end - r.start;
+            let done =
+                match space
+                    .uffd
+                    .copy(r.start, self.zeros.slice(len as usize), CopyMode::default())
+                {
+                    Ok(n) => n,
+                    Err(e) => e.done,
+                };
+            if done > 0 {
+                space.layout.mark_present(r.start..r.start + done);
+                self.count_served(id, done);
+                total += done;
+            }
+            if done < len {
+                break;
+            }
+        }
+        self.extra_fill = extras;
+        self.extra_fill.clear();
+        total
     }
 
     fn finish_fault(&mut self, f: &PendingFault, served: u64) {
@@ -147,22 +218,37 @@ impl Manager {
         }
     }
 
-    /// How many bytes to copy for a fault at `page`: the fault-around window, clamped to the
-    /// known VMA and to the run of pages still to fill. A page the model does not know is
-    /// looked up in the process's maps first (in-place mremap growth and friends raise no
-    /// event); if it is still unknown it is answered alone. None: the space is gone.
-    fn plan(&mut self, id: Id, page: u64, single_page: bool) -> Option<(u64, usize)> {
+    /// What to copy for a fault at `page`:
+    /// - a page the model does not know is looked up in the process's maps first (in-place
+    ///   mremap growth and friends raise no event); if it is still unknown it is served alone;
+    /// - a fault that continues a sequential stream gets the stream's window (doubling up to
+    ///   the maximum), forward from the page, clamped to its VMA and its run of zero pages;
+    /// - any other fault gets a window sized by how dense the 2 MiB block around it already
+    ///   is (the next power of two above the pages present there): sparse memory stays
+    ///   sparse, memory being filled at random fills in a few faults per block. The window's
+    ///   other zero runs go to `extra_fill`.
+    ///
+    /// None: the space is gone.
+    fn plan(&mut self, id: Id, page: u64, single_page: bool) -> Option<Plan> {
+        self.extra_fill.clear();
         let known = self.spaces.get(id)?.layout.state(page).is_some();
         if !known {
             self.adopt_unknown(id, page);
         }
         let space = self.spaces.get_mut(id)?;
-        let (window, stream) = space.fault_around.window(page);
-        let window = if single_page { PAGE_SIZE } else { window };
-        let len = match space.layout.run_at(page, window) {
+        let (window, stream, sequential) = space.fault_around.window(page);
+        let alone = Plan {
+            primary: page..page + PAGE_SIZE,
+            stream,
+        };
+        if single_page {
+            return Some(alone);
+        }
+        let layout = &space.layout;
+        let run = match layout.run_at(page, window) {
+            Some(run) if run.state == PageState::Zero => run,
             // A page we believe present faulted again: copy one page; EEXIST wakes the thread.
-            Some(run) if run.state == PageState::Present => PAGE_SIZE,
-            Some(run) if run.state == PageState::Zero => run.range.end - run.range.start,
+            Some(run) if run.state == PageState::Present => return Some(alone),
             Some(_missing) => {
                 // Track mode never creates Missing pages: they need a source (lazy restore).
                 log::error!(
@@ -170,11 +256,40 @@ impl Manager {
                      none; answering with zeros would corrupt it",
                     space.describe(id)
                 );
-                PAGE_SIZE
+                return Some(alone);
             }
-            None => PAGE_SIZE,
+            None => return Some(alone),
         };
-        Some((len.max(PAGE_SIZE), stream))
+        if sequential || window > space.fault_around.min() {
+            return Some(Plan {
+                primary: run.range,
+                stream,
+            });
+        }
+        let vma = layout.vma_containing(page)?;
+        let block_start = (page & !(DENSITY_BLOCK - 1)).max(vma.start);
+        let block = block_start..(block_start + DENSITY_BLOCK).min(vma.end);
+        let present: u64 = layout
+            .runs_in(block)
+            .filter(|r| r.state == PageState::Present)
+            .map(|r| r.range.end - r.range.start)
+            .sum();
+        let want = ((present / PAGE_SIZE + 1).next_power_of_two() * PAGE_SIZE)
+            .clamp(space.fault_around.min(), space.fault_around.max());
+        if want <= PAGE_SIZE {
+            return Some(alone);
+        }
+        let sub_start = (page & !(want - 1)).max(vma.start);
+        let sub = sub_start..(sub_start + want).min(vma.end);
+        let mut primary = alone.primary;
+        for r in layout.runs_in(sub).filter(|r| r.state == PageState::Zero) {
+            if r.range.contains(&page) {
+                primary = r.range;
+            } else {
+                self.extra_fill.push(r.range);
+            }
+        }
+        Some(Plan { primary, stream })
     }
 
     /// A fault at an address the model does not know: find its VMA in the maps and adopt it.

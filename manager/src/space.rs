@@ -50,8 +50,9 @@ impl FaultAround {
         }
     }
 
-    /// The window (bytes) to serve for a fault at `page`, and the stream that will own it.
-    pub fn window(&mut self, page: u64) -> (u64, usize) {
+    /// The window (bytes) to serve for a fault at `page`, the stream that will own it, and
+    /// whether the fault continued a stream (false: a new stream with the minimum window).
+    pub fn window(&mut self, page: u64) -> (u64, usize, bool) {
         self.clock += 1;
         let hit = self
             .streams
@@ -72,14 +73,22 @@ impl FaultAround {
             }
         };
         self.streams[idx].last_used = self.clock;
-        (self.streams[idx].window, idx)
+        (self.streams[idx].window, idx, hit.is_some())
     }
 
-    /// Record that `[page, page+served)` was served for the stream.
-    pub fn served(&mut self, stream: usize, page: u64, served: u64) {
+    /// Record that the stream's fault was served up to `end`: its next fault is expected there.
+    pub fn served(&mut self, stream: usize, end: u64) {
         if let Some(s) = self.streams.get_mut(stream) {
-            s.next = page + served.max(PAGE_SIZE);
+            s.next = end;
         }
+    }
+
+    pub fn min(&self) -> u64 {
+        self.min
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
     }
 }
 
@@ -180,23 +189,23 @@ mod tests {
     fn sequential_faults_grow_the_window_and_random_ones_reset_it() {
         let mut fa = FaultAround::new(PAGE_SIZE, 64 * PAGE_SIZE);
         let base = 0x10_0000;
-        let (w, s) = fa.window(base);
-        assert_eq!(w, PAGE_SIZE);
-        fa.served(s, base, w);
-        let (w2, s2) = fa.window(base + PAGE_SIZE);
-        assert_eq!(w2, 2 * PAGE_SIZE);
-        fa.served(s2, base + PAGE_SIZE, w2);
+        let (w, s, seq) = fa.window(base);
+        assert_eq!((w, seq), (PAGE_SIZE, false));
+        fa.served(s, base + w);
+        let (w2, s2, seq2) = fa.window(base + PAGE_SIZE);
+        assert_eq!((w2, seq2), (2 * PAGE_SIZE, true));
+        fa.served(s2, base + PAGE_SIZE + w2);
         let mut at = base + 3 * PAGE_SIZE;
         let mut w = 0;
         for _ in 0..10 {
-            let (ww, s) = fa.window(at);
-            fa.served(s, at, ww);
+            let (ww, s, _) = fa.window(at);
+            fa.served(s, at + ww);
             at += ww;
             w = ww;
         }
         assert_eq!(w, 64 * PAGE_SIZE);
-        let (w, _) = fa.window(0x9000_0000);
-        assert_eq!(w, PAGE_SIZE);
+        let (w, _, seq) = fa.window(0x9000_0000);
+        assert_eq!((w, seq), (PAGE_SIZE, false));
     }
 
     #[test]

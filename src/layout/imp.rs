@@ -218,6 +218,28 @@ impl Layout {
         })
     }
 
+    /// The runs overlapping `range`, clipped to it, in address order (fault-around planning:
+    /// what in a block is present, what may still be filled). O(log runs + runs in range).
+    pub fn runs_in(&self, range: Range<u64>) -> impl Iterator<Item = Run> + '_ {
+        let (start, end) = page_range(range).unwrap_or((0, 0));
+        let first = self.run_containing(start).filter(|&(s, _)| s < start);
+        let rest = self.runs.range(start..end).map(|(&s, &seg)| (s, seg));
+        first.into_iter().chain(rest).map(move |(s, seg)| {
+            let from = s.max(start);
+            Run {
+                range: from..seg.end.min(end),
+                state: seg.state,
+                source: source_at(seg.source, from - s),
+            }
+        })
+    }
+
+    /// Number of Missing runs indexed for `next_missing` (tests check the index, not timing).
+    #[cfg(test)]
+    pub(super) fn missing_index_len(&self) -> usize {
+        self.missing.len()
+    }
+
     // ---- private helpers -------------------------------------------------------------------
 
     /// The run containing page `addr` (aligned).

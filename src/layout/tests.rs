@@ -745,17 +745,11 @@ fn sparse_64gib_registration_is_small_and_clone_is_cheap() {
     );
     assert!(bytes < 4 << 20, "model uses {bytes} bytes");
 
-    let t = std::time::Instant::now();
+    // A clone (FORK) is a copy of the runs: the same size, no per-page cost.
     let clone = l.clone();
-    let elapsed = t.elapsed();
     assert_eq!(clone.memory_bytes(), bytes);
     assert_eq!(clone.run_count(), l.run_count());
     assert_eq!(clone.next_missing(0, u64::MAX), l.next_missing(0, u64::MAX));
-    // O(runs): tens of thousands of entries copy in a few milliseconds even in debug builds.
-    assert!(
-        elapsed < std::time::Duration::from_secs(1),
-        "clone took {elapsed:?}"
-    );
 }
 
 #[test]
@@ -778,12 +772,33 @@ fn next_missing_is_fast_past_many_present_runs() {
         l.register(pg(2 * i)..pg(2 * i + 1), Present, None);
     }
     l.register(pg(50_000)..pg(50_001), Missing, None);
-    let t = std::time::Instant::now();
-    for _ in 0..1000 {
-        assert_eq!(
-            l.next_missing(0, u64::MAX).unwrap().range,
-            pg(50_000)..pg(50_001)
-        );
-    }
-    assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    // The index of Missing runs answers directly (structure, not timing: no timed asserts).
+    assert_eq!(l.missing_index_len(), 1);
+    assert_eq!(
+        l.next_missing(0, u64::MAX).unwrap().range,
+        pg(50_000)..pg(50_001)
+    );
+}
+
+#[test]
+fn runs_in_clips_to_the_range_and_lists_every_overlapping_run() {
+    let mut l = Layout::new();
+    l.register(pg(0)..pg(8), Zero, None);
+    l.mark_present(pg(2)..pg(3));
+    l.register(pg(8)..pg(10), Missing, Some(0x7000));
+    let got: Vec<Run> = l.runs_in(pg(1)..pg(9)).collect();
+    assert_eq!(
+        got,
+        vec![
+            run(pg(1), pg(2), Zero, None),
+            run(pg(2), pg(3), Present, None),
+            run(pg(3), pg(8), Zero, None),
+            run(pg(8), pg(9), Missing, Some(0x7000)),
+        ]
+    );
+    assert_eq!(l.runs_in(pg(20)..pg(30)).count(), 0);
+    assert_eq!(
+        l.runs_in(pg(8) + 1..pg(9)).collect::<Vec<_>>(),
+        vec![run(pg(8), pg(9), Missing, Some(0x7000))]
+    );
 }

@@ -1,0 +1,79 @@
+# umm — build, test, install.
+#   make                  build release binaries (installs missing build tools first)
+#   make test             everything: fmt check, clippy -D warnings, unit + integration tests
+#   make install PREFIX=/usr/local
+#   make bench            benchmarks (see benches/)
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+CARGO   ?= cargo
+BINDIR   = $(DESTDIR)$(PREFIX)/bin
+LIBDIR   = $(DESTDIR)$(PREFIX)/lib/umm
+MANDIR   = $(DESTDIR)$(PREFIX)/share/man
+
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all build deps test-deps test check fmt-check clippy unit install uninstall clean
+
+all: build
+
+build: deps
+	$(CARGO) build --release --workspace
+
+# Build tools. Installs what is missing with apt-get (Debian), and Rust with rustup when there
+# is no cargo at all (Debian's own cargo is too old for the dependencies).
+deps:
+	@missing=""; \
+	for t in cc:gcc make:make; do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "no cargo: installing Rust with rustup"; \
+	  command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl ca-certificates; }; \
+	  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt; }
+
+# What the tests drive besides umm: python3 (a real interpreter), setpriv (an unprivileged
+# target), coreutils (sort, sha256sum).
+test-deps: deps
+	@missing=""; \
+	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
+	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	command -v sha256sum >/dev/null 2>&1 || missing="$$missing coreutils"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+
+fmt-check: deps
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Unit and integration tests. The integration tests drive target/release/umm and the agent, so
+# the release build comes first; tests share its artifacts (--release).
+unit: build test-deps
+	$(CARGO) test --release --workspace -- --test-threads=2
+
+test: fmt-check clippy unit
+
+install: build
+	install -d $(BINDIR) $(LIBDIR) $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7
+	install -m 0755 target/release/umm $(BINDIR)/umm
+	install -m 0755 target/release/libumm_agent.so $(LIBDIR)/libumm_agent.so
+	install -m 0644 man/umm.1 $(MANDIR)/man1/umm.1
+	install -m 0644 man/umm-agent.7 $(MANDIR)/man7/umm-agent.7
+	install -m 0644 man/umm-protocol.5 $(MANDIR)/man5/umm-protocol.5
+
+uninstall:
+	rm -f $(BINDIR)/umm $(LIBDIR)/libumm_agent.so $(MANDIR)/man1/umm.1 \
+	  $(MANDIR)/man7/umm-agent.7 $(MANDIR)/man5/umm-protocol.5
+	-rmdir $(LIBDIR)
+
+clean:
+	$(CARGO) clean
