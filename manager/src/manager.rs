@@ -121,6 +121,8 @@ pub struct Manager {
     pub(crate) command: Option<u32>,
     last_probe: Instant,
     last_coverage_round: Instant,
+    /// A new process is sampled on the next tick, so short-lived ones are measured too.
+    handoffs_at_last_coverage: u64,
 }
 
 impl Manager {
@@ -176,6 +178,7 @@ impl Manager {
             command: None,
             last_probe: started,
             last_coverage_round: started,
+            handoffs_at_last_coverage: 0,
         })
     }
 
@@ -477,7 +480,10 @@ impl Manager {
             }
         }
         self.rescan_due(now);
-        if now.duration_since(self.last_coverage_round) >= self.cfg.coverage_interval {
+        let handed_over = self.stats.handoffs != self.handoffs_at_last_coverage;
+        if handed_over || now.duration_since(self.last_coverage_round) >= self.cfg.coverage_interval
+        {
+            self.handoffs_at_last_coverage = self.stats.handoffs;
             self.last_coverage_round = now;
             self.sample_coverage();
         }

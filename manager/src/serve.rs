@@ -14,6 +14,9 @@ use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_LIMIT};
 use crate::slab::{Id, Token};
 use crate::trace::Record;
 
+/// Up to this many address spaces, every one is rescanned each rescan interval.
+const RESCAN_ALL_UP_TO: usize = 256;
+
 /// The block whose density sizes the window of a non-sequential fault.
 const DENSITY_BLOCK: u64 = 2 << 20;
 
@@ -440,14 +443,15 @@ impl Manager {
         added
     }
 
-    /// Rescan spaces that changed since their last rescan (at most every rescan interval),
-    /// and quiet ones now and then: new mappings raise no event.
+    /// Rescan spaces every rescan interval: new mappings raise no event. With many spaces,
+    /// only those that changed since their last rescan, and quiet ones ten times less often.
     pub(crate) fn rescan_due(&mut self, now: Instant) {
         let every = self.cfg.rescan_interval;
+        let few = self.spaces.len() <= RESCAN_ALL_UP_TO;
         for id in self.spaces.ids() {
             let due = self.spaces.get(id).is_some_and(|s| {
                 let age = now.duration_since(s.last_rescan);
-                s.pid.is_some() && ((s.dirty && age >= every) || age >= every * 10)
+                s.pid.is_some() && (((few || s.dirty) && age >= every) || age >= every * 10)
             });
             if due {
                 self.rescan(id);
