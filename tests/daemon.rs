@@ -1,0 +1,373 @@
+//! `umm daemon`: targets opt in with LD_PRELOAD + UMM_SOCKET; bad peers are dropped, and
+//! everyone else keeps being served.
+//!
+//! Targets run with `UMM_REQUIRE=1` (the agent exits 1 if it is not managed), so a target's exit
+//! 0 plus `registered=N/N` in its OK line proves the daemon took it over. After every bad peer
+//! the daemon's fd count must come back to its baseline (polled a bounded number of times:
+//! closing is asynchronous, speed is not what is tested), and a fresh target must be served.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+/// How long a bad peer may stay connected before we call it "not dropped" (bounded wait).
+const DROP_WAIT: Duration = Duration::from_secs(20);
+
+const VERSION: u16 = 1;
+const KIND_HELLO: u16 = 0x0001;
+const KIND_NACK: u16 = 0x0102;
+const HELLO_HAS_UFFD: u32 = 1;
+const HELLO_WANT_GRANT: u32 = 2;
+
+/// frame := len:u32le body;  body := version:u16le kind:u16le payload
+fn frame(version: u16, kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + payload.len());
+    v.extend_from_slice(&(4 + payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(&version.to_le_bytes());
+    v.extend_from_slice(&kind.to_le_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Hello payload: pid:u32 flags:u32 exe_len:u16 exe
+fn hello(pid: u32, flags: u32, exe: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&pid.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&(exe.len() as u16).to_le_bytes());
+    v.extend_from_slice(exe.as_bytes());
+    v
+}
+
+struct Daemon {
+    proc: Proc,
+    sock: PathBuf,
+    report: PathBuf,
+    baseline: usize,
+    baseline_fds: Vec<String>,
+}
+
+impl Daemon {
+    fn start(dir: &TestDir) -> Daemon {
+        let sock = dir.join("umm.sock");
+        let report = dir.join("d.json");
+        let mut cmd = Command::new(umm_bin());
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--report")
+            .arg(&report);
+        cmd.current_dir(dir.path());
+        let mut proc = Proc::spawn(dir, "daemon", cmd);
+        let up = poll_until(600, Duration::from_millis(50), || {
+            sock.exists() || proc.try_wait().is_some()
+        });
+        if let Some(st) = proc.try_wait() {
+            panic!(
+                "umm daemon exited at start ({})\n{}",
+                describe(&st),
+                proc.context()
+            );
+        }
+        assert!(
+            up,
+            "umm daemon did not create {} within 30 s\n{}",
+            sock.display(),
+            proc.context()
+        );
+        // baseline once the fd count is steady (initialisation may finish after the bind)
+        let pid = proc.pid;
+        let mut last = fd_count(pid);
+        let mut same = 0;
+        poll_until(200, Duration::from_millis(50), || {
+            let n = fd_count(pid);
+            same = if n == last { same + 1 } else { 0 };
+            last = n;
+            same >= 5
+        });
+        Daemon {
+            baseline: last,
+            baseline_fds: fd_list(pid),
+            proc,
+            sock,
+            report,
+        }
+    }
+
+    fn assert_alive(&mut self, after: &str) {
+        if let Some(st) = self.proc.try_wait() {
+            panic!(
+                "umm daemon died after {after} ({})\n{}",
+                describe(&st),
+                self.proc.context()
+            );
+        }
+    }
+
+    /// The daemon's fd count comes back to the baseline (bounded polling).
+    fn assert_fds_back(&mut self, after: &str) {
+        self.assert_alive(after);
+        let pid = self.proc.pid;
+        let want = self.baseline;
+        if !poll_until(300, Duration::from_millis(50), || fd_count(pid) == want) {
+            panic!(
+                "after {after}: the daemon holds {} fds, baseline {want} (leaked or never closed)\n\
+                 now: {:#?}\nbaseline: {:#?}\n{}",
+                fd_count(pid),
+                fd_list(pid),
+                self.baseline_fds,
+                self.proc.context()
+            );
+        }
+    }
+
+    /// A target command that opts in to this daemon and must be managed.
+    fn served(&self, name: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(target(name));
+        c.args(args)
+            .env("LD_PRELOAD", agent_lib())
+            .env("UMM_SOCKET", &self.sock)
+            .env("UMM_REQUIRE", "1");
+        c
+    }
+
+    fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.sock)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()));
+        s.set_read_timeout(Some(DROP_WAIT))
+            .expect("set_read_timeout");
+        s
+    }
+
+    /// SIGTERM; the daemon exits 0 and writes its report.
+    fn stop(mut self) -> Report {
+        self.assert_alive("the test");
+        self.proc.signal(Signal::SIGTERM);
+        let st = self.proc.wait_bounded(Duration::from_secs(60));
+        assert!(
+            st.success(),
+            "umm daemon on SIGTERM: {}\n{}",
+            describe(&st),
+            self.proc.context()
+        );
+        assert_group_gone(self.proc.pid, "umm daemon");
+        let report =
+            Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
+        report.check_shape();
+        report
+    }
+}
+
+/// Run a served target to completion; it must exit 0 and print its OK line with every checked
+/// region registered. Returns its OK line.
+fn run_served(dir: &TestDir, d: &Daemon, label: &str, name: &str, args: &[&str]) -> OkLine {
+    let mut p = Proc::spawn(dir, label, d.served(name, args));
+    finish_served(&mut p, name)
+}
+
+fn finish_served(p: &mut Proc, name: &str) -> OkLine {
+    let st = p.wait_bounded(LIMIT);
+    assert!(
+        st.success(),
+        "served target {} ({name}): {} (UMM_REQUIRE=1: exit 1 = not managed)\n{}",
+        p.label,
+        describe(&st),
+        p.context()
+    );
+    assert_group_gone(p.pid, &p.label);
+    let ok = OkLine::find(&p.stdout(), name)
+        .unwrap_or_else(|| panic!("no OK line from {}\n{}", p.label, p.context()));
+    let (k, n) = ok.registered();
+    assert!(
+        n > 0 && k == n,
+        "{}: {k}/{n} regions registered\n{}",
+        p.label,
+        p.context()
+    );
+    ok
+}
+
+/// Read what the daemon answers a bad peer until it drops the connection. Any answer must be a
+/// Nack frame; the connection must be closed within DROP_WAIT.
+fn expect_dropped(mut s: UnixStream, what: &str) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("{what}: the daemon kept the bad peer connected for {DROP_WAIT:?} (got {got:02x?})")
+            }
+            Err(e) => panic!("{what}: read: {e}"),
+        }
+    }
+    if got.len() >= 8 {
+        let kind = u16::from_le_bytes([got[6], got[7]]);
+        assert_eq!(
+            kind, KIND_NACK,
+            "{what}: the daemon answered with kind {kind:#06x}, not a Nack: {got:02x?}"
+        );
+    }
+}
+
+#[test]
+fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
+    require_root_and_uffd();
+    let dir = TestDir::new("daemon");
+    let mut d = Daemon::start(&dir);
+    let mut min_served = 0;
+    let mut targets = 0u64; // programs that handed a uffd over
+    let mut processes = 0u64;
+
+    // two unrelated targets at once
+    let mut a = Proc::spawn(&dir, "threads", d.served("threads", &["16", "64"]));
+    let mut b = Proc::spawn(&dir, "forkstorm", d.served("forkstorm", &["32", "8"]));
+    let ok_a = finish_served(&mut a, "threads");
+    let ok_b = finish_served(&mut b, "forkstorm");
+    min_served += ok_a.u64("min_served") + ok_b.u64("min_served");
+    let forks = ok_b.u64("children") + ok_b.u64("grandchildren");
+    targets += 2;
+    processes += 2 + forks;
+    d.assert_fds_back("two targets at once");
+
+    let fresh = |d: &mut Daemon, after: &str| {
+        d.assert_fds_back(after);
+        let ok = run_served(
+            &dir,
+            d,
+            &format!("fresh-after-{}", after.replace(' ', "-")),
+            "registered",
+            &[],
+        );
+        d.assert_fds_back(&format!("the fresh target after {after}"));
+        ok.u64("min_served")
+    };
+
+    // 1. garbage bytes (the first four read as an absurd frame length)
+    let mut s = d.connect();
+    s.write_all(b"\xde\xad\xbe\xefthis is not a umm frame at all \x00\x01\x02\xff")
+        .expect("write garbage");
+    expect_dropped(s, "garbage bytes");
+    min_served += fresh(&mut d, "garbage");
+
+    // 2. a well-formed Hello with a wrong protocol version
+    let mut s = d.connect();
+    let f = frame(
+        0x7777,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_WANT_GRANT, "/bin/bad-version"),
+    );
+    s.write_all(&f).expect("write frame");
+    expect_dropped(s, "wrong protocol version");
+    min_served += fresh(&mut d, "wrong version");
+
+    // 3. Hello claiming an attached uffd, with a pipe attached instead
+    let s = d.connect();
+    let (pr, _pw) = nix::unistd::pipe().expect("pipe");
+    let f = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_HAS_UFFD, "/bin/not-a-uffd"),
+    );
+    let fds = [pr.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(&f)];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let n =
+        sendmsg::<UnixAddr>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).expect("sendmsg");
+    assert_eq!(n, f.len());
+    drop(pr); // our copy; the daemon must close its own
+    expect_dropped(s, "a pipe passed off as a userfaultfd");
+    min_served += fresh(&mut d, "non-uffd fd");
+
+    // 4. a peer that disconnects in the middle of a frame
+    let mut s = d.connect();
+    let f = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_WANT_GRANT, "/bin/half-a-frame"),
+    );
+    s.write_all(&f[..f.len() / 2]).expect("write half a frame");
+    drop(s);
+    min_served += fresh(&mut d, "mid-frame disconnect");
+    let bad_peers = 4;
+
+    // 5. a target SIGKILLed while its threads are faulting
+    let mut k = Proc::spawn(
+        &dir,
+        "samepage-killed",
+        d.served("samepage", &["32", "0", "64"]),
+    );
+    let running = poll_until(1200, Duration::from_millis(50), || {
+        k.stdout().contains("RUNNING samepage") || k.try_wait().is_some()
+    });
+    assert!(
+        running && k.try_wait().is_none(),
+        "samepage never reported RUNNING under the daemon\n{}",
+        k.context()
+    );
+    std::thread::sleep(Duration::from_millis(300)); // let it fault a few more rounds
+    k.kill();
+    assert_group_gone(k.pid, "SIGKILLed samepage");
+    targets += 1;
+    processes += 1;
+    min_served += fresh(&mut d, "a target SIGKILLed while faulting");
+    targets += 5;
+    processes += 5;
+
+    let report = d.stop();
+    let ctx = report.pretty();
+    let bad = report.u64("refused") + report.u64("protocol_errors");
+    assert!(
+        bad >= bad_peers,
+        "refused + protocol_errors = {bad}, want >= {bad_peers} (garbage, wrong version, non-uffd fd, \
+         mid-frame disconnect)\n{ctx}"
+    );
+    assert!(
+        report.u64("handoffs") >= targets,
+        "handoffs < {targets}\n{ctx}"
+    );
+    assert!(
+        report.u64("processes") >= processes,
+        "processes < {processes}\n{ctx}"
+    );
+    assert!(
+        report.u64("events.fork") >= forks,
+        "events.fork < {forks}\n{ctx}"
+    );
+    assert!(
+        report.u64("pages_served") >= min_served,
+        "pages_served < {min_served} (the served targets' min_served)\n{ctx}"
+    );
+    assert!(report.u64("faults") >= 1, "{ctx}");
+    assert_eq!(
+        report.u64("spaces_live"),
+        0,
+        "every target had exited before SIGTERM\n{ctx}"
+    );
+}
+
+#[test]
+fn daemon_exits_zero_on_sigterm_when_idle() {
+    require_root_and_uffd();
+    let dir = TestDir::new("daemon-idle");
+    let d = Daemon::start(&dir);
+    let report = d.stop();
+    let ctx = report.pretty();
+    assert_eq!(report.u64("handoffs"), 0, "{ctx}");
+    assert_eq!(report.u64("spaces_live"), 0, "{ctx}");
+    assert_eq!(report.u64("pages_served"), 0, "{ctx}");
+}

@@ -1,0 +1,184 @@
+//! `umm run` over the C target programs of `tests/targets/`.
+//!
+//! Each test runs the target natively first (reference checksum; and the kernel's own view,
+//! `registered=0/N`, shows the registration check can tell), then under `umm run`, and asserts:
+//! - the program's verdict: exit 0, its `OK` line, the same checksum as natively;
+//! - `registered=N/N`: every region it checked carried VmFlags `um` (registered with a uffd for
+//!   missing faults) — no other process can do that to its memory;
+//! - the manager's counters: `pages_served >= min_served`, where `min_served` (printed by the
+//!   target) counts pages that were missing in their own address space when first touched. A
+//!   registered missing page can only be filled by the uffd's reader (UFFDIO_COPY/ZEROPAGE), so
+//!   without umm serving them that number is unreachable; event counters at least the number of
+//!   calls the target made that raise each event on a registered range.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// Native reference run, then the same command under umm. Returns (native OK line, run, OK line).
+fn native_and_managed(test: &str, name: &str, args: &[&str]) -> (TestDir, OkLine, UmmRun, OkLine) {
+    require_root_and_uffd();
+    let dir = TestDir::new(test);
+    let exe = target(name);
+    let mut cmd = vec![exe.to_string_lossy().into_owned()];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    let native = run_native(&dir, &format!("{name}-native"), &cmd, &[], LIMIT).ok_line(name);
+    let run = umm_run(&dir, name, &cmd, &[], LIMIT);
+    run.assert_success();
+    let ok = run.ok_line(name);
+    assert_eq!(
+        ok.checksum(),
+        native.checksum(),
+        "{name}: checksum under umm differs from the native run\n{}",
+        run.context()
+    );
+    assert_eq!(
+        native.registered().0,
+        0,
+        "{name}: natively nothing can be registered"
+    );
+    run.assert_all_registered(&ok);
+    run.assert_ge("handoffs", 1, "the target's agent handed its uffd over");
+    run.assert_ge(
+        "pages_served",
+        ok.u64("min_served"),
+        "pages first touched while missing in registered regions (min_served) can only have been \
+         filled by the manager",
+    );
+    (dir, native, run, ok)
+}
+
+#[test]
+fn interposed_mmap_regions_are_registered_before_first_touch_and_served() {
+    let (_dir, native, run, ok) = native_and_managed("registered", "registered", &[]);
+    // negative control: natively every region reads as unregistered
+    assert!(
+        native.str("regions").split(',').all(|r| r.ends_with(":0")),
+        "native run: {:?}",
+        native.fields
+    );
+    // under umm every way of mapping memory is registered BEFORE its first touch
+    for r in ok.str("regions").split(',') {
+        assert!(
+            r.ends_with(":1"),
+            "region {r} was not registered before its first touch\n{}",
+            run.context()
+        );
+    }
+    // the regions (~56 MiB) dwarf anything else a small C program maps, so only serving
+    // them reaches min_served
+    assert!(ok.u64("min_served") * PAGE >= 50 * MIB);
+    run.assert_ge("faults", 1, "the target touched registered missing pages");
+    run.assert_ge(
+        "peak_registered_bytes",
+        32 * MIB,
+        "two 16 MiB regions mapped through the interposed mmap are alive together",
+    );
+}
+
+#[test]
+fn threads_fault_disjoint_and_shared_pages_of_one_mmap() {
+    let (_dir, _native, run, ok) = native_and_managed("threads", "threads", &["16", "96"]);
+    assert_eq!(ok.u64("threads"), 16);
+    let region = ok.u64("region_pages") * PAGE;
+    assert!(ok.u64("min_served") * PAGE >= 96 * MIB);
+    run.assert_ge(
+        "faults",
+        1,
+        "16 threads first-touched a 96 MiB registered region",
+    );
+    run.assert_ge(
+        "peak_registered_bytes",
+        region,
+        "the 96 MiB region was registered (the agent interposes mmap)",
+    );
+}
+
+#[test]
+fn fork_storm_children_get_inherited_and_missing_pages() {
+    let (_dir, _native, run, ok) = native_and_managed("forkstorm", "forkstorm", &["128", "32"]);
+    let children = ok.u64("children");
+    let grand = ok.u64("grandchildren");
+    assert_eq!(children, 128);
+    assert!(grand >= 16);
+    run.assert_ge(
+        "events.fork",
+        children + grand,
+        "every fork of a process with registered memory raises UFFD_EVENT_FORK",
+    );
+    run.assert_ge(
+        "processes",
+        1 + children + grand,
+        "the parent, every child and grandchild is an address space umm managed",
+    );
+    // min_served = children * U + grandchildren * D + the parent's own reads at the end: pages
+    // missing in each child's own address space, which only a manager holding that child's
+    // FORK uffd can fill (so > 32k pages, far beyond what the parent alone could account for)
+    assert!(ok.u64("min_served") >= children * 256);
+}
+
+#[test]
+fn layout_storm_remove_reads_zero_never_stale() {
+    let (_dir, _native, run, ok) = native_and_managed("layoutstorm", "layoutstorm", &["8"]);
+    let rounds = ok.u64("rounds");
+    assert_eq!(rounds, 8);
+    let remaps = ok.u64("remaps");
+    assert!(remaps >= 2 * rounds);
+    run.assert_ge(
+        "events.remap",
+        remaps,
+        "each mremap move of a registered range raises UFFD_EVENT_REMAP",
+    );
+    run.assert_ge(
+        "events.remove",
+        ok.u64("removes").max(rounds),
+        "each MADV_DONTNEED/MADV_FREE on a registered range raises UFFD_EVENT_REMOVE",
+    );
+    run.assert_ge(
+        "events.unmap",
+        ok.u64("unmaps").max(1),
+        "each munmap of a registered range raises UFFD_EVENT_UNMAP",
+    );
+    run.assert_ge(
+        "faults",
+        rounds,
+        "every round faults fresh and zapped pages",
+    );
+}
+
+#[test]
+fn threads_faulting_same_pages_all_wake() {
+    let (_dir, _native, run, ok) = native_and_managed("samepage", "samepage", &["32", "100", "64"]);
+    let rounds = ok.u64("rounds");
+    assert_eq!(rounds, 100);
+    assert_eq!(ok.u64("min_served"), rounds * ok.u64("pages"));
+    assert!(ok.u64("signals_handled") >= 1, "{:?}", ok.fields);
+    // the program finished: no thread was left waiting on a fault (32 threads fault each page
+    // at once: the copies after the first get EEXIST and need a UFFDIO_WAKE)
+    run.assert_ge(
+        "events.remove",
+        ok.u64("removes"),
+        "each round ends with MADV_DONTNEED of the region; churn stacks are zapped too",
+    );
+    run.assert_ge(
+        "faults",
+        rounds,
+        "every round starts with every page zapped, so at least one fault per round reaches umm",
+    );
+}
+
+#[test]
+fn read_syscall_into_untouched_memory_faults_through_umm() {
+    let (_dir, _native, run, ok) = native_and_managed("readinto", "readinto", &[]);
+    // registered at the end of the program = registered while the kernel copied into the
+    // ranges: those copy_to_user faults could only be resolved by the manager
+    let (k, _) = ok.registered();
+    assert!(k >= 7, "parent and child checks: {:?}", ok.fields);
+    run.assert_ge("events.fork", 1, "the target forks once");
+    run.assert_ge("processes", 2, "parent and child are both managed");
+    run.assert_ge("faults", 1, "kernel-mode faults reached the manager");
+}
