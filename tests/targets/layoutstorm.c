@@ -284,7 +284,7 @@ int main(int argc, char **argv)
         stage_g(s + 60);
     }
     printf("OK layoutstorm checksum=%016llx rounds=%ld min_served=%ld remaps=%ld removes=%ld unmaps=%ld "
-           "registered=%d/%d\n",
-           (unsigned long long)h, rounds, min_served, remaps, removes, unmaps, um_registered, um_checked);
+           "registered=%d/%d%s\n",
+           (unsigned long long)h, rounds, min_served, remaps, removes, unmaps, um_registered, um_checked, um_missing_field());
     return 0;
 }

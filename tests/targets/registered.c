@@ -72,7 +72,7 @@ int main(void)
     region("bss", bss + WORDS_PER_PAGE, BSS_PAGES - 1, 6);
     bytes += (BSS_PAGES - 1) * PAGE;
 
-    printf("OK registered checksum=%016llx min_served=%ld bytes=%zu registered=%d/%d regions=%s\n",
-           (unsigned long long)h, min_served, bytes, um_registered, um_checked, names);
+    printf("OK registered checksum=%016llx min_served=%ld bytes=%zu registered=%d/%d%s regions=%s\n",
+           (unsigned long long)h, min_served, bytes, um_registered, um_checked, um_missing_field(), names);
     return 0;
 }

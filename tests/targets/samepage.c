@@ -220,8 +220,8 @@ int main(int argc, char **argv)
     um_check(sigpage);
     um_check(stacks);
     printf("OK samepage checksum=%016llx threads=%zu rounds=%ld pages=%zu min_served=%ld removes=%ld "
-           "churned=%ld signals_sent=%ld signals_handled=%ld registered=%d/%d\n",
+           "churned=%ld signals_sent=%ld signals_handled=%ld registered=%d/%d%s\n",
            (unsigned long long)h, nthreads, rounds, npages, rounds * (long)npages, removes + churn_removes,
-           churned, sig_sent, sig_handled, um_registered, um_checked);
+           churned, sig_sent, sig_handled, um_registered, um_checked, um_missing_field());
     return 0;
 }

@@ -103,7 +103,7 @@ int main(int argc, char **argv)
      * file-backed page with .data) */
     size_t min_served = SHARED + nthreads * slice_pages + nthreads * bss_slice - 1;
     printf("OK threads checksum=%016llx threads=%zu region_pages=%zu untouched_tail=%zu min_served=%zu "
-           "registered=%d/%d\n",
-           (unsigned long long)h, nthreads, pages, tail, min_served, um_registered, um_checked);
+           "registered=%d/%d%s\n",
+           (unsigned long long)h, nthreads, pages, tail, min_served, um_registered, um_checked, um_missing_field());
     return 0;
 }

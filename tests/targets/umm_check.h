@@ -179,15 +179,34 @@ static int vma_has_flag(const void *addr, const char *flag)
 }
 
 static int um_checked, um_registered;
+static char um_missing[512]; /* labels of the checks that found no registration */
 
-/* Record whether the region at addr is registered for missing faults. */
-static void um_check(const void *addr)
+/* Record whether the region at addr is registered for missing faults (use um_check()). */
+static void um_check_at(const void *addr, const char *label)
 {
     int r = vma_has_flag(addr, "um");
     if (r < 0)
-        fail("um_check: no VMA contains %p", addr);
+        fail("um_check: no VMA contains %p (%s)", addr, label);
     um_checked++;
     um_registered += r;
+    if (!r) {
+        size_t n = strlen(um_missing);
+        snprintf(um_missing + n, sizeof um_missing - n, "%s%s", n ? "," : "", label);
+    }
+}
+#define um_check(addr) um_check_at((addr), #addr)
+
+/* "" when every check found a registration, else " unregistered=<labels>" (no spaces inside). */
+__attribute__((unused)) static const char *um_missing_field(void)
+{
+    static char buf[sizeof um_missing + 16];
+    if (!um_missing[0])
+        return "";
+    snprintf(buf, sizeof buf, " unregistered=%s", um_missing);
+    for (char *c = buf + 1; *c; c++)
+        if (*c == ' ')
+            *c = '_';
+    return buf;
 }
 
 #endif
