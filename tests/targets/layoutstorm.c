@@ -71,7 +71,7 @@ static void stage_a(uint64_t s)
     fill_pages(c + N / 2 * PAGE, N / 2, s + 1, 0);
     h = ck_add(h, check_pages(c + N / 2 * PAGE, N / 2, s + 1, 0, "A: written after move"));
     if (round_no % 4 == 0)
-        um_check(c);
+        um_check_at(c, "A:moved");
     unmap(c, N * PAGE);
     unmaps++;
 }
@@ -110,7 +110,7 @@ static void stage_c(uint64_t s)
     h = ck_add(h, check_pages(r + N * PAGE, N, s + 2, 0, "C: tail written"));
     h = ck_add(h, check_pages(a + N * PAGE, 1, s, N, "C: page left behind"));
     if (round_no % 4 == 1)
-        um_check(r + N * PAGE);
+        um_check_at(r + N * PAGE, "C:grown-tail");
     unmap(r, 2 * N * PAGE);
     unmap(a + N * PAGE, PAGE);
     unmaps += 2;
@@ -169,7 +169,7 @@ static void stage_e(uint64_t s)
         }
     }
     if (round_no % 4 == 2)
-        um_check(a);
+        um_check_at(a, "E:dontneed");
     xmadvise(a, N * PAGE, MADV_DONTNEED, "E dontneed all");
     check_zero(a, N, "E: whole range after MADV_DONTNEED");
     min_served += N;
@@ -234,7 +234,7 @@ static void stage_f(uint64_t s)
     min_served += F_CHUNKS / 2 * F_ITERS * N;
     pthread_barrier_destroy(&bar);
     if (round_no % 4 == 3)
-        um_check(a);
+        um_check_at(a, "F:munmap-while-faulting");
     for (size_t c = 0; c < F_CHUNKS; c += 2) {
         unmap(a + c * N * PAGE, N * PAGE);
         unmaps++;

@@ -27,7 +27,7 @@ static long min_served;
 static void region(const char *name, void *p, size_t pages, uint64_t seed)
 {
     int before = um_registered;
-    um_check(p);
+    um_check_at(p, name);
     size_t n = strlen(names);
     snprintf(names + n, sizeof names - n, "%s%s:%d", n ? "," : "", name, um_registered - before);
     check_zero(p, 1, name);

@@ -98,7 +98,7 @@ int main(int argc, char **argv)
     }
     size_t tail = pages - SHARED - nthreads * slice_pages;
     um_check(region);
-    um_check(bss + BSS_PAGES / 2 * WORDS_PER_PAGE);
+    um_check_at(bss + BSS_PAGES / 2 * WORDS_PER_PAGE, "bss");
     /* every touched page of the region, plus the .bss pages except its first (which may share a
      * file-backed page with .data) */
     size_t min_served = SHARED + nthreads * slice_pages + nthreads * bss_slice - 1;
