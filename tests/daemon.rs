@@ -161,7 +161,7 @@ impl Daemon {
             describe(&st),
             self.proc.context()
         );
-        assert_group_gone(self.proc.pid, "umm daemon");
+        self.proc.assert_group_gone();
         let report =
             Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
         report.check_shape();
@@ -185,7 +185,7 @@ fn finish_served(p: &mut Proc, name: &str) -> OkLine {
         describe(&st),
         p.context()
     );
-    assert_group_gone(p.pid, &p.label);
+    p.assert_group_gone();
     let ok = OkLine::find(&p.stdout(), name)
         .unwrap_or_else(|| panic!("no OK line from {}\n{}", p.label, p.context()));
     let (k, n) = ok.registered();
@@ -321,7 +321,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     );
     std::thread::sleep(Duration::from_millis(300)); // let it fault a few more rounds
     k.kill();
-    assert_group_gone(k.pid, "SIGKILLed samepage");
+    k.assert_group_gone();
     targets += 1;
     processes += 1;
     min_served += fresh(&mut d, "a target SIGKILLed while faulting");

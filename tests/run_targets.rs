@@ -182,3 +182,24 @@ fn read_syscall_into_untouched_memory_faults_through_umm() {
     run.assert_ge("processes", 2, "parent and child are both managed");
     run.assert_ge("faults", 1, "kernel-mode faults reached the manager");
 }
+
+#[test]
+fn umm_run_exits_with_the_commands_status() {
+    require_root_and_uffd();
+    let dir = TestDir::new("exitstatus");
+    for (label, line, want) in [("exit7", "exit 7", 7), ("kill9", "kill -9 $$", 128 + 9)] {
+        let run = umm_run(&dir, label, &["sh", "-c", line], &[], LIMIT);
+        assert_eq!(
+            run.status.code(),
+            Some(want),
+            "`sh -c '{line}'`\n{}",
+            run.context()
+        );
+        run.assert_eq(
+            "exit_status",
+            want as u64,
+            "the report records CMD's exit status",
+        );
+        run.assert_ge("handoffs", 1, "sh was managed");
+    }
+}

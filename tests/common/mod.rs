@@ -332,6 +332,9 @@ pub struct Proc {
     pub pid: i32,
     child: Option<Child>,
     status: Option<ExitStatus>,
+    /// The group was found empty after the exit: nothing left to kill on drop (and its id may
+    /// be reused by then).
+    group_gone: bool,
     stdout_path: PathBuf,
     stderr_path: PathBuf,
 }
@@ -354,6 +357,7 @@ impl Proc {
             pid: child.id() as i32,
             child: Some(child),
             status: None,
+            group_gone: false,
             stdout_path,
             stderr_path,
         }
@@ -389,6 +393,14 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// After the exit: nothing of the process group may be left, in D state or at all
+    /// ([`assert_group_gone`]).
+    pub fn assert_group_gone(&mut self) {
+        assert!(self.status.is_some(), "{}: still running", self.label);
+        assert_group_gone(self.pid, &self.label);
+        self.group_gone = true;
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -431,7 +443,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         // the group id is our child's pid: kill what is left of the tree we started
-        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        if !self.group_gone {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
         if self.status.is_none() {
             if let Some(child) = self.child.as_mut() {
                 let _ = child.kill();
@@ -715,7 +729,7 @@ pub fn umm_run<S: AsRef<OsStr>>(
     c.envs(env.iter().copied());
     let mut p = Proc::spawn(dir, label, c);
     let status = p.wait_bounded(limit);
-    assert_group_gone(p.pid, &format!("umm run `{label}`"));
+    p.assert_group_gone();
     let report = Report::load(&report_path).unwrap_or_else(|e| {
         panic!(
             "umm run `{label}` ({}): {e}\n{}",
@@ -774,7 +788,7 @@ pub fn run_native<S: AsRef<OsStr>>(
         .current_dir(dir.path());
     let mut p = Proc::spawn(dir, label, c);
     let status = p.wait_bounded(limit);
-    assert_group_gone(p.pid, &format!("native `{label}`"));
+    p.assert_group_gone();
     NativeRun {
         label: label.to_string(),
         status,
