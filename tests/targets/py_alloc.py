@@ -15,6 +15,7 @@ userfaultfd (`um` in VmFlags; natively 0 of them are): "registered=K/N".
 Prints "OK py_alloc checksum=<hex> ..." or "FAIL py_alloc: ..." and exits 1.
 
 usage: py_alloc.py [MiB=256]
+tests/run_python.rs pins the checksums of 256 and 64 MiB: update them if the data changes.
 """
 
 import gc
