@@ -42,11 +42,15 @@ pub(crate) fn publish(sock: OwnedFd, pid: i32) {
     HANDOFF_PID.store(pid, Ordering::Release);
 }
 
-/// Stop sending Register requests and close the socket. The caller holds the lock, so no
-/// other thread is using the socket.
-fn stop() {
+/// Stop sending Register requests and close the socket, unless the number no longer names it
+/// (the program closed it and may have opened its own file there: never close that). The
+/// caller holds the lock, so no other thread is using the socket.
+fn stop(socket_still_ours: bool) {
     STOPPED.store(true, Ordering::SeqCst);
-    sys::close(SOCK.swap(-1, Ordering::SeqCst));
+    let fd = SOCK.swap(-1, Ordering::SeqCst);
+    if socket_still_ours {
+        sys::close(fd);
+    }
 }
 
 /// An interposed call panicked (a bug): say so once and stop sending Register requests. The
@@ -109,6 +113,7 @@ fn register(pid: i32, start: u64, len: u64) {
     }
     let bufs = guard.buffers();
     if let Err(fail) = round_trip(bufs, start, len, &Deadline::after_ms(timeout)) {
+        let socket_still_ours = !matches!(fail, Fail::SocketGone);
         if !QUIET.load(Ordering::Relaxed) {
             sys::warn(
                 pid,
@@ -119,7 +124,7 @@ fn register(pid: i32, start: u64, len: u64) {
                 ),
             );
         }
-        stop();
+        stop(socket_still_ours);
     }
 }
 

@@ -29,14 +29,16 @@ pub fn main(args: DaemonArgs) -> i32 {
     }
 }
 
-/// Bind the socket: create its directory (0700) if missing, refuse a live socket, replace a
+/// Bind the socket: create its directory (0700, or 0711 when other uids may connect) if missing, refuse a live socket, replace a
 /// stale one.
 fn bind(path: &Path, open_to_all: bool) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            // Other uids need to traverse the directory to reach a socket open to them.
+            let mode = if open_to_all { 0o711 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
         }
     }

@@ -11,7 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use umm::layout::Layout;
-use umm::protocol::{self, Message, NackCode, HELLO_HAS_UFFD, HELLO_WANT_GRANT, MAX_FRAME};
+use umm::protocol::{
+    self, Message, NackCode, HELLO_FORKED, HELLO_HAS_UFFD, HELLO_WANT_GRANT, MAX_FRAME,
+};
 use umm::sys::{fd as sysfd, proc, socket};
 use umm::uffd::{Features, Uffd};
 
@@ -176,6 +178,9 @@ impl Manager {
                     self.attach(id, fd)
                 } else if flags & HELLO_WANT_GRANT != 0 {
                     self.grant(id)
+                } else if flags & HELLO_FORKED != 0 {
+                    self.expect_no_fd(id)?;
+                    self.attach_forked(id, cred.pid)
                 } else {
                     Err(Reject::Protocol(
                         "Hello with neither a uffd nor a grant request".into(),
@@ -192,7 +197,7 @@ impl Manager {
                 let end = start.saturating_add(len);
                 let range = umm::page_floor(start)..umm::page_ceil(end);
                 if !range.is_empty() {
-                    self.register_range(space, range, false);
+                    self.register_servable(space, range);
                 }
                 let registered = self
                     .spaces
@@ -366,6 +371,42 @@ impl Manager {
         // Faults may have queued while the agent waited for the ack.
         self.to_drain.push(sid);
         Ok(())
+    }
+
+    /// A forked child's agent opens a channel for its Register requests. Its uffd came with
+    /// the FORK event; the agent made its first fault (its "beacon" page) before connecting,
+    /// so the space knows the child's pid by now.
+    fn attach_forked(&mut self, id: Id, pid: u32) -> Result<(), Reject> {
+        let candidates: Vec<Id> = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| s.pid == Some(pid))
+            .map(|(i, _)| i)
+            .collect();
+        // More than one: an exec left a dead mm behind; the probe sorts them out.
+        let live: Vec<Id> = candidates.into_iter().filter(|&c| self.probe(c)).collect();
+        let Some(&space) = live.last() else {
+            return Err(Reject::Refused(
+                NackCode::Other,
+                format!(
+                    "no address space of pid {pid} is known (it is not a forked child of a \
+                     managed process, or its first fault did not name it)"
+                ),
+            ));
+        };
+        let registered = self
+            .spaces
+            .get(space)
+            .map_or(0, |s| s.layout.registered_bytes());
+        let peer = self.peers.get_mut(id).expect("caller checked");
+        peer.state = PeerState::Attached(space);
+        log::debug!("pid {pid}: forked child opened a Register channel");
+        self.reply(
+            id,
+            &Message::Ack {
+                registered_bytes: registered,
+            },
+        )
     }
 
     fn reply(&mut self, id: Id, msg: &Message) -> Result<(), Reject> {

@@ -422,6 +422,26 @@ impl Manager {
         added
     }
 
+    /// An agent's Register request: the servable mappings (private anonymous, writable or
+    /// PROT_NONE) overlapping `range`, as the process's maps say now. The agent cannot tell
+    /// what an mremap moved, and a peer is not trusted to say what memory is.
+    pub(crate) fn register_servable(&mut self, id: Id, range: std::ops::Range<u64>) -> u64 {
+        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
+            return 0;
+        };
+        let Ok(maps) = proc::read_maps(pid) else {
+            return 0;
+        };
+        let mut added = 0;
+        for m in maps.iter().filter(|m| m.is_servable()) {
+            let part = m.start.max(range.start)..m.end.min(range.end);
+            if !part.is_empty() {
+                added += self.register_range(id, part, false);
+            }
+        }
+        added
+    }
+
     /// Register every servable mapping of the space's process that the model lacks.
     pub(crate) fn rescan(&mut self, id: Id) -> u64 {
         let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {

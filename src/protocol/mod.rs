@@ -9,8 +9,10 @@
 //! Kinds (agent → manager):
 //! - 0x0001 Hello    pid:u32 flags:u32 exe_len:u16 exe[exe_len]   (exe: UTF-8, <= MAX_EXE)
 //!   flags: HELLO_HAS_UFFD (an uffd is attached), HELLO_WANT_GRANT (the agent could not open
-//!   one and asks for a `/dev/userfaultfd` fd), HELLO_REQUIRE (UMM_REQUIRE=1 is set).
-//!   Exactly one of HAS_UFFD / WANT_GRANT is set.
+//!   one and asks for a `/dev/userfaultfd` fd), HELLO_FORKED (no fd: a forked child of a
+//!   managed process, whose uffd the manager already holds from UFFD_EVENT_FORK, opens a
+//!   channel for its Register requests), HELLO_REQUIRE (UMM_REQUIRE=1 is set).
+//!   Exactly one of HAS_UFFD / WANT_GRANT / FORKED is set.
 //! - 0x0002 Handoff  (empty)        one uffd attached, made from a granted device fd
 //! - 0x0003 Register start:u64 len:u64   the agent mapped private anonymous memory
 //!
@@ -43,8 +45,12 @@ mod imp {
     pub const HELLO_HAS_UFFD: u32 = 1 << 0;
     pub const HELLO_WANT_GRANT: u32 = 1 << 1;
     pub const HELLO_REQUIRE: u32 = 1 << 2;
+    pub const HELLO_FORKED: u32 = 1 << 3;
     /// Every Hello flag this version knows.
-    pub const HELLO_KNOWN_FLAGS: u32 = HELLO_HAS_UFFD | HELLO_WANT_GRANT | HELLO_REQUIRE;
+    pub const HELLO_KNOWN_FLAGS: u32 =
+        HELLO_HAS_UFFD | HELLO_WANT_GRANT | HELLO_REQUIRE | HELLO_FORKED;
+    /// The Hello flags saying how the manager gets the uffd; exactly one is set.
+    pub const HELLO_MODE_FLAGS: u32 = HELLO_HAS_UFFD | HELLO_WANT_GRANT | HELLO_FORKED;
 
     /// Message kinds on the wire.
     pub const KIND_HELLO: u16 = 0x0001;
@@ -357,9 +363,9 @@ mod imp {
                 }
                 ProtocolError::BadFlags(flags) => write!(
                     f,
-                    "bad Hello flags {flags:#x}: exactly one of HAS_UFFD ({HELLO_HAS_UFFD:#x}) and \
-                     WANT_GRANT ({HELLO_WANT_GRANT:#x}) must be set, and no bit outside \
-                     {HELLO_KNOWN_FLAGS:#x}"
+                    "bad Hello flags {flags:#x}: exactly one of HAS_UFFD ({HELLO_HAS_UFFD:#x}), \
+                     WANT_GRANT ({HELLO_WANT_GRANT:#x}) and FORKED ({HELLO_FORKED:#x}) must be \
+                     set, and no bit outside {HELLO_KNOWN_FLAGS:#x}"
                 ),
                 ProtocolError::BadNackCode(code) => write!(
                     f,
@@ -372,10 +378,10 @@ mod imp {
 
     impl std::error::Error for ProtocolError {}
 
-    /// Whether Hello flags are legal: known bits only, exactly one of HAS_UFFD / WANT_GRANT.
+    /// Whether Hello flags are legal: known bits only, exactly one of HAS_UFFD / WANT_GRANT /
+    /// FORKED.
     pub fn hello_flags_valid(flags: u32) -> bool {
-        flags & !HELLO_KNOWN_FLAGS == 0
-            && ((flags & HELLO_HAS_UFFD != 0) != (flags & HELLO_WANT_GRANT != 0))
+        flags & !HELLO_KNOWN_FLAGS == 0 && (flags & HELLO_MODE_FLAGS).count_ones() == 1
     }
 
     /// Reads a payload front to back, reporting missing bytes against the whole payload.

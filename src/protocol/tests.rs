@@ -298,7 +298,9 @@ fn bad_flags_are_errors() {
         HELLO_REQUIRE,
         HELLO_HAS_UFFD | HELLO_WANT_GRANT,
         HELLO_HAS_UFFD | HELLO_WANT_GRANT | HELLO_REQUIRE,
-        HELLO_HAS_UFFD | 1 << 3,
+        HELLO_HAS_UFFD | HELLO_FORKED,
+        HELLO_WANT_GRANT | HELLO_FORKED,
+        HELLO_HAS_UFFD | 1 << 4,
         HELLO_WANT_GRANT | 1 << 31,
     ] {
         let p = hello_payload(1, flags, b"/bin/true");
@@ -313,6 +315,8 @@ fn bad_flags_are_errors() {
         HELLO_WANT_GRANT,
         HELLO_HAS_UFFD | HELLO_REQUIRE,
         HELLO_WANT_GRANT | HELLO_REQUIRE,
+        HELLO_FORKED,
+        HELLO_FORKED | HELLO_REQUIRE,
     ] {
         let p = hello_payload(1, flags, b"/bin/true");
         assert!(
@@ -482,13 +486,15 @@ fn errors_display_as_one_clear_line() {
 }
 
 fn arb_flags() -> impl Strategy<Value = u32> {
-    (any::<bool>(), any::<bool>()).prop_map(|(has, require)| {
-        (if has {
-            HELLO_HAS_UFFD
-        } else {
-            HELLO_WANT_GRANT
-        }) | if require { HELLO_REQUIRE } else { 0 }
-    })
+    (
+        prop_oneof![
+            Just(HELLO_HAS_UFFD),
+            Just(HELLO_WANT_GRANT),
+            Just(HELLO_FORKED)
+        ],
+        any::<bool>(),
+    )
+        .prop_map(|(mode, require)| mode | if require { HELLO_REQUIRE } else { 0 })
 }
 
 /// Text whose UTF-8 form fits in `max` bytes (any char is at most 4 bytes).
