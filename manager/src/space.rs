@@ -31,6 +31,8 @@ struct Stream {
 }
 
 const STREAMS: usize = 4;
+/// How much a stream's window grows per sequential fault.
+const GROWTH: u64 = 4;
 
 #[derive(Debug)]
 pub struct FaultAround {
@@ -61,7 +63,7 @@ impl FaultAround {
         let idx = match hit {
             Some(i) => {
                 let s = &mut self.streams[i];
-                s.window = (s.window * 2).min(self.max);
+                s.window = (s.window * GROWTH).min(self.max);
                 i
             }
             None => {
@@ -193,7 +195,7 @@ mod tests {
         assert_eq!((w, seq), (PAGE_SIZE, false));
         fa.served(s, base + w);
         let (w2, s2, seq2) = fa.window(base + PAGE_SIZE);
-        assert_eq!((w2, seq2), (2 * PAGE_SIZE, true));
+        assert_eq!((w2, seq2), (GROWTH * PAGE_SIZE, true));
         fa.served(s2, base + PAGE_SIZE + w2);
         let mut at = base + 3 * PAGE_SIZE;
         let mut w = 0;
