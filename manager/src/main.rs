@@ -52,7 +52,8 @@ struct CommonArgs {
     /// Smallest fault-around window in bytes (a fault is answered with at least this much).
     #[arg(long, value_name = "BYTES", default_value_t = 4096, value_parser = parse_window)]
     fault_around_min: u64,
-    /// Largest fault-around window in bytes (sequential faults grow the window up to this).
+    /// Largest fault-around window in bytes (sequential faults and filling blocks grow the
+    /// window up to this).
     #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
     fault_around_max: u64,
     /// How often (milliseconds) a changing process's maps are rescanned for new mappings.
