@@ -11,8 +11,8 @@ use umm::protocol::{
 };
 use umm::uffd::Uffd;
 
-use crate::register;
 use crate::sys::{self, Deadline, Fail, OneLine};
+use crate::{child, register};
 
 /// The default for UMM_TIMEOUT_MS.
 pub(crate) const DEFAULT_TIMEOUT_MS: u32 = 5000;
@@ -60,9 +60,20 @@ pub(crate) fn run() {
     // it is written in Rust) is not affected.
     std::panic::set_hook(Box::new(|_| {}));
     let pid = sys::raw_getpid();
-    match attach(&cfg, pid) {
-        Ok(sock) => register::publish(sock, pid),
-        Err(reason) => fail(&cfg, pid, &reason),
+    // Before the Hello, so that the manager registers it (missing) at the handoff.
+    child::map_beacon();
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match attach(&cfg, pid, &exe) {
+        Ok(sock) => {
+            child::prepare(&cfg.socket, &exe, cfg.require);
+            register::publish(sock, pid);
+        }
+        Err(reason) => {
+            child::drop_beacon();
+            fail(&cfg, pid, &reason);
+        }
     }
 }
 
@@ -84,6 +95,8 @@ fn fail(cfg: &Config, pid: i32, reason: &str) {
 
 /// The constructor panicked (a bug): report it like any other failure.
 pub(crate) fn internal_error(payload: &(dyn Any + Send)) {
+    // Whatever was reached, the handoff was not published: no child will look for a beacon.
+    child::drop_beacon();
     let what = payload
         .downcast_ref::<&str>()
         .copied()
@@ -104,7 +117,7 @@ pub(crate) fn internal_error(payload: &(dyn Any + Send)) {
 
 /// Connect, say Hello (with the uffd or asking for a grant), follow a Grant with a Handoff.
 /// Ok: the manager holds the uffd; the connection is returned for Register requests.
-fn attach(cfg: &Config, pid: i32) -> Result<OwnedFd, String> {
+fn attach(cfg: &Config, pid: i32, exe: &str) -> Result<OwnedFd, String> {
     let shown = cfg.socket.to_string_lossy();
     let shown = OneLine(&shown);
     let sock = sys::connect(&cfg.socket, cfg.timeout_ms)
@@ -122,13 +135,10 @@ fn attach(cfg: &Config, pid: i32) -> Result<OwnedFd, String> {
     if cfg.require {
         flags |= HELLO_REQUIRE;
     }
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let hello = Message::Hello {
         pid: pid as u32,
         flags,
-        exe,
+        exe: exe.to_owned(),
     };
     let attach_fd = uffd.as_ref().map(|u| u.as_raw_fd());
     let (reply, mut fds) =

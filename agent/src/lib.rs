@@ -3,14 +3,16 @@
 //! Before `main`, a constructor connects to the manager at `$UMM_SOCKET`, opens a userfaultfd
 //! for this process (or asks the manager for a `/dev/userfaultfd` grant) and hands it over;
 //! after that, the interposed `mmap`, `mmap64` and `mremap` tell the manager about new
-//! private anonymous memory. Every failure is reported in one stderr line and the program runs
-//! unmanaged, unless `UMM_REQUIRE=1` asks for exit status 1 instead.
+//! private anonymous memory (a forked child on a channel of its own, see `child.rs`). Every
+//! failure is reported in one stderr line and the program runs unmanaged, unless
+//! `UMM_REQUIRE=1` asks for exit status 1 instead.
 //!
 //! No panic crosses an `extern "C"` boundary, and the interposed calls never allocate.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod attach;
+mod child;
 mod register;
 mod sys;
 
@@ -29,7 +31,7 @@ extern "C" fn umm_agent_init() {
 }
 
 /// The raw `mmap(2)`; -1 (MAP_FAILED) with errno set on failure, as glibc's `syscall` does.
-fn raw_mmap(
+pub(crate) fn raw_mmap(
     addr: *mut c_void,
     len: usize,
     prot: c_int,

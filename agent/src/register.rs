@@ -5,6 +5,9 @@
 //! lock), no panics escaping, errno preserved, bounded waits, and a thread that already holds
 //! the socket lock (a signal handler interrupting a Register) skips instead of deadlocking.
 //! Any failed round trip stops Register requests for the rest of the process's life.
+//!
+//! The process that handed off uses the connection of the constructor; a forked child opens a
+//! channel of its own (see `child.rs`). Both go through [`LOCK`] and its buffers.
 
 use std::cell::UnsafeCell;
 use std::ffi::c_int;
@@ -13,31 +16,84 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use umm::protocol::{Message, MessageRef, MAX_FRAME, MAX_REASON};
 
+use crate::child;
 use crate::sys::{self, Deadline, Fail};
 
-/// The pid that handed its uffd off (0: not handed off, nothing to do).
-static HANDOFF_PID: AtomicI32 = AtomicI32::new(0);
-/// The connected manager socket, kept for Register requests (-1: none).
-static SOCK: AtomicI32 = AtomicI32::new(-1);
-/// (device, inode) of SOCK when it was published: the program may close the number and open
-/// something else there; then the agent must not write to it.
-static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
-static SOCK_INO: AtomicU64 = AtomicU64::new(0);
-/// Set by the first failed Register round trip (or a panic): never send again.
+/// The pid that handed its uffd off (0: not handed off, nothing to do). Inherited by forked
+/// children, where it names the ancestor that handed off.
+pub(crate) static HANDOFF_PID: AtomicI32 = AtomicI32::new(0);
+/// The connection of the process that handed off, kept for its Register requests.
+static PARENT: Channel = Channel::new();
+/// Set by the first failed Register round trip of the process that handed off (or a panic):
+/// it never sends again. Forked children have their own flag (`child.rs`).
 static STOPPED: AtomicBool = AtomicBool::new(false);
 /// Reply timeout (UMM_TIMEOUT_MS).
 pub(crate) static TIMEOUT_MS: AtomicU32 = AtomicU32::new(5000);
 /// UMM_AGENT_QUIET=1.
 pub(crate) static QUIET: AtomicBool = AtomicBool::new(false);
 
+/// A connection to the manager for Register requests: the fd number and the (device, inode)
+/// of the socket it named when it was opened. The program may close the number and open
+/// something else there; then the agent must neither write to it nor close it.
+pub(crate) struct Channel {
+    fd: AtomicI32,
+    dev: AtomicU64,
+    ino: AtomicU64,
+}
+
+impl Channel {
+    pub(crate) const fn new() -> Channel {
+        Channel {
+            fd: AtomicI32::new(-1),
+            dev: AtomicU64::new(0),
+            ino: AtomicU64::new(0),
+        }
+    }
+
+    /// Keep `fd` (an open socket the agent owns) as this channel.
+    pub(crate) fn set(&self, fd: RawFd) {
+        let (dev, ino) = sys::file_id(fd).unwrap_or((0, 0));
+        self.dev.store(dev, Ordering::Relaxed);
+        self.ino.store(ino, Ordering::Relaxed);
+        self.fd.store(fd, Ordering::SeqCst);
+    }
+
+    /// The fd, if it still names the socket it was opened as.
+    pub(crate) fn fd_if_ours(&self) -> Result<RawFd, Fail<'static>> {
+        let fd = self.fd.load(Ordering::SeqCst);
+        if fd < 0 {
+            return Err(Fail::SocketGone);
+        }
+        let expected = (
+            self.dev.load(Ordering::Relaxed),
+            self.ino.load(Ordering::Relaxed),
+        );
+        if sys::file_id(fd) != Some(expected) {
+            return Err(Fail::SocketGone);
+        }
+        Ok(fd)
+    }
+
+    /// Forget the fd; close it when `socket_still_ours` (never close a number the program may
+    /// have reused).
+    pub(crate) fn close(&self, socket_still_ours: bool) {
+        let fd = self.fd.swap(-1, Ordering::SeqCst);
+        if socket_still_ours {
+            sys::close(fd);
+        }
+    }
+
+    /// Forget the fd, closing it only if it still names the socket.
+    pub(crate) fn close_if_ours(&self) {
+        let ours = self.fd_if_ours().is_ok();
+        self.close(ours);
+    }
+}
+
 /// Make the handed-off state visible to the interposed calls. Called once, by the
 /// constructor, after the manager acknowledged the uffd.
 pub(crate) fn publish(sock: OwnedFd, pid: i32) {
-    let raw = sock.into_raw_fd();
-    let (dev, ino) = sys::file_id(raw).unwrap_or((0, 0));
-    SOCK_DEV.store(dev, Ordering::Relaxed);
-    SOCK_INO.store(ino, Ordering::Relaxed);
-    SOCK.store(raw, Ordering::Relaxed);
+    PARENT.set(sock.into_raw_fd());
     // Release: whoever sees the pid sees the socket too.
     HANDOFF_PID.store(pid, Ordering::Release);
 }
@@ -47,19 +103,22 @@ pub(crate) fn publish(sock: OwnedFd, pid: i32) {
 /// caller holds the lock, so no other thread is using the socket.
 fn stop(socket_still_ours: bool) {
     STOPPED.store(true, Ordering::SeqCst);
-    let fd = SOCK.swap(-1, Ordering::SeqCst);
-    if socket_still_ours {
-        sys::close(fd);
-    }
+    PARENT.close(socket_still_ours);
 }
 
 /// An interposed call panicked (a bug): say so once and stop sending Register requests. The
 /// socket stays open: another thread may be using it, and closing it under that thread could
 /// let the number be reused by the program.
 pub(crate) fn give_up_after_panic() {
-    if !STOPPED.swap(true, Ordering::SeqCst) && !QUIET.load(Ordering::Relaxed) {
+    let me = sys::raw_getpid();
+    let first = if me == HANDOFF_PID.load(Ordering::Acquire) {
+        !STOPPED.swap(true, Ordering::SeqCst)
+    } else {
+        child::give_up_after_panic(me)
+    };
+    if first && !QUIET.load(Ordering::Relaxed) {
         sys::warn(
-            sys::raw_getpid(),
+            me,
             format_args!(
                 "internal error in the interposed mmap; new mappings are no longer registered"
             ),
@@ -79,30 +138,38 @@ pub(crate) fn wants_mmap(prot: c_int, flags: c_int) -> bool {
 }
 
 /// A successful mapping of `[start, start + len)` was made by this process: Register it if
-/// this is the process that handed off and Register requests still work.
+/// an ancestor (or this process) handed off and Register requests still work here.
 pub(crate) fn after_map(start: u64, len: u64) {
     if len == 0 {
         return;
     }
-    let pid = HANDOFF_PID.load(Ordering::Acquire);
-    if pid == 0 || STOPPED.load(Ordering::Relaxed) {
-        return;
-    }
-    // A forked child shares the socket but must not use it: the manager covers it by other
-    // means (EVENT_FORK). getpid is asked of the kernel: no cached value survives a raw clone.
-    if sys::raw_getpid() != pid {
+    let handoff = HANDOFF_PID.load(Ordering::Acquire);
+    if handoff == 0 {
         return;
     }
     let saved = sys::errno();
-    register(pid, start, umm::page_ceil(len));
+    // getpid is asked of the kernel: no cached value survives a raw clone.
+    let me = sys::raw_getpid();
+    if me == handoff {
+        if !STOPPED.load(Ordering::Relaxed) {
+            register(me, start, umm::page_ceil(len));
+        }
+    } else {
+        // A forked child (or a vfork child sharing its parent's memory: `child.rs` tells).
+        child::after_map(me, start, umm::page_ceil(len));
+    }
     sys::set_errno(saved);
+}
+
+/// How long to wait for the lock: another thread's round trip takes at most `timeout`; wait a
+/// little longer than that.
+pub(crate) fn lock_wait(timeout_ms: u32) -> Deadline {
+    Deadline::after_ms(timeout_ms.saturating_mul(2).saturating_add(1000))
 }
 
 fn register(pid: i32, start: u64, len: u64) {
     let timeout = TIMEOUT_MS.load(Ordering::Relaxed);
-    // Another thread's round trip takes at most `timeout`; wait a little longer than that.
-    let wait = Deadline::after_ms(timeout.saturating_mul(2).saturating_add(1000));
-    let mut guard = match LOCK.acquire(sys::raw_gettid(), &wait) {
+    let mut guard = match LOCK.acquire(sys::raw_gettid(), &lock_wait(timeout)) {
         Acquire::Held(g) => g,
         // This thread is inside a Register already (a signal handler mapping memory), or the
         // holder is stuck: skip this mapping rather than deadlock.
@@ -112,40 +179,36 @@ fn register(pid: i32, start: u64, len: u64) {
         return;
     }
     let bufs = guard.buffers();
-    if let Err(fail) = round_trip(bufs, start, len, &Deadline::after_ms(timeout)) {
+    if let Err(fail) = round_trip(&PARENT, bufs, start, len, &Deadline::after_ms(timeout)) {
         let socket_still_ours = !matches!(fail, Fail::SocketGone);
         if !QUIET.load(Ordering::Relaxed) {
-            sys::warn(
-                pid,
-                format_args!(
-                    "Register of [{start:#x}, {:#x}) failed ({fail}); new mappings are no longer \
-                     registered",
-                    start.saturating_add(len)
-                ),
-            );
+            warn_register_failed(pid, start, len, &fail);
         }
         stop(socket_still_ours);
     }
 }
 
-/// Send Register and wait for its Ack.
-fn round_trip<'b>(
+/// The one line of a failed Register round trip.
+pub(crate) fn warn_register_failed(pid: i32, start: u64, len: u64, fail: &Fail<'_>) {
+    sys::warn(
+        pid,
+        format_args!(
+            "Register of [{start:#x}, {:#x}) failed ({fail}); new mappings are no longer \
+             registered",
+            start.saturating_add(len)
+        ),
+    );
+}
+
+/// Send Register on `channel` and wait for its Ack.
+pub(crate) fn round_trip<'b>(
+    channel: &Channel,
     bufs: &'b mut Buffers,
     start: u64,
     len: u64,
     deadline: &Deadline,
 ) -> Result<(), Fail<'b>> {
-    let fd: RawFd = SOCK.load(Ordering::SeqCst);
-    if fd < 0 {
-        return Err(Fail::SocketGone);
-    }
-    let expected = (
-        SOCK_DEV.load(Ordering::Relaxed),
-        SOCK_INO.load(Ordering::Relaxed),
-    );
-    if sys::file_id(fd) != Some(expected) {
-        return Err(Fail::SocketGone);
-    }
+    let fd = channel.fd_if_ours()?;
     let n = Message::Register { start, len }.encode_into(&mut bufs.send);
     sys::send_all(fd, &bufs.send[..n], None, deadline)?;
     match sys::read_reply(fd, &mut bufs.recv, deadline, None)? {
@@ -157,15 +220,16 @@ fn round_trip<'b>(
 
 /// The frames of one Register round trip. They live in a static behind the lock rather than
 /// on the caller's stack, which may be a small signal stack.
-struct Buffers {
-    send: [u8; MAX_FRAME + 4],
-    /// The largest legal reply to Register is a Nack with the longest reason.
-    recv: [u8; 4 + 4 + 4 + MAX_REASON],
+pub(crate) struct Buffers {
+    pub(crate) send: [u8; MAX_FRAME + 4],
+    /// The largest legal reply to Register (or to a forked child's Hello) is a Nack with the
+    /// longest reason.
+    pub(crate) recv: [u8; 4 + 4 + 4 + MAX_REASON],
 }
 
 /// A futex lock that knows its owner's tid, so the owner re-entering (from a signal handler)
 /// is told instead of deadlocking.
-struct Lock {
+pub(crate) struct Lock {
     /// Tid of the holder, 0 when free.
     owner: AtomicI32,
     /// Threads sleeping in FUTEX_WAIT.
@@ -178,7 +242,7 @@ struct Lock {
 // frame of it) touches the buffers at a time.
 unsafe impl Sync for Lock {}
 
-static LOCK: Lock = Lock {
+pub(crate) static LOCK: Lock = Lock {
     owner: AtomicI32::new(0),
     waiters: AtomicU32::new(0),
     bufs: UnsafeCell::new(Buffers {
@@ -187,18 +251,18 @@ static LOCK: Lock = Lock {
     }),
 };
 
-enum Acquire<'a> {
+pub(crate) enum Acquire<'a> {
     Held(Guard<'a>),
     Reentrant,
     TimedOut,
 }
 
-struct Guard<'a> {
+pub(crate) struct Guard<'a> {
     lock: &'a Lock,
 }
 
 impl Guard<'_> {
-    fn buffers(&mut self) -> &mut Buffers {
+    pub(crate) fn buffers(&mut self) -> &mut Buffers {
         // SAFETY: this guard is the lock's only holder (see `impl Sync for Lock`), and the
         // returned borrow cannot outlive it.
         unsafe { &mut *self.lock.bufs.get() }
@@ -223,7 +287,14 @@ impl Drop for Guard<'_> {
 }
 
 impl Lock {
-    fn acquire(&self, tid: i32, deadline: &Deadline) -> Acquire<'_> {
+    /// Free the lock whatever its state: only for a new process whose copy of it may name a
+    /// thread that does not exist there (the atfork child handler). Async-signal-safe.
+    pub(crate) fn reset(&self) {
+        self.owner.store(0, Ordering::SeqCst);
+        self.waiters.store(0, Ordering::SeqCst);
+    }
+
+    pub(crate) fn acquire(&self, tid: i32, deadline: &Deadline) -> Acquire<'_> {
         loop {
             match self
                 .owner

@@ -23,7 +23,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use umm::protocol::{decode, Message, NackCode, HELLO_HAS_UFFD, HELLO_REQUIRE, HELLO_WANT_GRANT};
+use umm::protocol::{
+    decode, Message, NackCode, HELLO_FORKED, HELLO_HAS_UFFD, HELLO_REQUIRE, HELLO_WANT_GRANT,
+};
 use umm::uffd::{Features, Uffd};
 
 /// Upper bound for anything a test waits on.
@@ -334,6 +336,8 @@ enum OnHello {
 enum OnRegister {
     Ack,
     Silent,
+    /// Ack, but the first Register of the handoff connection only after this long.
+    AckFirstAfter(Duration),
 }
 
 /// What an fd received by the fake manager was.
@@ -346,14 +350,37 @@ struct FdSeen {
     api: Option<Result<(), String>>,
 }
 
+/// What one connection to the fake manager carried. The first connection's log holds the later
+/// ones (forked children's channels) in `later`, in the order they were accepted.
 #[derive(Debug, Default)]
 struct Log {
+    /// SO_PEERCRED pid of the connecting process.
+    peer_pid: u32,
     hello: Option<(u32, u32, String)>,
     hello_fds: Vec<FdSeen>,
     granted: bool,
     handoff_fds: Vec<FdSeen>,
     registers: Vec<(u64, u64)>,
     other: Vec<String>,
+    later: Vec<Log>,
+}
+
+impl Log {
+    /// The later connection from `pid`, which must be there exactly once.
+    fn channel_of(&self, pid: u32) -> &Log {
+        let found: Vec<&Log> = self.later.iter().filter(|l| l.peer_pid == pid).collect();
+        assert_eq!(found.len(), 1, "one connection from pid {pid}: {self:#?}");
+        found[0]
+    }
+}
+
+/// How the fake manager answers.
+#[derive(Clone)]
+struct Behaviour {
+    on_hello: OnHello,
+    on_register: OnRegister,
+    /// The reply to a Hello with HELLO_FORKED.
+    on_forked: Message,
 }
 
 struct Fake {
@@ -363,8 +390,23 @@ struct Fake {
 }
 
 impl Fake {
-    /// Listen at `dir/umm.sock` and serve one connection on a thread.
+    /// Listen at `dir/umm.sock` and serve every connection on a thread of its own; a forked
+    /// child's Hello is acked.
     fn start(dir: &Path, on_hello: OnHello, on_register: OnRegister) -> Fake {
+        let on_forked = Message::Ack {
+            registered_bytes: 0,
+        };
+        Fake::start_with(
+            dir,
+            Behaviour {
+                on_hello,
+                on_register,
+                on_forked,
+            },
+        )
+    }
+
+    fn start_with(dir: &Path, behaviour: Behaviour) -> Fake {
         let socket = dir.join("umm.sock");
         let listener = UnixListener::bind(&socket).expect("bind fake manager");
         // Anyone may connect (the grant test's target runs as another user).
@@ -372,7 +414,7 @@ impl Fake {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || serve(listener, &stop2, on_hello, on_register));
+        let thread = std::thread::spawn(move || serve(listener, &stop2, behaviour));
         Fake {
             socket,
             stop,
@@ -419,25 +461,44 @@ fn describe(fd: &OwnedFd) -> FdSeen {
     }
 }
 
-fn serve(
-    listener: UnixListener,
-    stop: &AtomicBool,
-    on_hello: OnHello,
-    on_register: OnRegister,
-) -> Log {
-    let mut log = Log::default();
+/// Accept connections until told to stop, each served on a thread; the log of the first with
+/// the others in `later`.
+fn serve(listener: UnixListener, stop: &AtomicBool, behaviour: Behaviour) -> Log {
     let start = Instant::now();
-    let stream = loop {
+    let mut conns = Vec::new();
+    loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok((s, _)) => {
+                let b = behaviour.clone();
+                conns.push(std::thread::spawn(move || serve_one(s, &b)));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if stop.load(Ordering::SeqCst) || start.elapsed() > BOUND {
-                    return log;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) => panic!("fake manager: accept: {e}"),
         }
+    }
+    let mut logs: Vec<Log> = conns
+        .into_iter()
+        .map(|t| t.join().expect("fake manager connection panicked"))
+        .collect();
+    if logs.is_empty() {
+        return Log::default();
+    }
+    let mut first = logs.remove(0);
+    first.later = logs;
+    first
+}
+
+fn serve_one(stream: UnixStream, behaviour: &Behaviour) -> Log {
+    let mut log = Log {
+        peer_pid: umm::sys::socket::peer_cred(&stream)
+            .expect("SO_PEERCRED")
+            .pid,
+        ..Log::default()
     };
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(BOUND)).unwrap();
@@ -453,7 +514,11 @@ fn serve(
                 Message::Hello { pid, flags, exe } => {
                     log.hello = Some((pid, flags, exe));
                     log.hello_fds = got.iter().map(describe).collect();
-                    match &on_hello {
+                    if flags & HELLO_FORKED != 0 {
+                        send_msg(&stream, &behaviour.on_forked, None);
+                        continue;
+                    }
+                    match &behaviour.on_hello {
                         OnHello::Silent => {}
                         OnHello::Reply(r) => send_msg(&stream, r, None),
                         OnHello::Grant if flags & HELLO_WANT_GRANT != 0 => {
@@ -488,7 +553,13 @@ fn serve(
                 }
                 Message::Register { start, len } => {
                     log.registers.push((start, len));
-                    if on_register == OnRegister::Ack {
+                    if let OnRegister::AckFirstAfter(delay) = behaviour.on_register {
+                        let forked = log.hello.as_ref().is_some_and(|h| h.1 & HELLO_FORKED != 0);
+                        if log.registers.len() == 1 && !forked {
+                            std::thread::sleep(delay);
+                        }
+                    }
+                    if behaviour.on_register != OnRegister::Silent {
                         send_msg(
                             &stream,
                             &Message::Ack {
@@ -821,16 +892,246 @@ fn unanswered_register_stops_registration_and_the_program_completes() {
     assert_eq!(log.registers, vec![r.maps()[0]], "{log:?}\n{r:?}");
 }
 
+/// "map-in PID ADDR LEN" lines of mapper's forked descendants, grouped by pid in order.
+fn maps_in(r: &Run) -> Vec<(u32, Vec<(u64, u64)>)> {
+    let mut by_pid: Vec<(u32, Vec<(u64, u64)>)> = Vec::new();
+    for l in r.stdout.lines().filter_map(|l| l.strip_prefix("map-in ")) {
+        let mut f = l.split(' ');
+        let (Some(pid), Some(a), Some(n)) = (f.next(), f.next(), f.next()) else {
+            panic!("map-in PID ADDR LEN: {l}");
+        };
+        let pid: u32 = pid.parse().expect("pid");
+        let a = u64::from_str_radix(a.trim_start_matches("0x"), 16).expect("address");
+        let n: u64 = n.parse().expect("length");
+        match by_pid.iter_mut().find(|(p, _)| *p == pid) {
+            Some((_, v)) => v.push((a, n)),
+            None => by_pid.push((pid, vec![(a, n)])),
+        }
+    }
+    by_pid
+}
+
+/// The forked Hello of a child: from `pid` itself, FORKED (with REQUIRE when `require`), no fd,
+/// the target's exe.
+fn assert_forked_hello(log: &Log, pid: u32, require: bool, prog: &Path) {
+    let (hello_pid, flags, exe) = log.hello.as_ref().expect("a Hello on the child's channel");
+    assert_eq!(*hello_pid, pid, "the Hello names the child: {log:?}");
+    let want = HELLO_FORKED | if require { HELLO_REQUIRE } else { 0 };
+    assert_eq!(*flags, want, "{log:?}");
+    assert!(
+        log.hello_fds.is_empty(),
+        "no fd with a forked Hello: {log:?}"
+    );
+    assert_eq!(Path::new(exe), prog.canonicalize().unwrap(), "{log:?}");
+}
+
 #[test]
-fn forked_children_do_not_register() {
+fn forked_children_and_grandchildren_register_on_channels_of_their_own() {
     let dir = TempDir::new("fork");
     let prog = mapper(dir.path());
     let fake = Fake::start(dir.path(), ack(), OnRegister::Ack);
-    let r = run(agent_cmd(&prog, &["fork", "1048576"]).env("UMM_SOCKET", &fake.socket));
+    let r = run(agent_cmd(&prog, &["fork", "1048576", "2"]).env("UMM_SOCKET", &fake.socket));
     let log = fake.finish();
     assert!(r.status.success(), "{r:?}");
     assert_eq!(r.stderr, "", "{r:?}");
-    // Only the parent's 1 MiB: the child's 2 MiB mapping was not sent on the shared socket.
+    // The parent's connection carries only the parent's mapping: nothing of the children.
+    assert_eq!(log.peer_pid, r.pid);
+    assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
+    assert_eq!(log.registers.len(), 1);
+    let children = maps_in(&r);
+    assert_eq!(children.len(), 2, "a child and a grandchild: {r:?}");
+    assert_eq!(log.later.len(), 2, "one channel each: {log:#?}");
+    for (i, (pid, maps)) in children.iter().enumerate() {
+        assert_ne!(*pid, r.pid);
+        let conn = log.channel_of(*pid);
+        assert_forked_hello(conn, *pid, false, &prog);
+        // Both mappings of each, in order (the second after its own child used its own
+        // channel), with the lengths it mapped.
+        let len = (i as u64 + 2) << 20;
+        assert_eq!(maps, &vec![(maps[0].0, len), (maps[1].0, len)], "{r:?}");
+        assert_eq!(&conn.registers, maps, "pid {pid}: {log:#?}\n{r:?}");
+        assert!(conn.other.is_empty(), "{conn:?}");
+    }
+}
+
+#[test]
+fn a_grandchild_closes_its_parents_channel_and_keeps_the_handoff_socket() {
+    let dir = TempDir::new("fork-fds");
+    let prog = mapper(dir.path());
+    let fake = Fake::start(dir.path(), ack(), OnRegister::Ack);
+    let r = run(agent_cmd(&prog, &["fork-fds", "65536"]).env("UMM_SOCKET", &fake.socket));
+    let log = fake.finish();
+    assert!(r.status.success(), "{r:?}");
+    assert_eq!(r.stderr, "", "{r:?}");
+    assert_eq!(log.later.len(), 2, "{log:#?}");
+    // The grandchild holds the handoff socket it inherited (left alone) and its own channel;
+    // its parent's channel was closed in it.
+    let sockets = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("fd ") && l.contains("socket:"))
+        .count();
+    assert_eq!(sockets, 2, "{r:?}");
+}
+
+#[test]
+fn a_child_forked_while_another_thread_registers_is_not_stuck_on_the_lock() {
+    let dir = TempDir::new("fork-locked");
+    let prog = mapper(dir.path());
+    let fake = Fake::start(
+        dir.path(),
+        ack(),
+        OnRegister::AckFirstAfter(Duration::from_millis(1500)),
+    );
+    // A child that waited for the lock its copy says is held would wait 2 * 4 s + 1 s and
+    // then give up with a line on stderr.
+    let started = Instant::now();
+    let r = run(agent_cmd(&prog, &["fork-locked", "65536"])
+        .env("UMM_SOCKET", &fake.socket)
+        .env("UMM_TIMEOUT_MS", "4000"));
+    let took = started.elapsed();
+    let log = fake.finish();
+    assert!(r.status.success(), "{r:?}");
+    assert_eq!(r.stderr, "", "{r:?}");
+    assert!(took < Duration::from_secs(9), "{took:?}: {r:?}");
+    assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
+    let children = maps_in(&r);
+    assert_eq!(children.len(), 1, "{r:?}");
+    let (pid, maps) = &children[0];
+    assert_eq!(&log.channel_of(*pid).registers, maps, "{log:#?}");
+}
+
+#[test]
+fn a_refused_child_warns_once_and_runs_on() {
+    let dir = TempDir::new("fork-nack");
+    let prog = mapper(dir.path());
+    let fake = Fake::start_with(
+        dir.path(),
+        Behaviour {
+            on_hello: ack(),
+            on_register: OnRegister::Ack,
+            on_forked: Message::Nack {
+                code: NackCode::Other,
+                reason: "no address space of that pid".into(),
+            },
+        },
+    );
+    // UMM_REQUIRE=1 is about the attach: a refused child runs on.
+    let r = run(agent_cmd(&prog, &["fork", "1048576", "2"])
+        .env("UMM_SOCKET", &fake.socket)
+        .env("UMM_REQUIRE", "1"));
+    let log = fake.finish();
+    assert!(r.status.success(), "{r:?}");
+    assert!(r.stdout.ends_with("done\n"), "{r:?}");
+    // The parent's Register requests keep working.
+    assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
+    assert_eq!(log.registers.len(), 1);
+    let children = maps_in(&r);
+    assert_eq!(children.len(), 2, "{r:?}");
+    // One line per child; the grandchild of a refused child tries afresh.
+    let lines = r.stderr_lines();
+    assert_eq!(lines.len(), 2, "{r:?}");
+    for (pid, maps) in &children {
+        assert_eq!(maps.len(), 2, "both mappings succeeded: {r:?}");
+        let conn = log.channel_of(*pid);
+        assert_forked_hello(conn, *pid, true, &prog);
+        assert!(conn.registers.is_empty(), "{conn:?}");
+        let prefix = format!("umm-agent: pid {pid}: forked child: no Register channel (manager");
+        let mine: Vec<&&str> = lines.iter().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(mine.len(), 1, "{r:?}");
+        assert!(
+            mine[0].contains("refused: no address space of that pid"),
+            "{}",
+            mine[0]
+        );
+        assert!(
+            mine[0].ends_with("new mappings are not registered"),
+            "{}",
+            mine[0]
+        );
+    }
+}
+
+#[test]
+fn vfork_children_leave_the_agent_alone() {
+    let dir = TempDir::new("vfork");
+    let prog = mapper(dir.path());
+    let fake = Fake::start(dir.path(), ack(), OnRegister::Ack);
+    let r = run(agent_cmd(&prog, &["vfork", "65536"]).env("UMM_SOCKET", &fake.socket));
+    let log = fake.finish();
+    assert!(r.status.success(), "{r:?}");
+    assert_eq!(r.stderr, "", "{r:?}");
+    // No vfork child connected or sent anything; the parent's and the forked child's channels
+    // carry exactly their own mappings, before and after their vfork children mapped memory.
+    assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
+    let children = maps_in(&r);
+    assert_eq!(children.len(), 1, "{r:?}");
+    assert_eq!(
+        log.later.len(),
+        1,
+        "only the forked child connected: {log:#?}"
+    );
+    let (pid, maps) = &children[0];
+    let conn = log.channel_of(*pid);
+    assert_forked_hello(conn, *pid, false, &prog);
+    assert_eq!(&conn.registers, maps, "{log:#?}\n{r:?}");
+}
+
+/// The program closes every fd >= 3 (the agent's socket among them) and opens a file 8 times,
+/// so the agent's number now names the program's file. The next Register fails (one line)
+/// and the agent must not close that number: every read of the file succeeds.
+fn closed_socket_run(tag: &str, args: &[&str]) -> (Run, Log) {
+    let dir = TempDir::new(tag);
+    let prog = mapper(dir.path());
+    let file = dir.path().join("data.txt");
+    std::fs::write(&file, "kept-by-the-program\n").unwrap();
+    let fake = Fake::start(dir.path(), ack(), OnRegister::Ack);
+    let mut full = vec!["closefds", file.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let r = run(agent_cmd(&prog, &full).env("UMM_SOCKET", &fake.socket));
+    let log = fake.finish();
+    assert!(r.status.success(), "{r:?}");
+    let reads: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("read "))
+        .collect();
+    let want: Vec<String> = (0..8)
+        .map(|i| format!("read {i} kept-by-the-program"))
+        .collect();
+    assert_eq!(reads, want, "{r:?}");
+    let line = r.one_line();
+    assert!(
+        line.contains("failed (the program closed or replaced the manager socket)"),
+        "{line}"
+    );
+    (r, log)
+}
+
+#[test]
+fn a_program_that_reuses_the_socket_number_keeps_its_file() {
+    let (r, log) = closed_socket_run("closefds", &[]);
+    assert!(r
+        .one_line()
+        .starts_with(&format!("umm-agent: pid {}: Register of [", r.pid)));
+    assert!(log.registers.is_empty(), "{log:?}");
+}
+
+#[test]
+fn a_child_that_reuses_its_channel_number_keeps_its_file() {
+    let (r, log) = closed_socket_run("closefds-child", &["child"]);
+    let children = maps_in(&r);
+    assert_eq!(children.len(), 1, "{r:?}");
+    let (pid, maps) = &children[0];
+    assert!(
+        r.one_line()
+            .starts_with(&format!("umm-agent: pid {pid}: Register of [")),
+        "{r:?}"
+    );
+    // The child's first mapping went out on its channel; after the program took the number,
+    // nothing more. The parent's Register requests were not disturbed.
+    let conn = log.channel_of(*pid);
+    assert_eq!(conn.registers, vec![maps[0]], "{log:#?}");
     assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
     assert_eq!(log.registers.len(), 1);
 }
