@@ -176,8 +176,10 @@ fn read_syscall_into_untouched_memory_faults_through_umm() {
     let (_dir, _native, run, ok) = native_and_managed("readinto", "readinto", &[]);
     // registered at the end of the program = registered while the kernel copied into the
     // ranges: those copy_to_user faults could only be resolved by the manager
+    // parent: r1, r2, r6; child: r6 and r7, a mapping the child made itself (registered
+    // through the child's own Register channel before the kernel copied into it)
     let (k, _) = ok.registered();
-    assert!(k >= 7, "parent and child checks: {:?}", ok.fields);
+    assert!(k >= 5, "parent and child checks: {:?}", ok.fields);
     run.assert_ge("events.fork", 1, "the target forks once");
     run.assert_ge("processes", 2, "parent and child are both managed");
     run.assert_ge("faults", 1, "kernel-mode faults reached the manager");

@@ -12,7 +12,11 @@ use umm::{page_floor, PAGE_SIZE};
 
 use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_LIMIT};
 use crate::slab::{Id, Token};
+use crate::space::Origin;
 use crate::trace::Record;
+
+/// A space learns its pid from one of its first this many faults, or not at all.
+const LEARN_PID_TRIES: u64 = 64;
 
 /// Up to this many address spaces, every one is rescanned each rescan interval.
 const RESCAN_ALL_UP_TO: usize = 256;
@@ -336,15 +340,31 @@ impl Manager {
         }
     }
 
-    /// A forked child's pid shows up as the thread id of its first fault.
+    /// A forked child's pid shows up as the thread id of its first fault. That fault can also
+    /// come from a vfork/posix_spawn child of the process (it shares the mm): the process
+    /// wanted is the one the parent space's process forked. When that cannot be told, the pid
+    /// stays unknown (exit is then found by the probe); only a space's first faults try.
     fn learn_pid(&mut self, id: Id, tid: u32) {
-        let same_ns = self.spaces.get(id).is_some_and(|s| s.same_pidns);
-        if tid == 0 || !same_ns {
-            return;
-        }
-        let Ok(pid) = proc::tgid_of(tid) else {
+        let Some(space) = self.spaces.get(id) else {
             return;
         };
+        if tid == 0 || !space.same_pidns || space.faults > LEARN_PID_TRIES {
+            return;
+        }
+        let Ok(mut pid) = proc::tgid_of(tid) else {
+            return;
+        };
+        let parent_pid = match space.origin {
+            Origin::Fork { parent } => self.spaces.get(parent).and_then(|p| p.pid),
+            Origin::Handoff => None,
+        };
+        if let Some(parent_pid) = parent_pid {
+            match proc::parent_pid(pid) {
+                Ok(pp) if pp == parent_pid => {}
+                Ok(pp) if proc::parent_pid(pp).ok() == Some(parent_pid) => pid = pp,
+                _ => return,
+            }
+        }
         self.set_pid(id, pid);
     }
 
