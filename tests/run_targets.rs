@@ -205,3 +205,50 @@ fn umm_run_exits_with_the_commands_status() {
         run.assert_ge("handoffs", 1, "sh was managed");
     }
 }
+
+#[test]
+fn fork_with_the_manager_out_of_fds_never_leaves_the_parent_stuck() {
+    // Every FORK event installs the child's uffd in the manager's fd table. With 40 fds the
+    // manager runs out after a dozen children held alive at once: the forking parent is then
+    // blocked in fork() until the manager reads the event, which it cannot. The manager must
+    // give up on the parent (fail-open: closing its uffd completes the fork) rather than leave
+    // it stuck; the program finishes with its memory intact.
+    require_root_and_uffd();
+    let dir = TestDir::new("forkhold");
+    let exe = target("forkhold");
+    let cmd = [exe.to_string_lossy().into_owned(), "100".to_string()];
+    let native = run_native(&dir, "forkhold-native", &cmd, &[], LIMIT).ok_line("forkhold");
+    let (umm, report_path) = umm_run_command(&dir, "forkhold", &cmd);
+    let mut limited = std::process::Command::new("prlimit");
+    limited
+        .arg("--nofile=40:40")
+        .arg("--")
+        .arg(umm.get_program())
+        .args(umm.get_args())
+        .current_dir(dir.path());
+    let mut p = Proc::spawn(&dir, "forkhold", limited);
+    let status = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    let report = Report::load(&report_path).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    let run = UmmRun {
+        label: "forkhold".into(),
+        status,
+        stdout: p.stdout(),
+        stderr: p.stderr(),
+        report,
+    };
+    assert!(run.status.success(), "{}", run.context());
+    let ok = run.ok_line("forkhold");
+    assert_eq!(ok.checksum(), native.checksum(), "{}", run.context());
+    run.assert_ge("handoffs", 1, "the parent was managed");
+    run.assert_ge(
+        "events.fork",
+        1,
+        "forks were followed until the fds ran out",
+    );
+    run.assert_ge(
+        "abandoned",
+        1,
+        "out of fds, the manager gave up on the forking parent instead of leaving it blocked",
+    );
+}

@@ -100,6 +100,9 @@ const PARK_RETRY: Duration = Duration::from_millis(1);
 /// Copies failing with unexpected errors are retried this many turns, then the space is
 /// given up (fail-open: its uffd is closed and the kernel serves it as normal memory).
 pub const HARD_FAILURE_LIMIT: u32 = 20;
+/// How long a space may be unable to take its forked children's uffds (EMFILE) before the
+/// manager gives up on it.
+const FD_EXHAUSTION_LIMIT: Duration = Duration::from_secs(1);
 
 pub struct Manager {
     pub(crate) epoll: Epoll,
@@ -127,6 +130,9 @@ pub struct Manager {
     last_coverage_round: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
     handoffs_at_last_coverage: u64,
+    /// accept(2) ran out of fds: the listener is out of the poll set until the next tick.
+    listener_paused: bool,
+    listener_paused_since: Option<Instant>,
 }
 
 impl Manager {
@@ -183,6 +189,8 @@ impl Manager {
             last_probe: started,
             last_coverage_round: started,
             handoffs_at_last_coverage: 0,
+            listener_paused: false,
+            listener_paused_since: None,
         })
     }
 
@@ -271,6 +279,11 @@ impl Manager {
             self.apply_event(id, ev, now);
         }
         self.event_buf = buf;
+        if res.is_ok() {
+            if let Some(s) = self.spaces.get_mut(id) {
+                s.fd_exhausted_since = None;
+            }
+        }
         if let Err(e) = res {
             match e.errno {
                 Errno::EMFILE | Errno::ENFILE => self.fd_exhausted(id),
@@ -395,14 +408,34 @@ impl Manager {
 
     /// EMFILE/ENFILE while reading: a FORK fd could not be installed and the forking parent
     /// stays blocked until we read again. Free what we can, stop polling this uffd until the
-    /// next tick (level-triggered epoll would spin), and retry then.
+    /// next tick (level-triggered epoll would spin), and retry then. If fds stay exhausted for
+    /// [`FD_EXHAUSTION_LIMIT`], give up on this space (fail-open): closing its uffd completes
+    /// the pending fork, so the parent never stays stuck.
     fn fd_exhausted(&mut self, id: Id) {
-        log::warn!(
-            "{}: out of file descriptors for a forked child's uffd; closing dead address \
-             spaces and retrying",
-            self.describe_space(id)
-        );
+        let now = Instant::now();
+        let since = match self.spaces.get_mut(id) {
+            Some(s) => *s.fd_exhausted_since.get_or_insert(now),
+            None => return,
+        };
+        if since == now {
+            log::warn!(
+                "{}: out of file descriptors for a forked child's uffd; closing dead address \
+                 spaces and retrying",
+                self.describe_space(id)
+            );
+        }
         self.probe_all();
+        if now.duration_since(since) >= FD_EXHAUSTION_LIMIT {
+            log::error!(
+                "{}: still out of file descriptors after {:?} (raise RLIMIT_NOFILE); giving up \
+                 on it so its fork can complete: it continues on normal memory",
+                self.describe_space(id),
+                FD_EXHAUSTION_LIMIT
+            );
+            self.stats.abandoned += 1;
+            self.close_space(id, "out of file descriptors");
+            return;
+        }
         if let Some(s) = self.spaces.get_mut(id) {
             s.read_blocked = true;
             let _ = self
@@ -466,9 +499,36 @@ impl Manager {
 
     // ----- timer ---------------------------------------------------------------------------
 
+    /// accept(2) failed (out of fds): stop polling the listener until the next tick. Logged
+    /// once per episode.
+    pub(crate) fn pause_listener(&mut self, e: &io::Error) {
+        if self.listener_paused_since.is_none() {
+            log::warn!("accept failed: {e}; new connections wait until fds are free");
+        }
+        self.listener_paused_since.get_or_insert_with(Instant::now);
+        if !self.listener_paused {
+            self.listener_paused = true;
+            let _ = self
+                .epoll
+                .modify(&self.listener, &mut EpollEvent::new(EpollFlags::empty(), 0));
+        }
+    }
+
     fn on_tick(&mut self) {
         let _ = self.timer.wait(); // non-blocking fd: just consumes the expirations
         let now = Instant::now();
+        if let Some(since) = self.listener_paused_since {
+            // A quiet second ends the episode; the next failure is logged again.
+            if !self.listener_paused && now.duration_since(since) > Duration::from_secs(1) {
+                self.listener_paused_since = None;
+            }
+        }
+        if self.listener_paused {
+            self.listener_paused = false;
+            let _ = self
+                .epoll
+                .modify(&self.listener, &mut event_for(Token::Listener));
+        }
         self.expire_handshakes(now);
         // Spaces whose reads were blocked by fd exhaustion get another chance.
         for id in self.spaces.ids() {

@@ -65,9 +65,12 @@ impl Manager {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the connection in the backlog for later.
-                    log::warn!("accept failed: {e}");
+                    // EMFILE and friends: leave the connection in the backlog, and stop
+                    // polling the listener until the next tick (it stays readable: a
+                    // level-triggered loop would spin on it).
+                    self.pause_listener(&e);
                     return;
                 }
             };
@@ -250,19 +253,20 @@ impl Manager {
             ));
         }
         match &self.cfg.policy {
-            Policy::Tree => {
-                if is_descendant(cred.pid, self.own_pid) {
-                    Ok(())
-                } else {
-                    Err(Reject::Refused(
-                        NackCode::Denied,
-                        format!(
-                            "pid {} is not in the process tree of the command this manager runs",
-                            cred.pid
-                        ),
-                    ))
-                }
-            }
+            Policy::Tree => match is_descendant(cred.pid, self.own_pid) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Reject::Refused(
+                    NackCode::Denied,
+                    format!(
+                        "pid {} is not in the process tree of the command this manager runs",
+                        cred.pid
+                    ),
+                )),
+                Err(e) => Err(Reject::Refused(
+                    NackCode::Denied,
+                    format!("cannot check the ancestry of pid {}: {e}", cred.pid),
+                )),
+            },
             Policy::Uids(allowed) => {
                 let me = nix::unistd::geteuid().as_raw();
                 if cred.uid == me || cred.uid == 0 || allowed.contains(&cred.uid) {
@@ -488,22 +492,24 @@ fn message_name(m: &Message) -> &'static str {
 }
 
 /// Whether `pid` descends from `ancestor` (walking parent links; a subreaper keeps orphans in
-/// the tree).
-fn is_descendant(pid: u32, ancestor: u32) -> bool {
+/// the tree). A process that vanished on the way is not a descendant; any other failure to
+/// read `/proc` (no fds left, say) is an error, not a verdict.
+fn is_descendant(pid: u32, ancestor: u32) -> io::Result<bool> {
     let mut at = pid;
     for _ in 0..4096 {
         if at == ancestor {
-            return true;
+            return Ok(true);
         }
         if at <= 1 {
-            return false;
+            return Ok(false);
         }
         match proc::parent_pid(at) {
             Ok(p) => at = p,
-            Err(_) => return false,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
         }
     }
-    false
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -517,9 +523,9 @@ mod tests {
             .spawn()
             .unwrap();
         let me = std::process::id();
-        assert!(is_descendant(child.id(), me));
-        assert!(!is_descendant(me, child.id()));
-        assert!(!is_descendant(1, me));
+        assert!(is_descendant(child.id(), me).unwrap());
+        assert!(!is_descendant(me, child.id()).unwrap());
+        assert!(!is_descendant(1, me).unwrap());
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -118,6 +118,8 @@ pub struct Space {
     pub hard_failures: u32,
     /// The uffd's read queue could not be drained for lack of fds (EMFILE on FORK).
     pub read_blocked: bool,
+    /// Since when reads have failed for lack of fds (cleared by a good read).
+    pub fd_exhausted_since: Option<Instant>,
 }
 
 impl Space {
@@ -138,6 +140,7 @@ impl Space {
             pages_served: 0,
             hard_failures: 0,
             read_blocked: false,
+            fd_exhausted_since: None,
         }
     }
 

@@ -39,6 +39,7 @@ pub const C_TARGETS: &[&str] = &[
     "samepage",
     "readinto",
     "registered",
+    "forkhold",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).

@@ -182,7 +182,7 @@ static int um_checked, um_registered;
 static char um_missing[512]; /* labels of the checks that found no registration */
 
 /* Record whether the region at addr is registered for missing faults (use um_check()). */
-static void um_check_at(const void *addr, const char *label)
+__attribute__((unused)) static void um_check_at(const void *addr, const char *label)
 {
     int r = vma_has_flag(addr, "um");
     if (r < 0)
