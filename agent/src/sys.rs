@@ -2,7 +2,7 @@
 //! errno, and one-line messages on stderr. Nothing here allocates, except that
 //! [`recv_exact`] appends received fds to a caller's `Vec` (constructor path only).
 
-use std::ffi::{c_int, c_void, CStr, OsStr};
+use std::ffi::{c_int, CStr, OsStr};
 use std::fmt::{self, Write as _};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -212,38 +212,16 @@ fn wait(fd: RawFd, events: i16, deadline: &Deadline, what: &'static str) -> Resu
     }
 }
 
-/// Control-message room for a few fds, aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct CmsgBuf([u8; 64]);
-
-const MAX_FDS_PER_RECV: usize = 8;
-
-/// `sendmsg` of `bytes` with one fd attached by SCM_RIGHTS; the raw result.
+/// `sendmsg` of `bytes` with one fd attached by SCM_RIGHTS (the constructor's path, which may
+/// allocate: the library's sendmsg); the raw result.
 fn send_with_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> isize {
-    let mut cbuf = CmsgBuf([0; 64]);
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) } as _;
-    // SAFETY: msg_control points at `cbuf`, which has room for one cmsghdr carrying one int
-    // (CMSG_SPACE(4) = 24 <= 64) and is aligned for cmsghdr, so CMSG_FIRSTHDR is non-null and
-    // every write below stays inside `cbuf`.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut c_int, fd);
+    match umm::sys::socket::send_with_fds(borrow(sock), bytes, &[borrow(fd)]) {
+        Ok(n) => n as isize,
+        Err(e) => {
+            set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            -1
+        }
     }
-    // SAFETY: `msg` and everything it points to (iov, bytes, cbuf) are live for the call.
-    unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) }
 }
 
 /// Send all of `bytes` before the deadline; `attach` travels with the first byte sent.
@@ -295,43 +273,25 @@ fn recv_some(sock: RawFd, buf: &mut [u8], fds: Option<&mut Vec<OwnedFd>>) -> isi
         // discarded by the kernel (no control buffer).
         return unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     };
-    let mut cbuf = CmsgBuf([0; 64]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size (8 ints: 48 bytes, within `cbuf`).
-    msg.msg_controllen =
-        unsafe { libc::CMSG_SPACE((MAX_FDS_PER_RECV * std::mem::size_of::<c_int>()) as u32) } as _;
-    // SAFETY: `msg` points at live buffers of the sizes it states.
-    let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
-    if r < 0 {
-        return r;
-    }
-    // SAFETY: the kernel filled msg_control with well-formed cmsghdrs (msg_controllen says how
-    // much); CMSG_FIRSTHDR/CMSG_NXTHDR stay within it, and each SCM_RIGHTS payload holds
-    // (cmsg_len - CMSG_LEN(0)) / 4 fds newly installed in this process, owned by nobody else.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg) as *const c_int;
-                let n = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<c_int>();
-                for i in 0..n {
-                    let fd = std::ptr::read_unaligned(data.add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    // The constructor's path (it may allocate): the library's recvmsg, which owns every fd
+    // that arrives (close-on-exec), truncated control data included.
+    match umm::sys::socket::recv_with_fds(borrow(sock), buf) {
+        Ok(got) => {
+            fds.extend(got.fds);
+            got.len as isize
+        }
+        Err(e) => {
+            set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            -1
         }
     }
-    r
+}
+
+/// Borrow a raw fd the caller keeps open for the duration of the call.
+fn borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: callers pass the agent's own live socket (or the uffd it is sending), which
+    // stays open for the single call the borrow is used for.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Fill `buf` completely before the deadline.

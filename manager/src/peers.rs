@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -299,8 +299,7 @@ impl Manager {
             )
         })?;
         let peer = self.peers.get_mut(id).expect("caller checked");
-        let frame = Message::Grant.encode();
-        socket::send_with_fds(peer.stream.as_fd(), &frame, &[dev.as_fd()])
+        send_frame(&peer.stream, &Message::Grant, Some(dev.as_fd()))
             .map_err(|e| Reject::Protocol(format!("sending the grant failed: {e}")))?;
         peer.state = PeerState::AwaitHandoff;
         peer.deadline = Instant::now() + self.cfg.handshake_timeout;
@@ -415,7 +414,7 @@ impl Manager {
 
     fn reply(&mut self, id: Id, msg: &Message) -> Result<(), Reject> {
         let peer = self.peers.get(id).expect("caller checked");
-        socket::send_with_fds(peer.stream.as_fd(), &msg.encode(), &[])
+        send_frame(&peer.stream, msg, None)
             .map_err(|e| Reject::Protocol(format!("sending the reply failed: {e}")))
     }
 
@@ -456,8 +455,7 @@ impl Manager {
             self.stats.protocol_errors += 1;
             log::warn!("{}: protocol error: {reason}; dropped", peer.describe());
         }
-        let nack = Message::Nack { code, reason };
-        let _ = socket::send_with_fds(peer.stream.as_fd(), &nack.encode(), &[]);
+        let _ = send_frame(&peer.stream, &Message::Nack { code, reason }, None);
     }
 
     /// Peers that did not finish their handshake in time (slow or stuck) are dropped.
@@ -478,6 +476,21 @@ impl Manager {
             );
         }
     }
+}
+
+/// Send one frame in one go. Replies are small and a peer's socket buffer holds many, so a
+/// short or blocked send means a peer that does not read: an error, never a wait.
+fn send_frame(stream: &UnixStream, msg: &Message, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let frame = msg.encode();
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let n = socket::send_with_fds(stream.as_fd(), &frame, &fds)?;
+    if n != frame.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short send: {n} of {} bytes", frame.len()),
+        ));
+    }
+    Ok(())
 }
 
 fn message_name(m: &Message) -> &'static str {

@@ -97,26 +97,23 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
     Ok(out)
 }
 
-/// Send `bytes` with `fds` attached (one `sendmsg`; a short send is an error for these small
-/// frames).
-pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+/// One `sendmsg` of `bytes` with `fds` attached (non-blocking, never SIGPIPE). Returns the
+/// bytes sent, which may be fewer than asked; the fds travel with the first of them.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
-    let n = sendmsg::<()>(
+    Ok(sendmsg::<()>(
         sock.as_raw_fd(),
         &[IoSlice::new(bytes)],
         cmsgs,
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
         None,
-    )?;
-    if n != bytes.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            format!("short send: {n} of {} bytes", bytes.len()),
-        ));
-    }
-    Ok(())
+    )?)
 }
 
 #[cfg(test)]
