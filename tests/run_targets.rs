@@ -252,3 +252,61 @@ fn fork_with_the_manager_out_of_fds_never_leaves_the_parent_stuck() {
         "out of fds, the manager gave up on the forking parent instead of leaving it blocked",
     );
 }
+
+#[test]
+fn trace_has_a_line_for_every_layout_event_and_served_fault() {
+    require_root_and_uffd();
+    let dir = TestDir::new("trace");
+    let exe = target("forkstorm");
+    let report_path = dir.join("trace.report.json");
+    let trace_path = dir.join("trace.jsonl");
+    let mut c = std::process::Command::new(umm_bin());
+    c.arg("run")
+        .arg("--report")
+        .arg(&report_path)
+        .arg("--trace")
+        .arg(&trace_path)
+        .arg("--agent")
+        .arg(agent_lib())
+        .arg("--")
+        .arg(&exe)
+        .arg("32")
+        .current_dir(dir.path());
+    let mut p = Proc::spawn(&dir, "trace", c);
+    let status = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    assert!(status.success(), "{}", p.context());
+    let report = Report::load(&report_path).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    let text = std::fs::read_to_string(&trace_path).expect("trace file");
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    let mut served = 0u64;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("trace line {line:?}: {e}"));
+        for field in ["t_us", "space", "pid"] {
+            assert!(v[field].is_u64(), "{field} missing in {line}");
+        }
+        let kind = v["kind"].as_str().expect("kind").to_string();
+        if kind == "fault" {
+            assert!(v["start"].as_u64().unwrap() % PAGE == 0, "{line}");
+            served += v["len"].as_u64().expect("len");
+        }
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let n = |k: &str| kinds.get(k).copied().unwrap_or(0);
+    assert_eq!(n("fork"), report.u64("events.fork"), "{kinds:?}");
+    assert_eq!(n("remove"), report.u64("events.remove"), "{kinds:?}");
+    assert_eq!(n("unmap"), report.u64("events.unmap"), "{kinds:?}");
+    assert_eq!(n("remap"), report.u64("events.remap"), "{kinds:?}");
+    assert!(
+        n("fork") >= 32,
+        "the target forks 32 children and more: {kinds:?}"
+    );
+    // Every served fault has its line; faults that needed no copy (EEXIST) have len 0.
+    assert!(
+        n("fault") >= 1 && n("fault") <= report.u64("faults"),
+        "{kinds:?}"
+    );
+    assert_eq!(served, report.u64("bytes_served"), "{kinds:?}");
+    assert!(n("register") >= 1, "registrations are traced: {kinds:?}");
+}

@@ -62,6 +62,8 @@ impl Manager {
         }
         let mut drained = false;
         let mut single_page = false;
+        // Bytes copied for this fault by attempts before the one that served its page.
+        let mut earlier = 0;
         loop {
             let Some(plan) = self.plan(f.space, page, single_page) else {
                 return Outcome::Done;
@@ -84,6 +86,7 @@ impl Manager {
                     let copied = primary.start..primary.start + e.done;
                     space.layout.mark_present(copied.clone());
                     self.count_served(f.space, copied.end - copied.start);
+                    earlier += copied.end - copied.start;
                     single_page = true;
                     continue;
                 }
@@ -95,7 +98,7 @@ impl Manager {
                         self.stats.eexist += 1;
                         space.layout.mark_present(page..page + PAGE_SIZE);
                         let _ = space.uffd.wake(page, PAGE_SIZE);
-                        self.finish_fault(&f, 0);
+                        self.finish_fault(&f, earlier);
                         return Outcome::Done;
                     }
                     Errno::EEXIST => {
@@ -161,7 +164,7 @@ impl Manager {
             space.hard_failures = 0;
             self.count_served(f.space, done);
             let extra = self.fill_extras(f.space);
-            self.finish_fault(&f, done + extra);
+            self.finish_fault(&f, earlier + done + extra);
             return Outcome::Done;
         }
     }
