@@ -371,3 +371,56 @@ fn daemon_exits_zero_on_sigterm_when_idle() {
     assert_eq!(report.u64("spaces_live"), 0, "{ctx}");
     assert_eq!(report.u64("pages_served"), 0, "{ctx}");
 }
+
+#[test]
+fn daemon_stopping_leaves_running_targets_on_plain_memory() {
+    // Track mode fails open: SIGTERM closes every uffd, the kernel unregisters the ranges, and
+    // a target that was being served goes on with its data intact.
+    require_root_and_uffd();
+    let dir = TestDir::new("daemon-outlive");
+    let d = Daemon::start(&dir);
+    let go = dir.join("go");
+    let mut t = Proc::spawn(
+        &dir,
+        "outlive",
+        d.served("outlive", &[go.to_str().expect("utf-8 path")]),
+    );
+    let phase1 = poll_until(1200, Duration::from_millis(50), || {
+        t.stdout().contains("PHASE1") || t.try_wait().is_some()
+    });
+    assert!(phase1, "outlive never reached phase 1\n{}", t.context());
+    assert!(
+        t.stdout().contains("PHASE1 registered=1"),
+        "phase 1 memory was not registered\n{}",
+        t.context()
+    );
+    let report = d.stop();
+    std::fs::write(&go, b"").expect("create the go file");
+    let status = t.wait_bounded(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "the target did not survive its manager\n{}",
+        t.context()
+    );
+    let ok = OkLine::find(&t.stdout(), "outlive")
+        .unwrap_or_else(|| panic!("no OK line\n{}", t.context()));
+    assert_eq!(ok.u64("before"), 1, "{:?}", ok.fields);
+    assert_eq!(
+        ok.u64("after"),
+        0,
+        "after the manager stopped, the kernel unregistered the range: {:?}",
+        ok.fields
+    );
+    let ctx = report.pretty();
+    assert_eq!(report.u64("handoffs"), 1, "{ctx}");
+    assert_eq!(
+        report.u64("spaces_live"),
+        1,
+        "the target was alive at SIGTERM\n{ctx}"
+    );
+    // phase 1 wrote the first 1 MiB (256 pages) of a fresh registered region
+    assert!(
+        report.u64("pages_served") >= 256,
+        "phase 1 was served\n{ctx}"
+    );
+}

@@ -40,6 +40,7 @@ pub const C_TARGETS: &[&str] = &[
     "readinto",
     "registered",
     "forkhold",
+    "outlive",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
