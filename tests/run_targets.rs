@@ -310,3 +310,29 @@ fn trace_has_a_line_for_every_layout_event_and_served_fault() {
     assert_eq!(served, report.u64("bytes_served"), "{kinds:?}");
     assert!(n("register") >= 1, "registrations are traced: {kinds:?}");
 }
+
+#[test]
+fn umm_run_forwards_sigterm_to_the_command_and_exits_with_its_status() {
+    require_root_and_uffd();
+    let dir = TestDir::new("forward");
+    let script = "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done";
+    let (c, report_path) = umm_run_command(&dir, "forward", &["sh", "-c", script]);
+    let mut p = Proc::spawn(&dir, "forward", c);
+    let ready = poll_until(1200, Duration::from_millis(50), || {
+        p.stdout().contains("ready") || p.try_wait().is_some()
+    });
+    assert!(ready, "the command never started\n{}", p.context());
+    // To umm only (not its process group): umm must pass it on to the command.
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    assert_eq!(status.code(), Some(42), "{}", p.context());
+    assert!(p.stdout().contains("got-term"), "{}", p.context());
+    let report = Report::load(&report_path).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    assert_eq!(report.u64("exit_status"), 42, "{}", report.pretty());
+    assert!(
+        report.u64("handoffs") >= 1,
+        "sh was managed\n{}",
+        report.pretty()
+    );
+}
