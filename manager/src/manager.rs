@@ -127,6 +127,7 @@ pub struct Manager {
     /// `umm run`: the command's pid, reaped by this loop.
     pub(crate) command: Option<u32>,
     last_probe: Instant,
+    last_full_probe: Instant,
     last_coverage_round: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
     handoffs_at_last_coverage: u64,
@@ -187,6 +188,7 @@ impl Manager {
             shutdown: None,
             command: None,
             last_probe: started,
+            last_full_probe: started,
             last_coverage_round: started,
             handoffs_at_last_coverage: 0,
             listener_paused: false,
@@ -543,12 +545,18 @@ impl Manager {
             }
         }
         // Exit detection for spaces without a pidfd (forked children whose pid is not known
-        // yet, and mms replaced by exec). pidfds cover the rest promptly.
+        // yet) every 100 ms; every space once a second, for mms an exec replaced while the
+        // process lives on (a pidfd only reports exit; an exec'd agent's new handoff and the
+        // old agent's socket closing catch most execs at once).
         if now.duration_since(self.last_probe) >= Duration::from_millis(100) {
+            let all = now.duration_since(self.last_full_probe) >= Duration::from_secs(1);
             self.last_probe = now;
+            if all {
+                self.last_full_probe = now;
+            }
             for id in self.spaces.ids() {
-                let unknown = self.spaces.get(id).is_some_and(|s| s.pidfd.is_none());
-                if unknown {
+                let due = all || self.spaces.get(id).is_some_and(|s| s.pidfd.is_none());
+                if due {
                     self.probe(id);
                 }
             }

@@ -465,11 +465,16 @@ impl Manager {
         added
     }
 
-    /// Register every servable mapping of the space's process that the model lacks.
+    /// Register every servable mapping of the space's process that the model lacks. The maps
+    /// are those of whatever process has the pid now: after an exec they belong to a new mm,
+    /// so a space whose mm is gone is closed first, not filled from them.
     pub(crate) fn rescan(&mut self, id: Id) -> u64 {
         let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
             return 0;
         };
+        if !self.probe(id) {
+            return 0;
+        }
         let maps = match proc::read_maps(pid) {
             Ok(m) => m,
             Err(_) => return 0,
