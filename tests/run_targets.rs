@@ -336,3 +336,34 @@ fn umm_run_forwards_sigterm_to_the_command_and_exits_with_its_status() {
         report.pretty()
     );
 }
+
+#[test]
+fn forked_children_in_a_pid_namespace_register_their_own_mappings() {
+    // In a container the fault's thread id and the agent's pid are the namespace's names, not
+    // the manager's: the manager must still find the forked child (its uffd came by FORK) when
+    // the child opens its Register channel, or the child's new mapping (readinto's r7) is not
+    // registered before the kernel copies into it.
+    require_root_and_uffd();
+    let dir = TestDir::new("pidns");
+    let exe = target("readinto");
+    let cmd = [
+        "unshare".to_string(),
+        "--pid".into(),
+        "--fork".into(),
+        "--mount".into(),
+        "--mount-proc".into(),
+        exe.to_string_lossy().into_owned(),
+    ];
+    let run = umm_run(&dir, "pidns", &cmd, &[], LIMIT);
+    run.assert_success();
+    let ok = run.ok_line("readinto");
+    run.assert_all_registered(&ok);
+    let (k, _) = ok.registered();
+    assert!(k >= 5, "parent and child checks: {:?}", ok.fields);
+    run.assert_ge("events.fork", 1, "the target forks");
+    run.assert_ge(
+        "register_requests",
+        1,
+        "the child's mapping came through Register",
+    );
+}

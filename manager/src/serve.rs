@@ -347,19 +347,35 @@ impl Manager {
     /// come from a vfork/posix_spawn child of the process (it shares the mm): the process
     /// wanted is the one the parent space's process forked. When that cannot be told, the pid
     /// stays unknown (exit is then found by the probe); only a space's first faults try.
+    ///
+    /// In another pid namespace (a container), the thread id is the target's name for it:
+    /// the child is the one of the parent's children whose innermost pid it is.
     fn learn_pid(&mut self, id: Id, tid: u32) {
         let Some(space) = self.spaces.get(id) else {
             return;
         };
-        if tid == 0 || !space.same_pidns || space.faults > LEARN_PID_TRIES {
+        if tid == 0 || space.faults > LEARN_PID_TRIES {
+            return;
+        }
+        let parent_pid = match space.origin {
+            Origin::Fork { parent } => self.spaces.get(parent).and_then(|p| p.pid),
+            Origin::Handoff => None,
+        };
+        if !space.same_pidns {
+            let Some(parent_pid) = parent_pid else {
+                return;
+            };
+            let found = proc::children(parent_pid).ok().and_then(|kids| {
+                kids.into_iter()
+                    .find(|&c| proc::innermost_pid(c).ok() == Some(tid))
+            });
+            if let Some(pid) = found {
+                self.set_pid(id, pid);
+            }
             return;
         }
         let Ok(mut pid) = proc::tgid_of(tid) else {
             return;
-        };
-        let parent_pid = match space.origin {
-            Origin::Fork { parent } => self.spaces.get(parent).and_then(|p| p.pid),
-            Origin::Handoff => None,
         };
         if let Some(parent_pid) = parent_pid {
             match proc::parent_pid(pid) {

@@ -148,6 +148,32 @@ pub fn tgid_of(tid: u32) -> io::Result<u32> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty Tgid"))
 }
 
+/// The pids of `pid`'s children (from every thread's `children` file), in the reader's pid
+/// namespace.
+pub fn children(pid: u32) -> io::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(task) = task else { continue };
+        let path = task.path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|v| v.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `pid`'s pid in the innermost pid namespace it is in (the last `NSpid` value): what its own
+/// threads, and fault messages, call it.
+pub fn innermost_pid(pid: u32) -> io::Result<u32> {
+    status_field(pid, "NSpid")?
+        .last()
+        .map(|&v| v as u32)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "empty NSpid"))
+}
+
 /// The executable of `pid`, as the kernel names it.
 pub fn exe(pid: u32) -> String {
     std::fs::read_link(format!("/proc/{pid}/exe"))
@@ -272,6 +298,20 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(c.anon_bytes, 128 * 1024);
         assert_eq!(c.registered_anon_bytes, 100 * 1024);
         assert!((c.ratio().unwrap() - 100.0 / 128.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_child_is_listed_and_names_itself_like_we_do() {
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kids = children(std::process::id()).unwrap();
+        assert!(kids.contains(&child.id()), "{kids:?}");
+        // Same pid namespace as the test: the innermost pid is the pid.
+        assert_eq!(innermost_pid(child.id()).unwrap(), child.id());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
