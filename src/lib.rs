@@ -6,12 +6,14 @@
 //! - [`sys`]: thin safe wrappers for the other raw calls (procfs, pidfd, sockets, fds);
 //! - [`layout`]: the model of one address space, pure data;
 //! - [`protocol`]: the agent↔manager wire format;
+//! - [`image`]: memory images (what `umm snapshot` writes and `umm restore` serves);
 //! - [`source`]: where page contents come from.
 //!
 //! `unsafe` lives only in `uffd` and `sys`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod image;
 pub mod layout;
 pub mod protocol;
 pub mod source;
