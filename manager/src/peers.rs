@@ -215,7 +215,7 @@ impl Manager {
             }
             (state, msg) => Err(Reject::Protocol(format!(
                 "unexpected {} in state {state:?}",
-                message_name(&msg)
+                protocol::kind_name(msg.kind())
             ))),
         }
     }
@@ -493,16 +493,6 @@ fn send_frame(stream: &UnixStream, msg: &Message, fd: Option<BorrowedFd<'_>>) ->
     Ok(())
 }
 
-fn message_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Handoff => "Handoff",
-        Message::Register { .. } => "Register",
-        Message::Ack { .. } => "Ack",
-        Message::Nack { .. } => "Nack",
-        Message::Grant => "Grant",
-    }
-}
 
 /// Whether `pid` descends from `ancestor` (walking parent links; a subreaper keeps orphans in
 /// the tree). A process that vanished on the way is not a descendant; any other failure to

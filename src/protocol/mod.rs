@@ -4,6 +4,7 @@
 //! WIRE FORMAT (version 1). All integers little endian.
 //! ```text
 //! frame   := len:u32 body[len]            len = 4 + payload length, 4 <= len <= MAX_FRAME
+//!                                          (Restore: <= MAX_RESTORE_FRAME)
 //! body    := version:u16 kind:u16 payload
 //! ```
 //! Kinds (agent → manager):
@@ -16,8 +17,16 @@
 //! - 0x0002 Handoff  (empty)        one uffd attached, made from a granted device fd
 //! - 0x0003 Register start:u64 len:u64   the agent mapped private anonymous memory
 //!
+//! Kinds (restorer → manager):
+//! - 0x0004 Restore  pid:u32 flags:u32 image_len:u16 image[image_len] count:u32
+//!                   count × (start:u64 len:u64)        one uffd attached
+//!   A restoring process has mapped these regions of the image (each exactly a region of its
+//!   manifest, untouched) and hands its uffd over: the manager fills them lazily from the
+//!   image. image: the image directory (UTF-8, <= MAX_IMAGE_PATH); flags: none defined yet
+//!   (must be 0); 1 <= count <= MAX_RESTORE_REGIONS.
+//!
 //! Kinds (manager → agent):
-//! - 0x0101 Ack      registered_bytes:u64   (reply to Hello/Handoff/Register)
+//! - 0x0101 Ack      registered_bytes:u64   (reply to Hello/Handoff/Register/Restore)
 //! - 0x0102 Nack     code:u16 reason_len:u16 reason[reason_len]   (UTF-8, <= MAX_REASON)
 //! - 0x0103 Grant    (empty)        one `/dev/userfaultfd` fd attached
 //!
@@ -35,8 +44,14 @@ mod imp {
 
     /// The protocol version this build speaks.
     pub const VERSION: u16 = 1;
-    /// Largest frame (length prefix excluded).
+    /// Largest frame (length prefix excluded) of every kind but Restore.
     pub const MAX_FRAME: usize = 4096;
+    /// Largest Restore frame (length prefix excluded): its region list may be long.
+    pub const MAX_RESTORE_FRAME: usize = 64 * 1024;
+    /// Longest image path in a Restore.
+    pub const MAX_IMAGE_PATH: usize = 1024;
+    /// Most regions one Restore may list.
+    pub const MAX_RESTORE_REGIONS: usize = 4000;
     /// Longest `exe` in a Hello.
     pub const MAX_EXE: usize = 1024;
     /// Longest Nack reason.
@@ -56,6 +71,7 @@ mod imp {
     pub const KIND_HELLO: u16 = 0x0001;
     pub const KIND_HANDOFF: u16 = 0x0002;
     pub const KIND_REGISTER: u16 = 0x0003;
+    pub const KIND_RESTORE: u16 = 0x0004;
     pub const KIND_ACK: u16 = 0x0101;
     pub const KIND_NACK: u16 = 0x0102;
     pub const KIND_GRANT: u16 = 0x0103;
@@ -128,9 +144,40 @@ mod imp {
         Hello { pid: u32, flags: u32, exe: String },
         Handoff,
         Register { start: u64, len: u64 },
+        Restore {
+            pid: u32,
+            flags: u32,
+            image: String,
+            /// (start, len) of each region, in the order sent.
+            regions: Vec<(u64, u64)>,
+        },
         Ack { registered_bytes: u64 },
         Nack { code: NackCode, reason: String },
         Grant,
+    }
+
+    /// The region list of a Restore as received: `count` pairs of little-endian u64.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RegionList<'a> {
+        raw: &'a [u8],
+    }
+
+    impl<'a> RegionList<'a> {
+        pub fn len(&self) -> usize {
+            self.raw.len() / 16
+        }
+        pub fn is_empty(&self) -> bool {
+            self.raw.is_empty()
+        }
+        pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + 'a {
+            self.raw.chunks_exact(16).map(|c| {
+                let mut a = [0u8; 8];
+                let mut b = [0u8; 8];
+                a.copy_from_slice(&c[..8]);
+                b.copy_from_slice(&c[8..]);
+                (u64::from_le_bytes(a), u64::from_le_bytes(b))
+            })
+        }
     }
 
     /// A decoded message whose text borrows from the received bytes (no allocation).
@@ -139,6 +186,12 @@ mod imp {
         Hello { pid: u32, flags: u32, exe: &'a str },
         Handoff,
         Register { start: u64, len: u64 },
+        Restore {
+            pid: u32,
+            flags: u32,
+            image: &'a str,
+            regions: RegionList<'a>,
+        },
         Ack { registered_bytes: u64 },
         Nack { code: NackCode, reason: &'a str },
         Grant,
@@ -155,6 +208,17 @@ mod imp {
                 },
                 MessageRef::Handoff => Message::Handoff,
                 MessageRef::Register { start, len } => Message::Register { start, len },
+                MessageRef::Restore {
+                    pid,
+                    flags,
+                    image,
+                    regions,
+                } => Message::Restore {
+                    pid,
+                    flags,
+                    image: image.to_owned(),
+                    regions: regions.iter().collect(),
+                },
                 MessageRef::Ack { registered_bytes } => Message::Ack { registered_bytes },
                 MessageRef::Nack { code, reason } => Message::Nack {
                     code,
@@ -170,6 +234,7 @@ mod imp {
                 MessageRef::Hello { .. } => KIND_HELLO,
                 MessageRef::Handoff => KIND_HANDOFF,
                 MessageRef::Register { .. } => KIND_REGISTER,
+                MessageRef::Restore { .. } => KIND_RESTORE,
                 MessageRef::Ack { .. } => KIND_ACK,
                 MessageRef::Nack { .. } => KIND_NACK,
                 MessageRef::Grant => KIND_GRANT,
@@ -183,6 +248,7 @@ mod imp {
             KIND_HELLO => "Hello",
             KIND_HANDOFF => "Handoff",
             KIND_REGISTER => "Register",
+            KIND_RESTORE => "Restore",
             KIND_ACK => "Ack",
             KIND_NACK => "Nack",
             KIND_GRANT => "Grant",
@@ -231,18 +297,25 @@ mod imp {
         }
     }
 
+    /// Frame length (prefix excluded) of a Restore with this image path and region count.
+    fn restore_frame_len(image: &str, regions: usize) -> usize {
+        HEADER_LEN + 4 + 4 + 2 + clip(image, MAX_IMAGE_PATH).len() + 4 + 16 * regions
+    }
+
     // Every message fits in one frame, whatever its text.
     const _: () = assert!(HEADER_LEN + 10 + MAX_EXE <= MAX_FRAME);
     const _: () = assert!(HEADER_LEN + 4 + MAX_REASON <= MAX_FRAME);
     const _: () = assert!(MAX_EXE <= u16::MAX as usize);
     const _: () = assert!(MAX_REASON <= u16::MAX as usize);
+    const _: () =
+        assert!(HEADER_LEN + 14 + MAX_IMAGE_PATH + 16 * MAX_RESTORE_REGIONS <= MAX_RESTORE_FRAME);
 
     impl Message {
         /// Whether this message must travel with exactly one fd.
         pub fn carries_fd(&self) -> bool {
             match self {
                 Message::Hello { flags, .. } => flags & HELLO_HAS_UFFD != 0,
-                Message::Handoff | Message::Grant => true,
+                Message::Handoff | Message::Grant | Message::Restore { .. } => true,
                 Message::Register { .. } | Message::Ack { .. } | Message::Nack { .. } => false,
             }
         }
@@ -253,6 +326,7 @@ mod imp {
                 Message::Hello { .. } => KIND_HELLO,
                 Message::Handoff => KIND_HANDOFF,
                 Message::Register { .. } => KIND_REGISTER,
+                Message::Restore { .. } => KIND_RESTORE,
                 Message::Ack { .. } => KIND_ACK,
                 Message::Nack { .. } => KIND_NACK,
                 Message::Grant => KIND_GRANT,
@@ -261,10 +335,35 @@ mod imp {
 
         /// Encode as one frame (length prefix included) into `buf`; returns the bytes written.
         /// Never allocates (the agent encodes inside an interposed mmap). Text longer than its
-        /// limit is truncated at a char boundary.
+        /// limit is truncated at a char boundary. A Restore that does not fit in `MAX_FRAME`
+        /// is not written (returns 0): use [`Message::encode`].
         pub fn encode_into(&self, buf: &mut [u8; MAX_FRAME + 4]) -> usize {
+            if let Message::Restore { image, regions, .. } = self {
+                if restore_frame_len(image, regions.len()) > MAX_FRAME {
+                    return 0;
+                }
+            }
+            self.encode_slice(&mut buf[..])
+        }
+
+        /// Encode into a new Vec (any kind, Restore included).
+        pub fn encode(&self) -> Vec<u8> {
+            let len = match self {
+                Message::Restore { image, regions, .. } => {
+                    restore_frame_len(image, regions.len().min(MAX_RESTORE_REGIONS))
+                }
+                _ => MAX_FRAME,
+            };
+            let mut buf = vec![0u8; PREFIX_LEN + len];
+            let n = self.encode_slice(&mut buf);
+            buf.truncate(n);
+            buf
+        }
+
+        /// Encode into `buf`, which the callers size to fit.
+        fn encode_slice(&self, buf: &mut [u8]) -> usize {
             let mut w = Writer {
-                buf: &mut buf[..],
+                buf,
                 pos: PREFIX_LEN,
             };
             w.u16(VERSION);
@@ -279,6 +378,22 @@ mod imp {
                     w.u64(*start);
                     w.u64(*len);
                 }
+                Message::Restore {
+                    pid,
+                    flags,
+                    image,
+                    regions,
+                } => {
+                    let regions = &regions[..regions.len().min(MAX_RESTORE_REGIONS)];
+                    w.u32(*pid);
+                    w.u32(*flags);
+                    w.text(image, MAX_IMAGE_PATH);
+                    w.u32(regions.len() as u32);
+                    for &(start, len) in regions {
+                        w.u64(start);
+                        w.u64(len);
+                    }
+                }
                 Message::Ack { registered_bytes } => w.u64(*registered_bytes),
                 Message::Nack { code, reason } => {
                     w.u16(*code as u16);
@@ -288,15 +403,8 @@ mod imp {
             }
             let end = w.pos;
             let len = (end - PREFIX_LEN) as u32;
-            buf[..PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+            w.buf[..PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
             end
-        }
-
-        /// Encode into a new Vec (manager side).
-        pub fn encode(&self) -> Vec<u8> {
-            let mut buf = [0u8; MAX_FRAME + 4];
-            let n = self.encode_into(&mut buf);
-            buf[..n].to_vec()
         }
     }
 
@@ -329,6 +437,8 @@ mod imp {
         },
         BadFlags(u32),
         BadNackCode(u16),
+        BadRestoreFlags(u32),
+        BadRegionCount(u32),
     }
 
     impl fmt::Display for ProtocolError {
@@ -366,6 +476,13 @@ mod imp {
                     "bad Hello flags {flags:#x}: exactly one of HAS_UFFD ({HELLO_HAS_UFFD:#x}), \
                      WANT_GRANT ({HELLO_WANT_GRANT:#x}) and FORKED ({HELLO_FORKED:#x}) must be \
                      set, and no bit outside {HELLO_KNOWN_FLAGS:#x}"
+                ),
+                ProtocolError::BadRestoreFlags(flags) => {
+                    write!(f, "bad Restore flags {flags:#x}: none are defined")
+                }
+                ProtocolError::BadRegionCount(n) => write!(
+                    f,
+                    "Restore lists {n} regions; 1 to {MAX_RESTORE_REGIONS} are allowed"
                 ),
                 ProtocolError::BadNackCode(code) => write!(
                     f,
@@ -440,14 +557,23 @@ mod imp {
     }
 
     /// Check the length prefix at the start of `buf`: `Ok(None)` while fewer than 4 bytes are
-    /// in, else the frame's total size (prefix included).
+    /// in (8 for a length only a Restore may have: its kind decides), else the frame's total
+    /// size (prefix included).
     pub fn frame_size(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
         let Some(prefix) = buf.get(..PREFIX_LEN) else {
             return Ok(None);
         };
         let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        if len > MAX_FRAME {
+        if len > MAX_RESTORE_FRAME {
             return Err(ProtocolError::FrameTooLong(len));
+        }
+        if len > MAX_FRAME {
+            let Some(kind) = buf.get(PREFIX_LEN + 2..PREFIX_LEN + 4) else {
+                return Ok(None);
+            };
+            if u16::from_le_bytes([kind[0], kind[1]]) != KIND_RESTORE {
+                return Err(ProtocolError::FrameTooLong(len));
+            }
         }
         if len < HEADER_LEN {
             return Err(ProtocolError::FrameTooShort(len));
@@ -488,6 +614,26 @@ mod imp {
                 MessageRef::Hello { pid, flags, exe }
             }
             KIND_HANDOFF => MessageRef::Handoff,
+            KIND_RESTORE => {
+                let pid = r.u32()?;
+                let flags = r.u32()?;
+                let image = r.text("image", MAX_IMAGE_PATH)?;
+                let count = r.u32()?;
+                let raw = r.take(16usize.saturating_mul(count as usize))?;
+                r.finish()?;
+                if flags != 0 {
+                    return Err(ProtocolError::BadRestoreFlags(flags));
+                }
+                if count == 0 || count as usize > MAX_RESTORE_REGIONS {
+                    return Err(ProtocolError::BadRegionCount(count));
+                }
+                MessageRef::Restore {
+                    pid,
+                    flags,
+                    image,
+                    regions: RegionList { raw },
+                }
+            }
             KIND_REGISTER => MessageRef::Register {
                 start: r.u64()?,
                 len: r.u64()?,

@@ -132,10 +132,11 @@ fn carries_fd_matches_the_documented_kinds() {
 
 #[test]
 fn too_long_prefix_is_an_error_from_four_bytes() {
-    let len = (MAX_FRAME + 1) as u32;
+    // Beyond what even a Restore may be, the prefix alone tells.
+    let len = (MAX_RESTORE_FRAME + 1) as u32;
     assert_eq!(
         err(&len.to_le_bytes()),
-        ProtocolError::FrameTooLong(MAX_FRAME + 1)
+        ProtocolError::FrameTooLong(MAX_RESTORE_FRAME + 1)
     );
     assert_eq!(
         err(&u32::MAX.to_le_bytes()),
@@ -177,7 +178,7 @@ fn wrong_version_is_an_error() {
 
 #[test]
 fn unknown_kind_is_an_error() {
-    for kind in [0u16, 4, 0x0100, 0x0104, 0xffff] {
+    for kind in [0u16, 5, 0x0100, 0x0104, 0xffff] {
         assert_eq!(
             err(&frame(VERSION, kind, &[])),
             ProtocolError::UnknownKind(kind)
@@ -515,6 +516,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )
             .prop_map(|(code, reason)| Message::Nack { code, reason }),
         Just(Message::Grant),
+        (
+            any::<u32>(),
+            arb_text(MAX_IMAGE_PATH),
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 1..64)
+        )
+            .prop_map(|(pid, image, regions)| Message::Restore {
+                pid,
+                flags: 0,
+                image,
+                regions
+            }),
     ]
 }
 
@@ -530,7 +542,7 @@ proptest! {
     #[test]
     fn decode_never_panics_on_framed_garbage(
         kind in prop_oneof![
-            Just(KIND_HELLO), Just(KIND_HANDOFF), Just(KIND_REGISTER),
+            Just(KIND_HELLO), Just(KIND_HANDOFF), Just(KIND_REGISTER), Just(KIND_RESTORE),
             Just(KIND_ACK), Just(KIND_NACK), Just(KIND_GRANT), any::<u16>()
         ],
         payload in proptest::collection::vec(any::<u8>(), 0..80),
@@ -552,4 +564,81 @@ proptest! {
         bytes.extend_from_slice(&tail);
         prop_assert_eq!(decode(&bytes).unwrap(), Some((m, n)));
     }
+}
+
+
+fn restore_payload(flags: u32, image: &[u8], regions: &[(u64, u64)], count: u32) -> Vec<u8> {
+    let mut p = 7u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&flags.to_le_bytes());
+    p.extend_from_slice(&(image.len() as u16).to_le_bytes());
+    p.extend_from_slice(image);
+    p.extend_from_slice(&count.to_le_bytes());
+    for (a, b) in regions {
+        p.extend_from_slice(&a.to_le_bytes());
+        p.extend_from_slice(&b.to_le_bytes());
+    }
+    p
+}
+
+#[test]
+fn a_restore_with_thousands_of_regions_round_trips_in_one_large_frame() {
+    let regions: Vec<(u64, u64)> = (0..MAX_RESTORE_REGIONS as u64)
+        .map(|i| (0x1000_0000 + i * 0x2000, 0x1000))
+        .collect();
+    let m = Message::Restore {
+        pid: 42,
+        flags: 0,
+        image: "/var/lib/umm/img".into(),
+        regions,
+    };
+    let bytes = m.encode();
+    assert!(bytes.len() > MAX_FRAME && bytes.len() <= MAX_RESTORE_FRAME + 4);
+    assert_eq!(decode(&bytes).unwrap(), Some((m.clone(), bytes.len())));
+    assert!(m.carries_fd());
+    // Too big for the fixed buffer of the non-allocating encoder: refused, not truncated.
+    let mut buf = [0u8; MAX_FRAME + 4];
+    assert_eq!(m.encode_into(&mut buf), 0);
+}
+
+#[test]
+fn only_a_restore_may_be_longer_than_max_frame() {
+    let big = vec![0u8; MAX_FRAME + 100];
+    // A Register claiming a large frame is refused as soon as its kind is known.
+    let f = frame(VERSION, KIND_REGISTER, &big);
+    assert_eq!(decode(&f[..6]), Ok(None), "the kind is not in yet");
+    assert_eq!(err(&f[..8]), ProtocolError::FrameTooLong(4 + big.len()));
+    // Beyond the Restore limit, the prefix alone is enough.
+    let huge = ((MAX_RESTORE_FRAME + 1) as u32).to_le_bytes();
+    assert_eq!(err(&huge), ProtocolError::FrameTooLong(MAX_RESTORE_FRAME + 1));
+}
+
+#[test]
+fn restore_region_count_and_flags_are_checked() {
+    let p = restore_payload(0, b"/img", &[], 0);
+    assert_eq!(
+        err(&frame(VERSION, KIND_RESTORE, &p)),
+        ProtocolError::BadRegionCount(0)
+    );
+    let p = restore_payload(1, b"/img", &[(0x1000, 0x1000)], 1);
+    assert_eq!(
+        err(&frame(VERSION, KIND_RESTORE, &p)),
+        ProtocolError::BadRestoreFlags(1)
+    );
+    // A count the payload does not hold is truncation, never a huge allocation.
+    let p = restore_payload(0, b"/img", &[(0x1000, 0x1000)], u32::MAX);
+    assert!(matches!(
+        err(&frame(VERSION, KIND_RESTORE, &p)),
+        ProtocolError::Truncated { .. }
+    ));
+    let p = restore_payload(0, b"/img", &[(0x1000, 0x1000), (0x3000, 0x1000)], 2);
+    let got = decode(&frame(VERSION, KIND_RESTORE, &p)).unwrap().unwrap().0;
+    assert_eq!(
+        got,
+        Message::Restore {
+            pid: 7,
+            flags: 0,
+            image: "/img".into(),
+            regions: vec![(0x1000, 0x1000), (0x3000, 0x1000)]
+        }
+    );
 }
