@@ -117,7 +117,7 @@ impl Layout {
             LayoutEvent::Remap { from, to, len } => self.remap(from, to, len),
             LayoutEvent::Remove { start, end } => {
                 if let Some((start, end)) = page_range(start..end) {
-                    self.update_range(start, end, |_| (PageState::Zero, None));
+                    self.update_range(start, end, |_, _| (PageState::Zero, None));
                 }
             }
             LayoutEvent::Unmap { start, end } => self.unregister(start..end),
@@ -136,7 +136,17 @@ impl Layout {
     /// Mark registered pages in `range` `Present` (unregistered pages are ignored).
     pub fn mark_present(&mut self, range: Range<u64>) {
         if let Some((start, end)) = page_range(range) {
-            self.update_range(start, end, |seg| (PageState::Present, seg.source));
+            self.update_range(start, end, |_, seg| (PageState::Present, seg.source));
+        }
+    }
+
+    /// Set registered pages in `range` to `state`, with `source` the source offset of the
+    /// range's first page (pages follow contiguously), keeping VMA bounds as they are: how a
+    /// restore marks the runs of a registered region that have data in the image.
+    /// Unregistered pages are ignored.
+    pub fn set_state(&mut self, range: Range<u64>, state: PageState, source: Option<u64>) {
+        if let Some((start, end)) = page_range(range) {
+            self.update_range(start, end, |at, _| (state, source_at(source, at - start)));
         }
     }
 
@@ -328,14 +338,14 @@ impl Layout {
         &mut self,
         start: u64,
         end: u64,
-        mut f: impl FnMut(&Seg) -> (PageState, Option<u64>),
+        mut f: impl FnMut(u64, &Seg) -> (PageState, Option<u64>),
     ) {
         self.split_run_at(start);
         self.split_run_at(end);
         let keys: Vec<u64> = self.runs.range(start..end).map(|(&s, _)| s).collect();
         for &s in &keys {
             let seg = self.remove_run(s).expect("run listed above");
-            let (state, source) = f(&seg);
+            let (state, source) = f(s, &seg);
             self.insert_run(
                 s,
                 Seg {

@@ -81,6 +81,22 @@ impl Model {
         }
     }
 
+    /// Like `update`, with each page's address.
+    fn update_at(
+        &mut self,
+        range: Range<u64>,
+        f: impl Fn(u64, PageState, Option<u64>) -> (PageState, Option<u64>),
+    ) {
+        let Some((s, e)) = rounded(range.start, range.end) else {
+            return;
+        };
+        for p in pages(s, e) {
+            if let Some(v) = self.pages.get_mut(&p) {
+                *v = f(p, v.0, v.1);
+            }
+        }
+    }
+
     fn split(&mut self, addr: u64) {
         let a = page_floor(addr);
         if a >= P && self.registered(a - P) && self.registered(a) {
@@ -261,6 +277,7 @@ enum Op {
     Register(Range<u64>, PageState, Option<u64>),
     Unregister(Range<u64>),
     MarkPresent(Range<u64>),
+    SetState(Range<u64>, PageState, Option<u64>),
     Event(LayoutEvent),
     Split(u64),
     /// Clone the layout (FORK); keep going on the clone if true, else on the original. The
@@ -308,6 +325,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(r, s, src)| Op::Register(r, s, src)),
         1 => range().prop_map(Op::Unregister),
         3 => range().prop_map(Op::MarkPresent),
+        2 => (range(), state(), prop_oneof![Just(None), (0u64..64).prop_map(|o| Some(o * P))])
+            .prop_map(|(r, s, src)| Op::SetState(r, s, src)),
         2 => range().prop_map(|r| Op::Event(LayoutEvent::Remove { start: r.start, end: r.end })),
         1 => range().prop_map(|r| Op::Event(LayoutEvent::Unmap { start: r.start, end: r.end })),
         2 => (0..PAGES, 0..PAGES, 0u64..24, offset()).prop_map(|(f, t, n, o)| {
@@ -344,6 +363,11 @@ proptest! {
                 Op::MarkPresent(r) => {
                     l.mark_present(r.clone());
                     m.update(r, |_, src| (PageState::Present, src));
+                }
+                Op::SetState(r, st, src) => {
+                    l.set_state(r.clone(), st, src);
+                    let first = page_floor(r.start);
+                    m.update_at(r, |p, _, _| (st, src.map(|o| o.wrapping_add(p - first))));
                 }
                 Op::Event(e) => {
                     l.apply(e);
