@@ -69,10 +69,12 @@ install: build
 	install -m 0644 man/umm.1 $(MANDIR)/man1/umm.1
 	install -m 0644 man/umm-agent.7 $(MANDIR)/man7/umm-agent.7
 	install -m 0644 man/umm-protocol.5 $(MANDIR)/man5/umm-protocol.5
+	install -m 0644 man/umm-image.5 $(MANDIR)/man5/umm-image.5
 
 uninstall:
 	rm -f $(BINDIR)/umm $(LIBDIR)/libumm_agent.so $(MANDIR)/man1/umm.1 \
-	  $(MANDIR)/man7/umm-agent.7 $(MANDIR)/man5/umm-protocol.5
+	  $(MANDIR)/man7/umm-agent.7 $(MANDIR)/man5/umm-protocol.5 \
+	  $(MANDIR)/man5/umm-image.5
 	-rmdir $(LIBDIR)
 
 clean:

@@ -17,6 +17,30 @@
 //! An image must not change while it is served (a truncated mapping raises SIGBUS).
 //!
 //! INTERFACE CONTRACT (the manager and `umm snapshot` depend on exactly this).
+//!
+//! Details the contract leaves open, as implemented (umm-image(5) is the full description):
+//! - Hex strings are `0x` and 1 to 16 hex digits (read in either case, written in lower case).
+//!   `data_len`, `pid` and `created_unix` are JSON numbers.
+//! - A manifest names its format and version first of all: a manifest of another format or
+//!   version is a `Version` error even if its other fields would not parse. Field-level
+//!   problems (syntax, missing/unknown/duplicate fields, bad hex, bad prot, unknown or repeated
+//!   flags, `page_size`/`chunk_size` other than 4096/[`CHUNK_SIZE`], limits) are `Manifest`
+//!   errors; geometry (alignment, overlap, order, runs outside regions, runs not tiling the
+//!   data file, `data_len` not their sum, addresses above [`MAX_ADDRESS`]) is `Invalid`.
+//! - Regions may touch (end of one == start of the next); so may runs. A region may have no
+//!   runs (all holes); then it adds no data.
+//! - A missing `manifest.json` (no image, or a writer that never finished) is an `Io` error
+//!   of kind `NotFound` naming that file.
+//! - `Image::data` with `len == 0` and `data_offset <= data_len` returns an empty slice and
+//!   verifies nothing. `Corrupt` names the data file. `verify_all` stops at the first bad chunk.
+//! - Writer: input errors (order, alignment, bounds, flags, prot > 7, the region and run
+//!   limits) are `Invalid` naming the directory and leave the writer usable; an I/O error
+//!   names the file and poisons the writer (later calls fail). A directory that exists and is
+//!   not empty is an `Io` error of kind `AlreadyExists`; a missing one is created with its
+//!   parents. `write_pages` with empty `bytes` does nothing. The manifest is written with one
+//!   region per line (readers must not depend on that).
+//! - `Image: Send + Sync`: verification state is an atomic bitset of verified chunks plus a
+//!   locked map of bad chunks (with the CRC found), touched only when a chunk is first read.
 
 use std::fmt;
 use std::ops::Range;
@@ -36,6 +60,25 @@ pub const CHECKSUM_FILE: &str = "checksums.bin";
 pub const MAX_REGIONS: usize = 1 << 20;
 pub const MAX_RUNS: usize = 1 << 24;
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+/// Regions end at or below this address (48-bit user address spaces). An extra public item
+/// beside the contract: what `Image::open` and `ImageWriter::begin_region` enforce.
+pub const MAX_ADDRESS: u64 = 0x0001_0000_0000_0000;
+/// The words `Region::flags` may hold (each at most once, in any order). An extra public item
+/// beside the contract; umm-image(5) describes each:
+/// - `private`, `anonymous`: the mapping was MAP_PRIVATE / MAP_ANONYMOUS;
+/// - `heap`, `stack`: the region was the `[heap]` / `[stack]` of the process;
+/// - `growsdown`: a MAP_GROWSDOWN mapping (VM_GROWSDOWN);
+/// - `noreserve`: MAP_NORESERVE (no swap accounting);
+/// - `reservation`: address space reserved with PROT_NONE (guards, allocator arenas).
+pub const REGION_FLAGS: &[&str] = &[
+    "private",
+    "anonymous",
+    "heap",
+    "stack",
+    "growsdown",
+    "noreserve",
+    "reservation",
+];
 
 /// Protection of a region, as `mmap`'s PROT_* bits (PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4).
 pub type Prot = u32;
@@ -98,25 +141,89 @@ pub struct Manifest {
 /// What is wrong with an image (each names the file and the detail).
 #[derive(Debug)]
 pub enum ImageError {
-    Io { path: PathBuf, err: std::io::Error },
+    Io {
+        path: PathBuf,
+        err: std::io::Error,
+    },
     /// The manifest does not parse, or a field is missing/unknown/out of range.
-    Manifest { path: PathBuf, detail: String },
+    Manifest {
+        path: PathBuf,
+        detail: String,
+    },
     /// Format name or version this build does not read.
-    Version { path: PathBuf, found: String },
+    Version {
+        path: PathBuf,
+        found: String,
+    },
     /// A structural problem: overlap, misalignment, run outside its region, data range outside
     /// the data file, sizes that do not add up.
-    Invalid { path: PathBuf, detail: String },
+    Invalid {
+        path: PathBuf,
+        detail: String,
+    },
     /// The data file is shorter or longer than the manifest says.
-    DataSize { path: PathBuf, expected: u64, found: u64 },
+    DataSize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     /// `checksums.bin` is malformed or does not cover the data file.
-    Checksums { path: PathBuf, detail: String },
+    Checksums {
+        path: PathBuf,
+        detail: String,
+    },
     /// Chunk `chunk` of the data file does not match its checksum: never serve it.
-    Corrupt { path: PathBuf, chunk: u64, expected: u32, found: u32 },
+    Corrupt {
+        path: PathBuf,
+        chunk: u64,
+        expected: u32,
+        found: u32,
+    },
 }
 
 impl fmt::Display for ImageError {
-    fn fmt(&self, _f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        todo!()
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::Io { path, err } => write!(f, "{}: {err}", path.display()),
+            ImageError::Manifest { path, detail } => {
+                write!(f, "{}: bad manifest: {detail}", path.display())
+            }
+            ImageError::Version { path, found } => write!(
+                f,
+                "{}: unsupported image ({found}); this build reads {FORMAT_NAME} version \
+                 {FORMAT_VERSION}",
+                path.display()
+            ),
+            ImageError::Invalid { path, detail } => {
+                write!(f, "{}: invalid image: {detail}", path.display())
+            }
+            ImageError::DataSize {
+                path,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: data file is {found} bytes, the manifest says {expected} (truncated or \
+                 changed image)",
+                path.display()
+            ),
+            ImageError::Checksums { path, detail } => {
+                write!(f, "{}: bad checksum file: {detail}", path.display())
+            }
+            ImageError::Corrupt {
+                path,
+                chunk,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: chunk {chunk} (bytes {:#x}..{:#x}) is corrupt: CRC-32C {found:#010x}, \
+                 expected {expected:#010x}",
+                path.display(),
+                chunk.saturating_mul(CHUNK_SIZE),
+                chunk.saturating_add(1).saturating_mul(CHUNK_SIZE)
+            ),
+        }
     }
 }
 
@@ -124,93 +231,11 @@ impl std::error::Error for ImageError {}
 
 pub use imp::{Image, ImageWriter};
 
-mod imp {
-    use super::*;
+mod checksums;
+mod imp;
+mod manifest;
 
-    /// Writes an image directory. Regions must be added in address order; data pages of the
-    /// current region in address order.
-    pub struct ImageWriter {
-        _todo: (),
-    }
-
-    impl ImageWriter {
-        /// Create `dir` (must not exist, or be an empty directory).
-        pub fn create(_dir: &Path, _source_pid: u32, _source_exe: &str) -> Result<Self, ImageError> {
-            todo!()
-        }
-
-        /// Start a region (ends the previous one).
-        pub fn begin_region(
-            &mut self,
-            _start: u64,
-            _len: u64,
-            _prot: Prot,
-            _flags: &[&str],
-            _name: &str,
-        ) -> Result<(), ImageError> {
-            todo!()
-        }
-
-        /// Append populated pages at `addr` (page aligned, inside the current region, after
-        /// pages already written; `bytes.len()` a multiple of the page size). Adjacent pages
-        /// extend the current run.
-        pub fn write_pages(&mut self, _addr: u64, _bytes: &[u8]) -> Result<(), ImageError> {
-            todo!()
-        }
-
-        /// Write checksums and the manifest (atomically: manifest last, via rename) and return it.
-        pub fn finish(self) -> Result<Manifest, ImageError> {
-            todo!()
-        }
-    }
-
-    /// An image opened for serving: the manifest validated, the data file mapped read-only,
-    /// checksums loaded; each chunk verified the first time any of it is read.
-    pub struct Image {
-        _todo: (),
-    }
-
-    impl Image {
-        /// Open and validate `dir` (manifest, data size, checksum file). Chunks are verified
-        /// lazily by `data`.
-        pub fn open(_dir: &Path) -> Result<Image, ImageError> {
-            todo!()
-        }
-
-        pub fn dir(&self) -> &Path {
-            todo!()
-        }
-
-        pub fn manifest(&self) -> &Manifest {
-            todo!()
-        }
-
-        /// `len` bytes at `data_offset` of the data file, every chunk they touch verified
-        /// (verification results are remembered; a bad chunk stays bad). The slice borrows the
-        /// read-only mapping: `UFFDIO_COPY` can use it directly. Out-of-range requests are
-        /// `Invalid` errors.
-        pub fn data(&self, _data_offset: u64, _len: u64) -> Result<&[u8], ImageError> {
-            todo!()
-        }
-
-        /// Verify every chunk now (e.g. `umm restore --verify`). Returns the first error.
-        pub fn verify_all(&self) -> Result<(), ImageError> {
-            todo!()
-        }
-
-        /// Hint the kernel to read `[data_offset, +len)` ahead (MADV_WILLNEED) / drop it
-        /// (MADV_DONTNEED on the read-only file mapping: pages are re-read from the page cache or
-        /// disk if needed again). Safe to call from a helper thread (`Image: Sync`).
-        pub fn advise_willneed(&self, _data_offset: u64, _len: u64) {
-            todo!()
-        }
-        pub fn advise_dontneed(&self, _data_offset: u64, _len: u64) {
-            todo!()
-        }
-
-        /// Chunks verified so far, and how many there are (progress, tests).
-        pub fn verified_chunks(&self) -> (u64, u64) {
-            todo!()
-        }
-    }
-}
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
