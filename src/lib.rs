@@ -7,7 +7,8 @@
 //! - [`layout`]: the model of one address space, pure data;
 //! - [`protocol`]: the agent↔manager wire format;
 //! - [`image`]: memory images (what `umm snapshot` writes and `umm restore` serves);
-//! - [`source`]: where page contents come from.
+//! - [`source`]: where page contents come from;
+//! - [`restore`]: the restorer's side of a lazy restore (hand a process's uffd to `umm restore`).
 //!
 //! `unsafe` lives only in `uffd` and `sys`.
 
@@ -16,6 +17,7 @@
 pub mod image;
 pub mod layout;
 pub mod protocol;
+pub mod restore;
 pub mod source;
 pub mod sys;
 pub mod uffd;

@@ -14,6 +14,7 @@
 mod attach;
 mod child;
 mod register;
+mod restore_api;
 mod sys;
 
 use std::ffi::{c_int, c_long, c_void};

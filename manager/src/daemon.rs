@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 
 use umm::sys::fd as sysfd;
 
-use crate::manager::{self, Manager, Policy, Shutdown};
+use crate::manager::{self, Manager, Policy};
 use crate::stats::Report;
 use crate::DaemonArgs;
 
@@ -31,7 +31,7 @@ pub fn main(args: DaemonArgs) -> i32 {
 
 /// Bind the socket: create its directory (0700, or 0711 when other uids may connect) if missing, refuse a live socket, replace a
 /// stale one.
-fn bind(path: &Path, open_to_all: bool) -> Result<UnixListener, String> {
+pub(crate) fn bind(path: &Path, open_to_all: bool) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir)
@@ -82,7 +82,7 @@ fn daemon(args: DaemonArgs) -> Result<i32, String> {
         write_report(path, &report);
     }
     match result {
-        Ok(Shutdown::Signal(_)) | Ok(Shutdown::CommandExited(_)) => Ok(0),
+        Ok(_) => Ok(0),
         Err(e) => Err(format!("event loop failed: {e}")),
     }
 }

@@ -1,8 +1,11 @@
 //! `umm` — a non-cooperative userfaultfd memory manager.
 
 mod daemon;
+mod keeper;
 mod manager;
 mod peers;
+mod restore;
+mod restore_cmd;
 mod run;
 mod serve;
 mod slab;
@@ -39,6 +42,68 @@ enum Command {
     Run(RunArgs),
     /// A long-running manager that processes opt in to with the agent.
     Daemon(DaemonArgs),
+    /// Serve lazy restores from a memory image: restored processes run at once while their
+    /// memory is filled behind them, faults first.
+    Restore(RestoreArgs),
+    /// The fail-stop keeper of a restore (started by umm restore itself).
+    #[command(name = "__keeper", hide = true)]
+    Keeper {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The image directory (written by umm snapshot).
+    #[arg(long, value_name = "DIR")]
+    image: PathBuf,
+    /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
+    /// as UMM_RESTORE_SOCKET, with the image directory as UMM_RESTORE_IMAGE; without CMD this
+    /// option is required).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Fill the pages of this recorded fault order first (a --trace file of umm run or of an
+    /// earlier restore; each fault line's start address, in order).
+    #[arg(long, value_name = "FILE")]
+    prefetch: Option<PathBuf>,
+    /// Serve faults only: no background fill (the restore completes only if every page is
+    /// touched).
+    #[arg(long)]
+    no_background: bool,
+    /// Bound the background fill to this many bytes per second.
+    #[arg(long, value_name = "BYTES_PER_S")]
+    fill_rate: Option<u64>,
+    /// Background fill chunk, in bytes: it adapts between 256 KiB and this (at least 256 KiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
+    fill_chunk_max: u64,
+    /// Verify every chunk of the image before serving anything (else each chunk is verified
+    /// before its first use).
+    #[arg(long)]
+    verify: bool,
+    /// Do not put the restored processes in a cgroup of their own (the keeper then kills
+    /// them by pid on fail-stop, which misses children it never heard of).
+    #[arg(long)]
+    no_cgroup: bool,
+    /// Also accept restorers of this uid (repeatable; umm's own uid and root always).
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// Keep serving restores until SIGTERM/SIGINT, instead of exiting once every restore
+    /// handed over so far is complete. A signal stops unfinished restores (their processes are
+    /// killed: they cannot run without their memory).
+    #[arg(long)]
+    keep_running: bool,
+    /// No summary on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The restoring program and its arguments (run with UMM_SOCKET set, like umm run runs a
+    /// command).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -151,6 +216,8 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Daemon(args) => daemon::main(args),
+        Command::Restore(args) => restore_cmd::main(args),
+        Command::Keeper { fd, cgroup } => keeper::main(fd, cgroup),
     };
     std::process::exit(code);
 }

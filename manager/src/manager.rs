@@ -55,6 +55,8 @@ pub struct Config {
     /// After activity, poll without sleeping this long: a sleeping loop costs a wake-up per
     /// fault, most of a fault's round trip.
     pub spin: Duration,
+    /// `umm restore`: the image served and how.
+    pub restore: Option<crate::restore::RestoreConfig>,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             trace: None,
             spin: Duration::ZERO,
+            restore: None,
         }
     }
 }
@@ -92,6 +95,9 @@ pub enum Shutdown {
     CommandExited(i32),
     /// A signal asked the daemon to stop.
     Signal(i32),
+    /// `umm restore`: every restored address space is complete or gone (and the command, if
+    /// any, exited with this status).
+    RestoreDone(Option<i32>),
 }
 
 const TICK: Duration = Duration::from_millis(50);
@@ -116,16 +122,20 @@ pub struct Manager {
     pub(crate) to_drain: Vec<Id>,
     event_buf: Vec<Result<Event, UnknownEvent>>,
     pub(crate) zeros: Zeros,
-    /// Ranges `plan` chose to fill beside a fault's own run (reused buffer).
-    pub(crate) extra_fill: Vec<std::ops::Range<u64>>,
+    /// Runs `plan` chose to fill beside a fault's own run (reused buffer).
+    pub(crate) extra_fill: Vec<umm::layout::Run>,
     pub(crate) stats: Stats,
     pub(crate) trace: Option<Trace>,
     pub(crate) cfg: Config,
     pub(crate) own_pid: u32,
     pub(crate) own_pidns: Option<u64>,
     pub(crate) shutdown: Option<Shutdown>,
-    /// `umm run`: the command's pid, reaped by this loop.
+    /// `umm run`/`umm restore -- CMD`: the command's pid, reaped by this loop, and its exit
+    /// status once it exited.
     pub(crate) command: Option<u32>,
+    pub(crate) command_status: Option<i32>,
+    /// Lazy-restore state (keeper, background fill, fail-stop).
+    pub(crate) restore: crate::restore::RestoreBook,
     last_probe: Instant,
     last_full_probe: Instant,
     last_coverage_round: Instant,
@@ -187,6 +197,8 @@ impl Manager {
             own_pidns: proc::pid_namespace("self").ok(),
             shutdown: None,
             command: None,
+            command_status: None,
+            restore: Default::default(),
             last_probe: started,
             last_full_probe: started,
             last_coverage_round: started,
@@ -200,18 +212,22 @@ impl Manager {
     pub fn run(&mut self) -> io::Result<Shutdown> {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut last_activity = Instant::now();
+        let mut background = false;
         loop {
             if let Some(s) = self.shutdown {
                 return Ok(s);
             }
             let spinning =
                 self.cfg.spin > Duration::ZERO && last_activity.elapsed() < self.cfg.spin;
-            let timeout = if spinning {
+            let timeout = if spinning || (background && self.restore.next_allowed.is_none()) {
                 EpollTimeout::ZERO
-            } else if self.parked.is_empty() {
-                EpollTimeout::NONE
-            } else {
+            } else if !self.parked.is_empty() {
                 EpollTimeout::try_from(PARK_RETRY).unwrap_or(EpollTimeout::ZERO)
+            } else if let Some(at) = self.restore.next_allowed.filter(|_| background) {
+                let wait = at.saturating_duration_since(Instant::now());
+                EpollTimeout::try_from(wait).unwrap_or(EpollTimeout::ZERO)
+            } else {
+                EpollTimeout::NONE
             };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -227,7 +243,27 @@ impl Manager {
                 self.dispatch(ev.data());
             }
             self.drain_readable();
+            let faults = !self.faults.is_empty() || !self.parked.is_empty();
             self.serve_faults();
+            background = self.background_slice(faults);
+            self.check_done();
+        }
+    }
+
+    /// Whether the loop's work is over: the command exited (`umm run`), or the restore is
+    /// finished and the command, if any, exited (`umm restore`).
+    fn check_done(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        if self.cfg.restore.is_some() {
+            let command_done = self.command.is_none() || self.command_status.is_some();
+            let failed = self.restore.failed.is_some() && !self.restore.keep_running;
+            if command_done && (self.restore_finished() || failed) {
+                self.shutdown = Some(Shutdown::RestoreDone(self.command_status));
+            }
+        } else if let Some(code) = self.command_status {
+            self.shutdown = Some(Shutdown::CommandExited(code));
         }
     }
 
@@ -387,6 +423,7 @@ impl Manager {
         );
         child.same_pidns = p.same_pidns;
         child.exe = p.exe.clone();
+        child.restore = p.restore.as_ref().map(|r| r.for_child());
         let registered = child.layout.registered_bytes();
         let id = self.spaces.insert(child);
         let space = self.spaces.get(id).expect("just inserted");
@@ -403,6 +440,7 @@ impl Manager {
         }
         self.stats.processes += 1;
         self.stats.registered_delta(0, registered);
+        self.keep(id);
         // The child may already be faulting: drain it in this turn.
         self.to_drain.push(id);
         Some(id)
@@ -465,6 +503,9 @@ impl Manager {
         let _ = self.epoll.delete(space.uffd.as_fd());
         if let Some(p) = &space.pidfd {
             let _ = self.epoll.delete(p.as_fd());
+        }
+        if space.restore.is_some() {
+            self.unkeep(id);
         }
         self.stats
             .registered_delta(space.layout.registered_bytes(), 0);
@@ -631,12 +672,12 @@ impl Manager {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
                     if Some(pid.as_raw() as u32) == self.command {
-                        self.shutdown = Some(Shutdown::CommandExited(code));
+                        self.command_status = Some(code);
                     }
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     if Some(pid.as_raw() as u32) == self.command {
-                        self.shutdown = Some(Shutdown::CommandExited(128 + sig as i32));
+                        self.command_status = Some(128 + sig as i32);
                     }
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -645,8 +686,13 @@ impl Manager {
         }
     }
 
-    /// Close every uffd (targets continue on normal memory) and flush the trace.
+    /// Close every uffd (targets continue on normal memory) and flush the trace. Restores
+    /// still unfinished cannot continue without the manager: their processes are stopped
+    /// first (fail-stop), never left to read zeros.
     pub fn finish(&mut self) {
+        if self.spaces.iter().any(|(_, s)| s.restore.is_some()) {
+            self.fail_stop("the manager is stopping before the restore completed");
+        }
         for id in self.spaces.ids() {
             self.close_space(id, "manager stopping");
         }

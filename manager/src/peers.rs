@@ -190,6 +190,24 @@ impl Manager {
                     ))
                 }
             }
+            (PeerState::AwaitHello, Message::Restore { image, regions, .. }) => {
+                let cred = peer.cred;
+                peer.exe = proc::exe(cred.pid);
+                self.authorize(cred)?;
+                let fd = self.take_fd(id, "Restore")?;
+                let (space, registered) = self.restore_attach(cred.pid, &image, &regions, fd)?;
+                let peer = self.peers.get_mut(id).expect("caller checked");
+                peer.state = PeerState::Attached(space);
+                self.reply(
+                    id,
+                    &Message::Ack {
+                        registered_bytes: registered,
+                    },
+                )?;
+                // Faults may have queued while the restorer waited for the ack.
+                self.to_drain.push(space);
+                Ok(())
+            }
             (PeerState::AwaitHandoff, Message::Handoff) => {
                 let fd = self.take_fd(id, "Handoff")?;
                 self.attach(id, fd)
@@ -492,7 +510,6 @@ fn send_frame(stream: &UnixStream, msg: &Message, fd: Option<BorrowedFd<'_>>) ->
     }
     Ok(())
 }
-
 
 /// Whether `pid` descends from `ancestor` (walking parent links; a subreaper keeps orphans in
 /// the tree). A process that vanished on the way is not a descendant; any other failure to

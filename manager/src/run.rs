@@ -15,9 +15,9 @@ use crate::manager::{self, Manager, Policy, Shutdown};
 use crate::RunArgs;
 
 /// A private directory for the socket, removed on drop.
-struct RuntimeDir {
+pub(crate) struct RuntimeDir {
     dir: PathBuf,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl RuntimeDir {
@@ -25,7 +25,7 @@ impl RuntimeDir {
     /// must still reach the socket, so others can traverse the directory but not list it. The
     /// socket's name is 128 random bits; each connection is also checked to come from the
     /// command's tree.
-    fn create() -> Result<RuntimeDir, String> {
+    pub(crate) fn create() -> Result<RuntimeDir, String> {
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/tmp"));
@@ -148,6 +148,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let code = match shutdown {
         Shutdown::CommandExited(code) => code,
         Shutdown::Signal(sig) => 128 + sig,
+        Shutdown::RestoreDone(code) => code.unwrap_or(0),
     };
     let live = mgr.live_spaces();
     mgr.finish();

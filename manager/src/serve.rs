@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 
-use umm::layout::PageState;
+use umm::layout::{PageState, Run};
 use umm::sys::{proc, process};
-use umm::uffd::CopyMode;
+use umm::uffd::{CopyMode, UffdError};
 use umm::{page_floor, PAGE_SIZE};
 
 use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_LIMIT};
@@ -26,8 +26,29 @@ const DENSITY_BLOCK: u64 = 2 << 20;
 
 /// What to copy for one fault: `primary` contains the faulting page.
 struct Plan {
-    primary: std::ops::Range<u64>,
+    primary: Run,
     stream: usize,
+}
+
+/// Page contents could not be had.
+#[derive(Debug)]
+pub(crate) enum SourceError {
+    /// The image refused (a chunk failing its checksum, a range outside the data file).
+    Image(umm::image::ImageError),
+    /// A page that must come from a source, in a space that has none (a bug).
+    NoSource(u64),
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceError::Image(e) => write!(f, "{e}"),
+            SourceError::NoSource(addr) => write!(
+                f,
+                "page {addr:#x} must come from an image, and its address space has none"
+            ),
+        }
+    }
 }
 
 /// What became of a fault this turn.
@@ -68,14 +89,16 @@ impl Manager {
             let Some(plan) = self.plan(f.space, page, single_page) else {
                 return Outcome::Done;
             };
-            let space = self.spaces.get_mut(f.space).expect("checked above");
-            let primary = plan.primary.clone();
+            let primary = plan.primary.range.clone();
             let len = primary.end - primary.start;
-            let result = space.uffd.copy(
-                primary.start,
-                self.zeros.slice(len as usize),
-                CopyMode::default(),
-            );
+            let result = match self.copy_run(f.space, &plan.primary) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.source_failed(f.space, &e);
+                    return Outcome::Done;
+                }
+            };
+            let space = self.spaces.get_mut(f.space).expect("checked above");
             let done = match result {
                 Ok(n) => n,
                 // A partial copy that covered the faulting page woke its thread.
@@ -148,12 +171,7 @@ impl Manager {
                             log::warn!("{what}: {e}; will retry");
                             return Outcome::Park;
                         }
-                        log::error!(
-                            "{what}: {e}, {HARD_FAILURE_LIMIT} times; giving up on this address \
-                             space: its uffd is closed and it continues on normal memory"
-                        );
-                        self.stats.abandoned += 1;
-                        self.close_space(f.space, "copy keeps failing");
+                        self.give_up(f.space, &format!("{e}, {HARD_FAILURE_LIMIT} times"));
                         return Outcome::Done;
                     }
                 },
@@ -162,6 +180,10 @@ impl Manager {
             space.layout.mark_present(served.clone());
             space.fault_around.served(plan.stream, served.end);
             space.hard_failures = 0;
+            if let Some(r) = &mut space.restore {
+                r.first_fault_served
+                    .get_or_insert_with(|| r.started.elapsed());
+            }
             self.count_served(f.space, done);
             let extra = self.fill_extras(f.space);
             self.finish_fault(&f, earlier + done + extra);
@@ -169,7 +191,30 @@ impl Manager {
         }
     }
 
-    fn count_served(&mut self, id: Id, bytes: u64) {
+    /// Copy `run` into the space from its start: image data for pages with a source, zeros
+    /// for the rest. The outer error is the source's (a chunk failing its checksum): nothing
+    /// was copied. The inner result is the kernel's.
+    pub(crate) fn copy_run(
+        &self,
+        id: Id,
+        run: &Run,
+    ) -> Result<Result<u64, UffdError>, SourceError> {
+        let Some(space) = self.spaces.get(id) else {
+            return Ok(Ok(0));
+        };
+        let len = run.range.end - run.range.start;
+        let image = space.restore.as_ref().map(|r| &r.image);
+        let bytes = match (run.state, run.source, image) {
+            (PageState::Missing | PageState::Present, Some(offset), Some(image)) => {
+                image.data(offset, len).map_err(SourceError::Image)?
+            }
+            (PageState::Missing, _, _) => return Err(SourceError::NoSource(run.range.start)),
+            _ => self.zeros.slice(len as usize),
+        };
+        Ok(space.uffd.copy(run.range.start, bytes, CopyMode::default()))
+    }
+
+    pub(crate) fn count_served(&mut self, id: Id, bytes: u64) {
         if let Some(s) = self.spaces.get_mut(id) {
             s.pages_served += bytes / PAGE_SIZE;
         }
@@ -178,26 +223,27 @@ impl Manager {
         self.stats.bytes_served += bytes;
     }
 
-    /// The other zero runs of a dense block (see `plan`), after the faulting page was served.
+    /// The other runs of a dense block (see `plan`), after the faulting page was served.
     /// Best effort: the first failure ends it (the layout may be changing; no one waits here).
     fn fill_extras(&mut self, id: Id) -> u64 {
         let extras = std::mem::take(&mut self.extra_fill);
         let mut total = 0;
         for r in &extras {
-            let Some(space) = self.spaces.get_mut(id) else {
-                break;
+            let len = r.range.end - r.range.start;
+            let done = match self.copy_run(id, r) {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => e.done,
+                Err(e) => {
+                    self.source_failed(id, &e);
+                    break;
+                }
             };
-            let len = r.end - r.start;
-            let done =
-                match space
-                    .uffd
-                    .copy(r.start, self.zeros.slice(len as usize), CopyMode::default())
-                {
-                    Ok(n) => n,
-                    Err(e) => e.done,
-                };
             if done > 0 {
-                space.layout.mark_present(r.start..r.start + done);
+                if let Some(space) = self.spaces.get_mut(id) {
+                    space
+                        .layout
+                        .mark_present(r.range.start..r.range.start + done);
+                }
                 self.count_served(id, done);
                 total += done;
             }
@@ -231,12 +277,13 @@ impl Manager {
     /// What to copy for a fault at `page`:
     /// - a page the model does not know is looked up in the process's maps first (in-place
     ///   mremap growth and friends raise no event); if it is still unknown it is served alone;
-    /// - a fault that continues a sequential stream gets the stream's window (doubling up to
-    ///   the maximum), forward from the page, clamped to its VMA and its run of zero pages;
+    /// - a fault that continues a sequential stream gets the stream's window (growing up to
+    ///   the maximum), forward from the page, clamped to its VMA and its run;
     /// - any other fault gets a window sized by how dense the 2 MiB block around it already
     ///   is (the next power of two above the pages present there): sparse memory stays
     ///   sparse, memory being filled at random fills in a few faults per block. The window's
-    ///   other zero runs go to `extra_fill`.
+    ///   other runs still to fill (zero runs in track mode, image data in restore mode) go to
+    ///   `extra_fill`.
     ///
     /// None: the space is gone.
     fn plan(&mut self, id: Id, page: u64, single_page: bool) -> Option<Plan> {
@@ -247,35 +294,34 @@ impl Manager {
         }
         let space = self.spaces.get_mut(id)?;
         let (window, stream, sequential) = space.fault_around.window(page);
-        let alone = Plan {
-            primary: page..page + PAGE_SIZE,
+        let layout = &space.layout;
+        let run = layout.run_at(page, window).unwrap_or(Run {
+            range: page..page + PAGE_SIZE,
+            state: PageState::Zero,
+            source: None,
+        });
+        let alone = |run: Run| Plan {
+            primary: Run {
+                range: page..page + PAGE_SIZE,
+                ..run
+            },
             stream,
         };
-        if single_page {
-            return Some(alone);
+        // A page believed present faulted again: one page; EEXIST wakes the thread.
+        if single_page || run.state == PageState::Present {
+            return Some(alone(run));
         }
-        let layout = &space.layout;
-        let run = match layout.run_at(page, window) {
-            Some(run) if run.state == PageState::Zero => run,
-            // A page we believe present faulted again: copy one page; EEXIST wakes the thread.
-            Some(run) if run.state == PageState::Present => return Some(alone),
-            Some(_missing) => {
-                // Track mode never creates Missing pages: they need a source (lazy restore).
-                log::error!(
-                    "{}: page {page:#x} needs contents from a source, and this manager has \
-                     none; answering with zeros would corrupt it",
-                    space.describe(id)
-                );
-                return Some(alone);
-            }
-            None => return Some(alone),
-        };
         if sequential || window > space.fault_around.min() {
             return Some(Plan {
-                primary: run.range,
+                primary: run,
                 stream,
             });
         }
+        let fill_state = if space.restore.is_some() {
+            PageState::Missing
+        } else {
+            PageState::Zero
+        };
         let vma = layout.vma_containing(page)?;
         let block_start = (page & !(DENSITY_BLOCK - 1)).max(vma.start);
         let block = block_start..(block_start + DENSITY_BLOCK).min(vma.end);
@@ -287,16 +333,16 @@ impl Manager {
         let want = ((present / PAGE_SIZE + 1).next_power_of_two() * PAGE_SIZE)
             .clamp(space.fault_around.min(), space.fault_around.max());
         if want <= PAGE_SIZE {
-            return Some(alone);
+            return Some(alone(run));
         }
         let sub_start = (page & !(want - 1)).max(vma.start);
         let sub = sub_start..(sub_start + want).min(vma.end);
-        let mut primary = alone.primary;
-        for r in layout.runs_in(sub).filter(|r| r.state == PageState::Zero) {
+        let mut primary = alone(run).primary;
+        for r in layout.runs_in(sub) {
             if r.range.contains(&page) {
-                primary = r.range;
-            } else {
-                self.extra_fill.push(r.range);
+                primary = r;
+            } else if r.state == fill_state {
+                self.extra_fill.push(r);
             }
         }
         Some(Plan { primary, stream })
@@ -395,6 +441,7 @@ impl Manager {
         };
         space.pid = Some(pid);
         space.exe = exe;
+        let restoring = space.restore.is_some();
         match process::pidfd_open(pid) {
             Ok(fd) => {
                 if self
@@ -406,6 +453,9 @@ impl Manager {
                 }
             }
             Err(e) => log::debug!("pidfd_open({pid}): {e}"),
+        }
+        if restoring {
+            self.restore_pid_learned(id, pid);
         }
     }
 

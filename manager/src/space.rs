@@ -120,6 +120,8 @@ pub struct Space {
     pub read_blocked: bool,
     /// Since when reads have failed for lack of fds (cleared by a good read).
     pub fd_exhausted_since: Option<Instant>,
+    /// Restore mode: the image this space is filled from (None: track mode, zeros).
+    pub restore: Option<crate::restore::RestoreState>,
 }
 
 impl Space {
@@ -141,6 +143,7 @@ impl Space {
             hard_failures: 0,
             read_blocked: false,
             fd_exhausted_since: None,
+            restore: None,
         }
     }
 

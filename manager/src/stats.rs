@@ -112,6 +112,15 @@ pub struct Stats {
     pub coverage_last: Option<f64>,
     pub coverage_min: Option<f64>,
     pub coverage_samples: u64,
+    /// Lazy restore: handoffs, address spaces completed and killed (fail-stop), bytes filled
+    /// in the background, the earliest time from a handoff to its first fault served, and the
+    /// longest time from a handoff to its completion.
+    pub restores: u64,
+    pub restore_completed: u64,
+    pub restore_killed: u64,
+    pub background_bytes: u64,
+    pub restore_first_fault_ms: Option<f64>,
+    pub restore_complete_ms: u64,
 }
 
 impl Stats {
@@ -128,6 +137,15 @@ impl Stats {
 
     pub fn report(&self, spaces_live: usize, exit_status: Option<i32>) -> Report {
         Report {
+            restore: (self.restores > 0).then(|| RestoreReport {
+                handoffs: self.restores,
+                completed: self.restore_completed,
+                killed: self.restore_killed,
+                background_bytes: self.background_bytes,
+                first_fault_ms: self.restore_first_fault_ms,
+                complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
+                failed: None,
+            }),
             processes: self.processes,
             handoffs: self.handoffs,
             faults: self.faults,
@@ -190,6 +208,18 @@ pub struct Latency {
     pub max: Option<u64>,
 }
 
+#[derive(Serialize, Debug)]
+pub struct RestoreReport {
+    pub handoffs: u64,
+    pub completed: u64,
+    pub killed: u64,
+    pub background_bytes: u64,
+    pub first_fault_ms: Option<f64>,
+    pub complete_ms: Option<u64>,
+    /// Why the restore was stopped (fail-stop), if it was.
+    pub failed: Option<String>,
+}
+
 /// The `--report` JSON.
 #[derive(Serialize, Debug)]
 pub struct Report {
@@ -214,6 +244,9 @@ pub struct Report {
     pub spaces_closed: u64,
     pub spaces_live: usize,
     pub exit_status: Option<i32>,
+    /// Present for `umm restore`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreReport>,
 }
 
 impl Report {

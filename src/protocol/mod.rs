@@ -141,9 +141,16 @@ mod imp {
     /// One protocol message (the fd, if any, travels beside it).
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub enum Message {
-        Hello { pid: u32, flags: u32, exe: String },
+        Hello {
+            pid: u32,
+            flags: u32,
+            exe: String,
+        },
         Handoff,
-        Register { start: u64, len: u64 },
+        Register {
+            start: u64,
+            len: u64,
+        },
         Restore {
             pid: u32,
             flags: u32,
@@ -151,8 +158,13 @@ mod imp {
             /// (start, len) of each region, in the order sent.
             regions: Vec<(u64, u64)>,
         },
-        Ack { registered_bytes: u64 },
-        Nack { code: NackCode, reason: String },
+        Ack {
+            registered_bytes: u64,
+        },
+        Nack {
+            code: NackCode,
+            reason: String,
+        },
         Grant,
     }
 
@@ -183,17 +195,29 @@ mod imp {
     /// A decoded message whose text borrows from the received bytes (no allocation).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum MessageRef<'a> {
-        Hello { pid: u32, flags: u32, exe: &'a str },
+        Hello {
+            pid: u32,
+            flags: u32,
+            exe: &'a str,
+        },
         Handoff,
-        Register { start: u64, len: u64 },
+        Register {
+            start: u64,
+            len: u64,
+        },
         Restore {
             pid: u32,
             flags: u32,
             image: &'a str,
             regions: RegionList<'a>,
         },
-        Ack { registered_bytes: u64 },
-        Nack { code: NackCode, reason: &'a str },
+        Ack {
+            registered_bytes: u64,
+        },
+        Nack {
+            code: NackCode,
+            reason: &'a str,
+        },
         Grant,
     }
 

@@ -566,7 +566,6 @@ proptest! {
     }
 }
 
-
 fn restore_payload(flags: u32, image: &[u8], regions: &[(u64, u64)], count: u32) -> Vec<u8> {
     let mut p = 7u32.to_le_bytes().to_vec();
     p.extend_from_slice(&flags.to_le_bytes());
@@ -609,7 +608,10 @@ fn only_a_restore_may_be_longer_than_max_frame() {
     assert_eq!(err(&f[..8]), ProtocolError::FrameTooLong(4 + big.len()));
     // Beyond the Restore limit, the prefix alone is enough.
     let huge = ((MAX_RESTORE_FRAME + 1) as u32).to_le_bytes();
-    assert_eq!(err(&huge), ProtocolError::FrameTooLong(MAX_RESTORE_FRAME + 1));
+    assert_eq!(
+        err(&huge),
+        ProtocolError::FrameTooLong(MAX_RESTORE_FRAME + 1)
+    );
 }
 
 #[test]
@@ -631,7 +633,10 @@ fn restore_region_count_and_flags_are_checked() {
         ProtocolError::Truncated { .. }
     ));
     let p = restore_payload(0, b"/img", &[(0x1000, 0x1000), (0x3000, 0x1000)], 2);
-    let got = decode(&frame(VERSION, KIND_RESTORE, &p)).unwrap().unwrap().0;
+    let got = decode(&frame(VERSION, KIND_RESTORE, &p))
+        .unwrap()
+        .unwrap()
+        .0;
     assert_eq!(
         got,
         Message::Restore {

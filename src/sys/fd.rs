@@ -1,7 +1,7 @@
 //! File-descriptor checks and small fd operations.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Whether `fd` is a userfaultfd: `/proc/self/fd/N` names `anon_inode:[userfaultfd]` and its
 /// fdinfo has the userfaultfd fields. Both, because a peer chooses what it sends.
@@ -18,6 +18,20 @@ pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
         Ok(info) => info.lines().any(|l| l.starts_with("API:")),
         Err(_) => false,
     }
+}
+
+/// Take ownership of an fd this process inherited at exec for a known purpose (the keeper's
+/// socket, named on its command line). Fails if no such fd is open.
+pub fn take_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on a plain number only reads the fd table; EBADF if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above) and was handed to this process at exec for this
+    // caller alone; nothing else in the process refers to it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd())?;
+    Ok(owned)
 }
 
 /// What `/proc/self/fd/N` says the fd is (for log lines about refused fds).

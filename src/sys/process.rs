@@ -34,6 +34,39 @@ pub fn spawn_unblocked(cmd: &mut Command) -> io::Result<Child> {
     cmd.spawn()
 }
 
+/// [`spawn_unblocked`], with the child joining the cgroup whose `cgroup.procs` file is
+/// `procs` before it executes (so nothing it forks can escape the cgroup).
+pub fn spawn_unblocked_in_cgroup(cmd: &mut Command, procs: &std::ffi::CStr) -> io::Result<Child> {
+    let procs = procs.to_owned();
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe calls open(2), write(2) and close(2) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(err)
+            }
+        });
+    }
+    spawn_unblocked(cmd)
+}
+
+/// Ignore `sig` (SIG_IGN): the keeper must outlive signals aimed at the manager's group.
+pub fn ignore_signal(sig: nix::sys::signal::Signal) -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
+    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }
+        .map(|_| ())
+        .map_err(io::Error::from)
+}
+
 /// Become the reaper of orphaned descendants, so that a process whose parent died stays in
 /// this process's tree (and keeps its right to attach).
 pub fn become_subreaper() -> io::Result<()> {

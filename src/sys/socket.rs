@@ -46,6 +46,15 @@ pub struct Received {
 /// owned in the result, also when the control data was truncated (nix's iterator refuses to
 /// walk truncated control data, which would leak the fds that did arrive).
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+/// [`recv_with_fds`] that waits for a message.
+pub fn recv_with_fds_blocking(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv_with_fds_flags(sock, buf, 0)
+}
+
+fn recv_with_fds_flags(sock: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<Received> {
     // u64 elements keep the buffer aligned for `cmsghdr`.
     let mut control = [0u64; 16];
     // SAFETY: CMSG_SPACE only computes a size.
@@ -63,13 +72,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
     // SAFETY: msg points at live buffers (iov → buf, control) of the sizes given.
-    let n = unsafe {
-        libc::recvmsg(
-            sock.as_raw_fd(),
-            &mut msg,
-            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -1,0 +1,572 @@
+//! Lazy restore in the loop: restore handoffs, background fill (step 4 of each turn),
+//! completion, and fail-stop.
+//!
+//! Restored memory exists only in the image, so every failure that would leave a process on
+//! zero pages where data belonged stops the process instead (SIGKILL), and a keeper process
+//! holds a duplicate of every uffd so that even the manager's death cannot make faults read
+//! zeros (see `keeper.rs`).
+
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use umm::image::Image;
+use umm::layout::{Layout, PageState, Run};
+use umm::protocol::NackCode;
+use umm::sys::{fd as sysfd, proc};
+use umm::uffd::{Features, RegisterMode, Uffd};
+use umm::PAGE_SIZE;
+
+use crate::manager::{event_for, Manager};
+use crate::peers::Reject;
+use crate::serve::SourceError;
+use crate::slab::{Id, Token};
+use crate::space::{FaultAround, Origin, Space};
+
+/// What `umm restore` serves and how.
+#[derive(Clone)]
+pub struct RestoreConfig {
+    pub image: Arc<Image>,
+    /// The image directory, canonical: a Restore must name this one.
+    pub image_dir: PathBuf,
+    /// Fill in the background (else faults only).
+    pub background: bool,
+    /// Bound on background bytes per second.
+    pub fill_rate: Option<u64>,
+    /// Background chunk bounds (adaptive between them).
+    pub chunk_min: u64,
+    pub chunk_max: u64,
+    /// Pages to fill first, in order (a recorded fault order).
+    pub prefetch: Arc<Vec<u64>>,
+    /// The restore's cgroup, killed as a whole on fail-stop.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for RestoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreConfig")
+            .field("image_dir", &self.image_dir)
+            .field("background", &self.background)
+            .field("fill_rate", &self.fill_rate)
+            .field("chunk", &(self.chunk_min..self.chunk_max))
+            .field("prefetch", &self.prefetch.len())
+            .field("cgroup", &self.cgroup)
+            .finish()
+    }
+}
+
+/// Per address space of a restore.
+pub struct RestoreState {
+    pub image: Arc<Image>,
+    pub started: Instant,
+    pub first_fault_served: Option<Duration>,
+    /// Background fill position (address order).
+    pub cursor: u64,
+    /// Prefetch addresses still to try, in order.
+    pub prefetch: VecDeque<u64>,
+}
+
+impl RestoreState {
+    pub fn new(image: Arc<Image>, prefetch: &[u64]) -> RestoreState {
+        RestoreState {
+            image,
+            started: Instant::now(),
+            first_fault_served: None,
+            cursor: 0,
+            prefetch: prefetch.iter().copied().collect(),
+        }
+    }
+
+    /// A FORK child inherits every obligation still open: the same image, from the start.
+    pub fn for_child(&self) -> RestoreState {
+        RestoreState {
+            image: self.image.clone(),
+            started: self.started,
+            first_fault_served: self.first_fault_served,
+            cursor: 0,
+            prefetch: self.prefetch.clone(),
+        }
+    }
+}
+
+/// The manager's restore bookkeeping.
+#[derive(Default)]
+pub struct RestoreBook {
+    pub keeper: Option<crate::keeper::Keeper>,
+    /// Next space to get a background chunk (round robin over `spaces.ids()`).
+    pub next: usize,
+    pub chunk: u64,
+    pub tokens: f64,
+    pub tokens_at: Option<Instant>,
+    /// When the rate bound allows the next chunk.
+    pub next_allowed: Option<Instant>,
+    /// Pids of restored processes, for fail-stop.
+    pub pids: HashSet<u32>,
+    /// Set once a restore had to be stopped: the reason, for the exit status and the report.
+    pub failed: Option<String>,
+    /// `--keep-running`: serve until a signal, not until the restores handed over are done.
+    pub keep_running: bool,
+}
+
+/// The key a space has with the keeper.
+fn key(id: Id) -> u64 {
+    ((id.generation as u64) << 32) | id.index as u64
+}
+
+impl Manager {
+    /// A restorer hands its uffd over with the regions it mapped.
+    pub(crate) fn restore_attach(
+        &mut self,
+        pid: u32,
+        image: &str,
+        regions: &[(u64, u64)],
+        fd: OwnedFd,
+    ) -> Result<(Id, u64), Reject> {
+        let Some(rc) = self.cfg.restore.clone() else {
+            return Err(Reject::Refused(
+                NackCode::Other,
+                "this manager does not serve restores (use umm restore --image DIR)".into(),
+            ));
+        };
+        let named = std::fs::canonicalize(image)
+            .map_err(|e| Reject::Refused(NackCode::Other, format!("image {image}: {e}")))?;
+        if named != rc.image_dir {
+            return Err(Reject::Refused(
+                NackCode::Denied,
+                format!(
+                    "this manager serves the image {}, not {image}",
+                    rc.image_dir.display()
+                ),
+            ));
+        }
+        if !sysfd::is_userfaultfd(fd.as_fd()) {
+            return Err(Reject::Refused(
+                NackCode::BadFd,
+                format!(
+                    "the attached fd is {}, not a userfaultfd",
+                    sysfd::describe(fd.as_fd())
+                ),
+            ));
+        }
+        let wanted = check_regions(&rc.image, regions, pid)
+            .map_err(|e| Reject::Refused(NackCode::Other, format!("pid {pid}: {e}")))?;
+        let uffd = Uffd::from_owned(fd);
+        uffd.api(Features::NON_COOPERATIVE)
+            .map_err(|e| Reject::Refused(NackCode::Setup, e.to_string()))?;
+        let mut layout = Layout::new();
+        for region in &wanted {
+            let r = region.range();
+            uffd.register(r.start, r.end - r.start, RegisterMode::MISSING)
+                .map_err(|e| Reject::Refused(NackCode::Setup, format!("pid {pid}: {e}")))?;
+            layout.register(r.clone(), PageState::Zero, None);
+            for run in &region.runs {
+                let start = region.start + run.offset;
+                layout.set_state(
+                    start..start + run.len,
+                    PageState::Missing,
+                    Some(run.data_offset),
+                );
+            }
+        }
+        let registered = layout.registered_bytes();
+        let missing = layout.bytes_by_state().0;
+        let mut space = Space::new(
+            uffd,
+            layout,
+            Origin::Handoff,
+            FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
+        );
+        space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
+        space.restore = Some(RestoreState::new(rc.image.clone(), &rc.prefetch));
+        let id = self.spaces.insert(space);
+        self.set_pid(id, pid);
+        let s = self.spaces.get(id).expect("just inserted");
+        if let Err(e) = self.epoll.add(s.uffd.as_fd(), event_for(Token::Uffd(id))) {
+            self.spaces.remove(id);
+            return Err(Reject::Refused(NackCode::Setup, format!("epoll: {e}")));
+        }
+        self.keep(id);
+        if let Some(cg) = &rc.cgroup {
+            // Its children, forked from now on, are in the restore's cgroup too.
+            if let Err(e) = std::fs::write(cg.join("cgroup.procs"), pid.to_string()) {
+                log::warn!(
+                    "pid {pid}: cannot join the restore's cgroup {}: {e}",
+                    cg.display()
+                );
+            }
+        }
+        self.stats.registered_delta(0, registered);
+        self.stats.restores += 1;
+        self.stats.handoffs += 1;
+        self.stats.processes += 1;
+        log::info!(
+            "pid {pid}: restore handed over: {} regions, {} registered, {} to fill from {}",
+            wanted.len(),
+            crate::stats::human_bytes(registered),
+            crate::stats::human_bytes(missing),
+            rc.image_dir.display()
+        );
+        Ok((id, registered))
+    }
+
+    /// Hand the keeper a duplicate of a restore space's uffd (and its pid once known).
+    pub(crate) fn keep(&mut self, id: Id) {
+        let Some(space) = self.spaces.get(id) else {
+            return;
+        };
+        if space.restore.is_none() {
+            return;
+        }
+        if let Some(pid) = space.pid {
+            self.restore.pids.insert(pid);
+        }
+        if let Some(k) = &self.restore.keeper {
+            let r = k
+                .hold(key(id), space.uffd.as_fd())
+                .and_then(|_| match space.pid {
+                    Some(pid) => k.pid(key(id), pid),
+                    None => Ok(()),
+                });
+            if let Err(e) = r {
+                log::error!(
+                    "keeper: {e}; the restore is no longer protected against this manager's death"
+                );
+            }
+        }
+    }
+
+    /// A restore space learned its pid (a forked child's first fault).
+    pub(crate) fn restore_pid_learned(&mut self, id: Id, pid: u32) {
+        if self.spaces.get(id).is_some_and(|s| s.restore.is_some()) {
+            self.restore.pids.insert(pid);
+            if let Some(k) = &self.restore.keeper {
+                let _ = k.pid(key(id), pid);
+            }
+        }
+    }
+
+    /// The space is finished with (complete, gone, or given up): the keeper lets go too.
+    pub(crate) fn unkeep(&mut self, id: Id) {
+        if let Some(k) = &self.restore.keeper {
+            let _ = k.release(key(id));
+        }
+    }
+
+    /// The image could not give a page (a chunk failed its checksum): bad data never becomes
+    /// memory, and missing data must not read as zeros, so the restore stops: every restored
+    /// process is killed.
+    pub(crate) fn source_failed(&mut self, id: Id, e: &SourceError) {
+        let what = self.describe_space(id);
+        self.fail_stop(&format!("{what}: {e}"));
+    }
+
+    /// Give up on a space the loop cannot serve. Track mode fails open (close the uffd: the
+    /// kernel serves plain memory); a restore fails stop (kill the process: its missing pages
+    /// would read as zeros).
+    pub(crate) fn give_up(&mut self, id: Id, why: &str) {
+        let what = self.describe_space(id);
+        self.stats.abandoned += 1;
+        let restore_pid = self
+            .spaces
+            .get(id)
+            .filter(|s| s.restore.is_some())
+            .map(|s| s.pid);
+        if let Some(pid) = restore_pid {
+            match pid {
+                // This process (and what it forked) alone: other restores go on.
+                Some(pid) => {
+                    log::error!("{what}: {why}; killing it: it cannot run without its memory");
+                    if self.restore.failed.is_none() {
+                        self.restore.failed = Some(format!("{what}: {why}"));
+                    }
+                    crate::keeper::kill_restored(None, &HashSet::from([pid]));
+                    self.stats.restore_killed += 1;
+                    self.close_space(id, "restore stopped");
+                }
+                // A process the manager cannot name: only the whole restore can be stopped.
+                None => self.fail_stop(&format!("{what}: {why}")),
+            }
+        } else {
+            log::error!(
+                "{what}: {why}; giving up on this address space: its uffd is closed and it \
+                 continues on normal memory"
+            );
+            self.close_space(id, "given up");
+        }
+    }
+
+    /// Stop the restore: kill every restored process (the keeper's cgroup and pids, and the
+    /// pids this manager knows), then drop their spaces.
+    pub(crate) fn fail_stop(&mut self, why: &str) {
+        log::error!("{why}; stopping the restore: the restored processes are killed");
+        if self.restore.failed.is_none() {
+            self.restore.failed = Some(why.to_string());
+        }
+        let cgroup = self.cfg.restore.as_ref().and_then(|r| r.cgroup.clone());
+        let mut pids = self.restore.pids.clone();
+        for (_, s) in self.spaces.iter() {
+            if let (Some(_), Some(pid)) = (&s.restore, s.pid) {
+                pids.insert(pid);
+            }
+        }
+        crate::keeper::kill_restored(cgroup.as_ref(), &pids);
+        for id in self.spaces.ids() {
+            if self.spaces.get(id).is_some_and(|s| s.restore.is_some()) {
+                self.stats.restore_killed += 1;
+                self.close_space(id, "restore stopped");
+            }
+        }
+    }
+
+    /// Step 4: one bounded slice of background fill. Returns whether more is waiting (the
+    /// loop then polls instead of sleeping), and when the rate bound allows the next slice.
+    pub(crate) fn background_slice(&mut self, faults_this_turn: bool) -> bool {
+        let Some(rc) = self.cfg.restore.clone() else {
+            return false;
+        };
+        if !rc.background {
+            return false;
+        }
+        let book = &mut self.restore;
+        if book.chunk == 0 {
+            book.chunk = rc.chunk_min;
+        }
+        // Faults were served this turn: smaller chunks, so the next fault waits less; a quiet
+        // turn: larger ones.
+        book.chunk = if faults_this_turn {
+            (book.chunk / 2).max(rc.chunk_min)
+        } else {
+            (book.chunk * 2).min(rc.chunk_max)
+        };
+        let chunk = book.chunk;
+        if let Some(rate) = rc.fill_rate {
+            let now = Instant::now();
+            let last = *book.tokens_at.get_or_insert(now);
+            book.tokens = (book.tokens + now.duration_since(last).as_secs_f64() * rate as f64)
+                .min(2.0 * rc.chunk_max as f64);
+            book.tokens_at = Some(now);
+            if book.tokens < chunk as f64 {
+                let wait = (chunk as f64 - book.tokens) / rate as f64;
+                book.next_allowed = Some(now + Duration::from_secs_f64(wait));
+                return self.spaces.iter().any(|(_, s)| s.restore.is_some());
+            }
+            book.next_allowed = None;
+        }
+        let ids = self.spaces.ids();
+        let restoring: Vec<Id> = ids
+            .into_iter()
+            .filter(|&id| self.spaces.get(id).is_some_and(|s| s.restore.is_some()))
+            .collect();
+        if restoring.is_empty() {
+            return false;
+        }
+        let pick = restoring[self.restore.next % restoring.len()];
+        self.restore.next = self.restore.next.wrapping_add(1);
+        let Some(run) = self.next_fill_run(pick, chunk) else {
+            self.complete(pick);
+            return self.spaces.iter().any(|(_, s)| s.restore.is_some());
+        };
+        let done = match self.copy_run(pick, &run) {
+            Err(e) => {
+                self.source_failed(pick, &e);
+                return false;
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.done > 0 => e.done,
+            Ok(Err(e)) => match e.errno {
+                Errno::EAGAIN => {
+                    // Events pending: read them on the next turn, then decide again.
+                    self.to_drain.push(pick);
+                    0
+                }
+                Errno::EEXIST => {
+                    // A page with image data was populated by someone else than the manager
+                    // (the restorer touched it before the handoff): its data is lost.
+                    self.give_up(
+                        pick,
+                        &format!(
+                            "page {:#x} was populated before the manager could fill it from \
+                             the image",
+                            run.range.start
+                        ),
+                    );
+                    0
+                }
+                Errno::ENOENT => {
+                    let len = run.range.end - run.range.start;
+                    if len > PAGE_SIZE {
+                        self.refresh_bounds_for_fill(pick, &run.range);
+                    } else {
+                        self.give_up(pick, &format!("{e} (the page is not mapped)"));
+                    }
+                    0
+                }
+                _ if e.mm_gone() => {
+                    self.close_space(pick, "process gone during the fill");
+                    0
+                }
+                _ => {
+                    let tries = self.spaces.get_mut(pick).map(|s| {
+                        s.hard_failures += 1;
+                        s.hard_failures
+                    });
+                    if tries.unwrap_or(0) >= crate::manager::HARD_FAILURE_LIMIT {
+                        self.give_up(pick, &format!("{e}, repeatedly"));
+                    }
+                    0
+                }
+            },
+        };
+        if done > 0 {
+            if let Some(s) = self.spaces.get_mut(pick) {
+                s.layout
+                    .mark_present(run.range.start..run.range.start + done);
+                s.hard_failures = 0;
+                if let Some(r) = &mut s.restore {
+                    r.cursor = run.range.start + done;
+                }
+            }
+            self.count_served(pick, done);
+            self.stats.background_bytes += done;
+            if let Some(rate) = rc.fill_rate {
+                let _ = rate;
+                self.restore.tokens -= done as f64;
+            }
+        }
+        true
+    }
+
+    /// The next run to fill in the background: the prefetch order first, then address order
+    /// from the cursor (wrapping once). None: nothing is missing any more.
+    fn next_fill_run(&mut self, id: Id, chunk: u64) -> Option<Run> {
+        let s = self.spaces.get_mut(id)?;
+        let r = s.restore.as_mut()?;
+        while let Some(addr) = r.prefetch.pop_front() {
+            if let Some(run) = s.layout.run_at(addr, chunk) {
+                if run.state == PageState::Missing {
+                    return Some(run);
+                }
+            }
+        }
+        s.layout
+            .next_missing(r.cursor, chunk)
+            .or_else(|| s.layout.next_missing(0, chunk))
+    }
+
+    fn refresh_bounds_for_fill(&mut self, id: Id, range: &Range<u64>) {
+        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
+            return;
+        };
+        let Ok(maps) = proc::read_maps(pid) else {
+            return;
+        };
+        if let Some(s) = self.spaces.get_mut(id) {
+            for m in &maps {
+                for b in [m.start, m.end] {
+                    if b > range.start && b < range.end {
+                        s.layout.split_vma_at(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Nothing of the image is missing in this space any more: unregister its ranges, then
+    /// close every copy of its uffd (keeper's and ours). The process runs on plain memory.
+    pub(crate) fn complete(&mut self, id: Id) {
+        let Some(s) = self.spaces.get(id) else {
+            return;
+        };
+        if s.restore.is_none() || s.layout.bytes_by_state().0 != 0 {
+            return;
+        }
+        for vma in s.layout.vmas() {
+            if let Err(e) = s.uffd.unregister(vma.start, vma.end - vma.start) {
+                log::debug!("{}: {e}", s.describe(id));
+            }
+        }
+        let took = s.restore.as_ref().map(|r| r.started.elapsed());
+        let first = s.restore.as_ref().and_then(|r| r.first_fault_served);
+        log::info!(
+            "{}: restore complete after {:.3} s",
+            s.describe(id),
+            took.unwrap_or_default().as_secs_f64()
+        );
+        self.stats.restore_completed += 1;
+        if let Some(t) = took {
+            self.stats.restore_complete_ms =
+                self.stats.restore_complete_ms.max(t.as_millis() as u64);
+        }
+        if let Some(t) = first {
+            let ms = t.as_secs_f64() * 1000.0;
+            self.stats.restore_first_fault_ms = Some(
+                self.stats
+                    .restore_first_fault_ms
+                    .map_or(ms, |m: f64| m.min(ms)),
+            );
+        }
+        self.close_space(id, "restore complete");
+    }
+
+    /// `umm restore`'s end: a restore was handed over and every restored space is complete or
+    /// gone (and the command, if any, has exited).
+    pub(crate) fn restore_finished(&self) -> bool {
+        self.cfg.restore.is_some()
+            && !self.restore.keep_running
+            && self.stats.restores > 0
+            && !self.spaces.iter().any(|(_, s)| s.restore.is_some())
+    }
+}
+
+/// The manifest regions a Restore names, after checking that each is exactly a region of the
+/// image, no two overlap, and the process has each mapped as private anonymous memory.
+fn check_regions<'a>(
+    image: &'a Image,
+    regions: &[(u64, u64)],
+    pid: u32,
+) -> Result<Vec<&'a umm::image::Region>, String> {
+    let manifest = image.manifest();
+    let mut wanted = Vec::with_capacity(regions.len());
+    let mut seen = HashSet::new();
+    for &(start, len) in regions {
+        let idx = manifest
+            .regions
+            .binary_search_by_key(&start, |r| r.start)
+            .map_err(|_| format!("[{start:#x}, +{len:#x}) is not a region of the image"))?;
+        let region = &manifest.regions[idx];
+        if region.len != len {
+            return Err(format!(
+                "[{start:#x}, +{len:#x}) does not match the image's region [{start:#x}, +{:#x})",
+                region.len
+            ));
+        }
+        if !seen.insert(start) {
+            return Err(format!("region {start:#x} is listed twice"));
+        }
+        wanted.push(region);
+    }
+    let maps = proc::read_maps(pid).map_err(|e| format!("cannot read /proc/{pid}/maps: {e}"))?;
+    for region in &wanted {
+        let r = region.range();
+        let mut at = r.start;
+        for m in maps.iter().filter(|m| m.end > r.start && m.start < r.end) {
+            if m.start > at || !m.is_private_anonymous() {
+                break;
+            }
+            at = m.end;
+        }
+        if at < r.end {
+            return Err(format!(
+                "region [{:#x}, {:#x}) is not mapped as private anonymous memory \
+                 (map it, untouched, before the handoff)",
+                r.start, r.end
+            ));
+        }
+    }
+    Ok(wanted)
+}
