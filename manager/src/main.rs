@@ -4,11 +4,13 @@ mod daemon;
 mod keeper;
 mod manager;
 mod peers;
+mod readahead;
 mod restore;
 mod restore_cmd;
 mod run;
 mod serve;
 mod slab;
+mod snapshot_cmd;
 mod space;
 mod stats;
 mod trace;
@@ -45,6 +47,8 @@ enum Command {
     /// Serve lazy restores from a memory image: restored processes run at once while their
     /// memory is filled behind them, faults first.
     Restore(RestoreArgs),
+    /// Write a memory image of a live process (its private anonymous memory).
+    Snapshot(snapshot_cmd::SnapshotArgs),
     /// The fail-stop keeper of a restore (started by umm restore itself).
     #[command(name = "__keeper", hide = true)]
     Keeper {
@@ -216,6 +220,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Daemon(args) => daemon::main(args),
+        Command::Snapshot(args) => snapshot_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::Keeper { fd, cgroup } => keeper::main(fd, cgroup),
     };

@@ -111,7 +111,15 @@ pub struct RestoreBook {
     pub failed: Option<String>,
     /// `--keep-running`: serve until a signal, not until the restores handed over are done.
     pub keep_running: bool,
+    /// The image read-ahead helper, and how far into the data file it was asked to read.
+    pub readahead: Option<crate::readahead::ReadAhead>,
+    pub ahead_until: u64,
+    /// The background fill dropped the data file's pages from the manager's mapping up to here.
+    pub dropped_until: u64,
 }
+
+/// How far ahead of the background fill the read-ahead helper reads.
+const READ_AHEAD: u64 = 16 << 20;
 
 /// The key a space has with the keeper.
 fn key(id: Id) -> u64 {
@@ -423,6 +431,7 @@ impl Manager {
             },
         };
         if done > 0 {
+            self.copied_from_image(pick, &run, done);
             if let Some(s) = self.spaces.get_mut(pick) {
                 s.layout
                     .mark_present(run.range.start..run.range.start + done);
@@ -439,6 +448,48 @@ impl Manager {
             }
         }
         true
+    }
+
+    /// The background fill copied `done` bytes of `run` from the image: drop everything of the
+    /// data file before it from the manager's mapping (what the helper read ahead and the
+    /// fill then skipped as present included), and have the helper read what comes next, once
+    /// per stretch of the data file.
+    pub(crate) fn copied_from_image(&mut self, id: Id, run: &Run, done: u64) {
+        let (Some(src), PageState::Missing) = (run.source, run.state) else {
+            return;
+        };
+        let Some(image) = self
+            .spaces
+            .get(id)
+            .and_then(|s| s.restore.as_ref())
+            .map(|r| r.image.clone())
+        else {
+            return;
+        };
+        let end = src + done;
+        // The background fill runs in address order, and so does the data file: everything
+        // before this copy has been filled or skipped as already present.
+        let from = self.restore.dropped_until.min(src);
+        image.advise_dontneed(from, end - from);
+        self.restore.dropped_until = self.restore.dropped_until.max(end);
+        let Some(ra) = &self.restore.readahead else {
+            return;
+        };
+        ra.fill_reached(self.restore.dropped_until);
+        // Behind the helper's window, or near its end: ask for the next stretch.
+        let sent = self.restore.ahead_until;
+        if end + READ_AHEAD / 2 > sent || end + READ_AHEAD < sent {
+            let from = if end < sent && end + READ_AHEAD >= sent {
+                sent
+            } else {
+                end
+            };
+            ra.hint(crate::readahead::Hint::Ahead {
+                offset: from,
+                len: end + READ_AHEAD - from,
+            });
+            self.restore.ahead_until = end + READ_AHEAD;
+        }
     }
 
     /// The next run to fill in the background: the prefetch order first, then address order

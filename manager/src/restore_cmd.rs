@@ -183,6 +183,15 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
     mgr.restore.keeper = Some(keeper);
     mgr.restore.keep_running = args.keep_running;
+    if !args.no_background {
+        let image = mgr.cfg.restore.as_ref().map(|r| r.image.clone());
+        if let Some(image) = image {
+            match crate::readahead::ReadAhead::start(image) {
+                Ok(ra) => mgr.restore.readahead = Some(ra),
+                Err(e) => log::warn!("no read-ahead helper ({e}); the fill reads the image itself"),
+            }
+        }
+    }
     if !args.command.is_empty() {
         if let Err(e) = process::become_subreaper() {
             log::warn!("cannot become a subreaper: {e}");

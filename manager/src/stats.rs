@@ -181,6 +181,11 @@ impl Stats {
             spaces_closed: self.spaces_closed,
             spaces_live,
             exit_status,
+            manager_peak_rss_bytes: umm::sys::proc::status_field(std::process::id(), "VmHWM")
+                .ok()
+                .and_then(|v| v.first().copied())
+                .unwrap_or(0)
+                * 1024,
         }
     }
 }
@@ -244,6 +249,8 @@ pub struct Report {
     pub spaces_closed: u64,
     pub spaces_live: usize,
     pub exit_status: Option<i32>,
+    /// The manager's own peak resident memory (VmHWM), bytes.
+    pub manager_peak_rss_bytes: u64,
     /// Present for `umm restore`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreReport>,
