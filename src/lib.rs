@@ -18,6 +18,7 @@ pub mod image;
 pub mod layout;
 pub mod protocol;
 pub mod restore;
+pub mod snapshot;
 pub mod source;
 pub mod sys;
 pub mod uffd;

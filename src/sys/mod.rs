@@ -6,4 +6,5 @@ pub mod fd;
 pub mod mmap;
 pub mod proc;
 pub mod process;
+pub mod ptrace;
 pub mod socket;

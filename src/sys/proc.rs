@@ -320,3 +320,347 @@ VmFlags: rd wr mr mw me ac
         assert!(maps.iter().any(|m| m.path == "[stack]" && m.is_servable()));
     }
 }
+
+// ---- /proc/PID/pagemap: which pages of a range have contents ----
+//
+// `pagemap` describes page tables, never page contents: reading it touches no page of the
+// target (no fault, no uffd event), which is why it may live here.
+
+/// pagemap entry bit 63: the page is present in RAM.
+pub const PM_PRESENT: u64 = 1 << 63;
+/// pagemap entry bit 62: the page is swapped out (or another non-present entry with contents).
+pub const PM_SWAPPED: u64 = 1 << 62;
+/// pagemap entries read per `pread` (8 bytes each: 512 KiB, describing 256 MiB).
+pub const PAGEMAP_BATCH: usize = 64 * 1024;
+
+/// Whether a pagemap entry says the page has contents (present or swapped); anything else is
+/// a hole (never touched, or dropped by MADV_DONTNEED).
+pub const fn pagemap_populated(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0
+}
+
+/// `PAGEMAP_SCAN` (Linux 6.7+): `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 = (3 << 30) | ((size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+/// `PAGE_IS_PRESENT` and `PAGE_IS_SWAPPED` of `include/uapi/linux/fs.h`.
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// Regions returned per `PAGEMAP_SCAN` call.
+const SCAN_BATCH: usize = 4096;
+
+/// `struct pm_scan_arg`.
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `/proc/PID/pagemap` of a process, open for reading (needs the right to ptrace-read it).
+pub struct PageMap {
+    file: std::fs::File,
+    pid: u32,
+}
+
+/// Append `r` to `out`, merging it with the last range when they touch.
+fn push_merged(out: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if r.start >= r.end {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => out.push(r),
+    }
+}
+
+impl PageMap {
+    pub fn open(pid: u32) -> io::Result<PageMap> {
+        let file = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+        Ok(PageMap { file, pid })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Read the entries of the pages from `addr` (page aligned) on into `out`; returns how many
+    /// were read (fewer only at the end of the address space).
+    pub fn read_entries(
+        &self,
+        addr: u64,
+        out: &mut [u64],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let want = out.len() * 8;
+        scratch.resize(want, 0);
+        let base = (addr / crate::PAGE_SIZE) * 8;
+        let mut got = 0;
+        while got < want {
+            match self
+                .file
+                .read_at(&mut scratch[got..want], base + got as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let n = got / 8;
+        for (o, b) in out[..n].iter_mut().zip(scratch.chunks_exact(8)) {
+            *o = u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        }
+        Ok(n)
+    }
+
+    /// The populated runs (present or swapped pages) of `range` (page aligned), found by
+    /// reading its pagemap entries in batches of [`PAGEMAP_BATCH`]. Appended to `out` sorted
+    /// and merged. Costs 8 bytes of pagemap per page of the range.
+    pub fn populated_by_entries(
+        &self,
+        range: Range<u64>,
+        out: &mut Vec<Range<u64>>,
+    ) -> io::Result<()> {
+        let page = crate::PAGE_SIZE;
+        let mut entries = vec![0u64; PAGEMAP_BATCH];
+        let mut scratch = Vec::new();
+        let mut addr = range.start;
+        while addr < range.end {
+            let pages = ((range.end - addr) / page).min(PAGEMAP_BATCH as u64) as usize;
+            let n = self.read_entries(addr, &mut entries[..pages], &mut scratch)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("/proc/{}/pagemap ends at {addr:#x}", self.pid),
+                ));
+            }
+            let mut i = 0;
+            while i < n {
+                if !pagemap_populated(entries[i]) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < n && pagemap_populated(entries[i]) {
+                    i += 1;
+                }
+                push_merged(out, addr + first as u64 * page..addr + i as u64 * page);
+            }
+            addr += n as u64 * page;
+        }
+        Ok(())
+    }
+
+    /// The populated runs of `range` (page aligned) from the `PAGEMAP_SCAN` ioctl, which walks
+    /// page tables and skips unpopulated ranges without producing an entry per page. Appended
+    /// to `out` sorted and merged. `Ok(false)` when this kernel has no `PAGEMAP_SCAN` (use
+    /// [`populated_by_entries`](Self::populated_by_entries)); `out` is then unchanged.
+    pub fn populated_by_scan(
+        &self,
+        range: Range<u64>,
+        out: &mut Vec<Range<u64>>,
+    ) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut regions = vec![PageRegion::default(); SCAN_BATCH];
+        let first_len = out.len();
+        let mut start = range.start;
+        while start < range.end {
+            let mut arg = PmScanArg {
+                size: size_of::<PmScanArg>() as u64,
+                start,
+                end: range.end,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                ..PmScanArg::default()
+            };
+            // SAFETY: PAGEMAP_SCAN reads and writes one `struct pm_scan_arg` (`arg`, alive for
+            // the call) and writes at most `vec_len` `struct page_region`s to `vec`, which
+            // points at `regions`, a live buffer of exactly that many elements.
+            let r = unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    PAGEMAP_SCAN as libc::c_ulong,
+                    &mut arg,
+                )
+            };
+            if r < 0 {
+                let err = io::Error::last_os_error();
+                return match err.raw_os_error() {
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                        if out.len() == first_len && start == range.start =>
+                    {
+                        Ok(false)
+                    }
+                    _ => Err(err),
+                };
+            }
+            let n = (r as usize).min(regions.len());
+            for reg in &regions[..n] {
+                let (s, e) = (reg.start.max(start), reg.end.min(range.end));
+                push_merged(out, s..e);
+            }
+            if arg.walk_end <= start || arg.walk_end > range.end {
+                // The kernel made no progress or reported nonsense: never loop forever.
+                if arg.walk_end >= range.end {
+                    break;
+                }
+                return Err(io::Error::other(format!(
+                    "PAGEMAP_SCAN of pid {} made no progress at {start:#x} (walk_end {:#x})",
+                    self.pid, arg.walk_end
+                )));
+            }
+            start = arg.walk_end;
+        }
+        Ok(true)
+    }
+}
+
+/// The `VmFlags` of every VMA in `/proc/PID/smaps` (`gd` = grows down, `um` = registered with
+/// a userfaultfd, ...), keyed by the VMA's start address.
+pub fn vm_flags(pid: u32) -> io::Result<std::collections::BTreeMap<u64, Vec<String>>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    Ok(parse_vm_flags(&text))
+}
+
+fn parse_vm_flags(text: &str) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(start) = current.take() {
+                out.insert(
+                    start,
+                    flags.split_whitespace().map(str::to_string).collect(),
+                );
+            }
+        } else if let Some(e) = parse_maps_line(line) {
+            current = Some(e.start);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pagemap_tests {
+    use super::*;
+
+    /// A fresh anonymous mapping of `pages` pages in this process (unmapped on drop).
+    struct Anon {
+        ptr: std::ptr::NonNull<libc::c_void>,
+        len: usize,
+    }
+
+    impl Anon {
+        fn new(pages: usize) -> Anon {
+            let len = pages * crate::PAGE_SIZE as usize;
+            // SAFETY: a new private anonymous mapping; nothing else refers to it.
+            let ptr = unsafe {
+                nix::sys::mman::mmap_anonymous(
+                    None,
+                    std::num::NonZeroUsize::new(len).unwrap(),
+                    nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                    nix::sys::mman::MapFlags::MAP_PRIVATE | nix::sys::mman::MapFlags::MAP_NORESERVE,
+                )
+            }
+            .unwrap();
+            Anon { ptr, len }
+        }
+
+        fn addr(&self) -> u64 {
+            self.ptr.as_ptr() as u64
+        }
+
+        fn touch(&self, page: usize) {
+            let p = self.ptr.as_ptr() as *mut u8;
+            // SAFETY: `page` lies inside the mapping, which is readable and writable.
+            unsafe { p.add(page * crate::PAGE_SIZE as usize).write_volatile(0x5a) };
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmapping the mapping this value owns; no reference into it survives.
+            let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+        }
+    }
+
+    #[test]
+    fn pagemap_entries_and_scan_agree_on_populated_runs() {
+        // More than one pagemap batch, with a run across the batch boundary.
+        let pages = PAGEMAP_BATCH + 5000;
+        let a = Anon::new(pages);
+        let b = PAGEMAP_BATCH;
+        let touched = [0usize, 1, 2, 511, 512, 513, 9000, b - 1, b, pages - 1];
+        for &p in &touched {
+            a.touch(p);
+        }
+        let pm = PageMap::open(std::process::id()).unwrap();
+        let range = a.addr()..a.addr() + (pages as u64) * crate::PAGE_SIZE;
+        let mut by_entries = Vec::new();
+        pm.populated_by_entries(range.clone(), &mut by_entries)
+            .unwrap();
+        let pg = |i: u64| a.addr() + i * crate::PAGE_SIZE;
+        let want = vec![
+            pg(0)..pg(3),
+            pg(511)..pg(514),
+            pg(9000)..pg(9001),
+            pg(b as u64 - 1)..pg(b as u64 + 1),
+            pg(pages as u64 - 1)..pg(pages as u64),
+        ];
+        assert_eq!(by_entries, want);
+        let mut by_scan = Vec::new();
+        if pm.populated_by_scan(range, &mut by_scan).unwrap() {
+            assert_eq!(by_scan, want);
+        } else {
+            assert!(by_scan.is_empty());
+        }
+    }
+
+    #[test]
+    fn scan_handles_more_regions_than_one_batch() {
+        let pages = 2 * SCAN_BATCH + 10;
+        let a = Anon::new(pages * 2);
+        for i in 0..pages {
+            a.touch(2 * i);
+        }
+        let pm = PageMap::open(std::process::id()).unwrap();
+        let range = a.addr()..a.addr() + (2 * pages as u64) * crate::PAGE_SIZE;
+        let mut by_entries = Vec::new();
+        pm.populated_by_entries(range.clone(), &mut by_entries)
+            .unwrap();
+        assert_eq!(by_entries.len(), pages);
+        let mut by_scan = Vec::new();
+        if pm.populated_by_scan(range, &mut by_scan).unwrap() {
+            assert_eq!(by_scan, by_entries);
+        }
+    }
+
+    #[test]
+    fn vm_flags_of_own_stack_say_it_grows_down() {
+        let maps = read_maps(std::process::id()).unwrap();
+        let stack = maps.iter().find(|m| m.path == "[stack]").unwrap();
+        let flags = vm_flags(std::process::id()).unwrap();
+        assert!(flags[&stack.start].iter().any(|f| f == "gd"), "{flags:?}");
+    }
+}

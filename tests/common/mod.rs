@@ -41,6 +41,7 @@ pub const C_TARGETS: &[&str] = &[
     "registered",
     "forkhold",
     "outlive",
+    "sparse",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
