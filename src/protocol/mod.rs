@@ -18,8 +18,8 @@
 //! - 0x0003 Register start:u64 len:u64   the agent mapped private anonymous memory
 //!
 //! Kinds (restorer → manager):
-//! - 0x0004 Restore  pid:u32 flags:u32 image_len:u16 image[image_len] count:u32
-//!                   count × (start:u64 len:u64)        one uffd attached
+//! - 0x0004 Restore  pid:u32 flags:u32 image_len:u16 image[image_len] count:u32, then
+//!   count × (start:u64 len:u64); one uffd attached.
 //!   A restoring process has mapped these regions of the image (each exactly a region of its
 //!   manifest, untouched) and hands its uffd over: the manager fills them lazily from the
 //!   image. image: the image directory (UTF-8, <= MAX_IMAGE_PATH); flags: none defined yet
