@@ -983,17 +983,15 @@ fn a_child_forked_while_another_thread_registers_is_not_stuck_on_the_lock() {
         ack(),
         OnRegister::AckFirstAfter(Duration::from_millis(1500)),
     );
-    // A child that waited for the lock its copy says is held would wait 2 * 4 s + 1 s and
-    // then give up with a line on stderr.
-    let started = Instant::now();
+    // A child that waited for the lock its copy says is held would give up after
+    // 2 * 4 s + 1 s with a line on stderr (and skip its Register): no line, and its Register
+    // arrived, prove it was not stuck (no timing is asserted).
     let r = run(agent_cmd(&prog, &["fork-locked", "65536"])
         .env("UMM_SOCKET", &fake.socket)
         .env("UMM_TIMEOUT_MS", "4000"));
-    let took = started.elapsed();
     let log = fake.finish();
     assert!(r.status.success(), "{r:?}");
     assert_eq!(r.stderr, "", "{r:?}");
-    assert!(took < Duration::from_secs(9), "{took:?}: {r:?}");
     assert_eq!(log.registers, r.maps(), "{log:?}\n{r:?}");
     let children = maps_in(&r);
     assert_eq!(children.len(), 1, "{r:?}");

@@ -326,12 +326,7 @@ impl Manager {
             match e.errno {
                 Errno::EMFILE | Errno::ENFILE => self.fd_exhausted(id),
                 _ if e.mm_gone() => self.close_space(id, "its address space is gone"),
-                _ => {
-                    let what = self.describe_space(id);
-                    log::error!("{what}: {e}; giving up on it (its memory stays as it is)");
-                    self.stats.abandoned += 1;
-                    self.close_space(id, "read failed");
-                }
+                _ => self.give_up(id, &format!("{e}")),
             }
         }
     }
@@ -424,6 +419,9 @@ impl Manager {
         child.same_pidns = p.same_pidns;
         child.exe = p.exe.clone();
         child.restore = p.restore.as_ref().map(|r| r.for_child());
+        if let (Some(_), Some(ppid)) = (&child.restore, p.pid) {
+            forked_layout_exceptions(ppid, &mut child.layout);
+        }
         let registered = child.layout.registered_bytes();
         let id = self.spaces.insert(child);
         let space = self.spaces.get(id).expect("just inserted");
@@ -431,11 +429,14 @@ impl Manager {
             .epoll
             .add(space.uffd.as_fd(), event_for(Token::Uffd(id)))
         {
-            log::error!(
-                "fork child of {}: epoll add failed: {e}",
-                self.describe_space(parent)
-            );
+            let why = format!("its forked child cannot be polled: epoll add failed: {e}");
             self.spaces.remove(id);
+            if self.spaces.get(parent).is_some_and(|p| p.restore.is_some()) {
+                // The child's memory would read zeros: stop the restore.
+                self.fail_stop(&format!("{}: {why}", self.describe_space(parent)));
+            } else {
+                log::error!("{}: {why}", self.describe_space(parent));
+            }
             return None;
         }
         self.stats.processes += 1;
@@ -466,14 +467,15 @@ impl Manager {
         }
         self.probe_all();
         if now.duration_since(since) >= FD_EXHAUSTION_LIMIT {
-            log::error!(
-                "{}: still out of file descriptors after {:?} (raise RLIMIT_NOFILE); giving up \
-                 on it so its fork can complete: it continues on normal memory",
-                self.describe_space(id),
-                FD_EXHAUSTION_LIMIT
+            // Track mode: closing the uffd completes the fork on plain memory. A restore
+            // cannot go on without its memory: its process is stopped instead.
+            self.give_up(
+                id,
+                &format!(
+                    "still out of file descriptors after {FD_EXHAUSTION_LIMIT:?} for a forked \
+                     child's uffd (raise RLIMIT_NOFILE)"
+                ),
             );
-            self.stats.abandoned += 1;
-            self.close_space(id, "out of file descriptors");
             return;
         }
         if let Some(s) = self.spaces.get_mut(id) {
@@ -710,6 +712,26 @@ impl Manager {
 
     pub fn live_spaces(&self) -> usize {
         self.spaces.len()
+    }
+}
+
+/// What a fork does not copy: a MADV_DONTFORK range is not in the child at all, and a
+/// MADV_WIPEONFORK range is empty there. A restore must neither fill the first (there is
+/// nothing to fill) nor give the second image data (the program relies on it reading zeros).
+/// Read from the parent's smaps while it waits for its FORK event to be read.
+fn forked_layout_exceptions(parent: u32, layout: &mut umm::layout::Layout) {
+    let (Ok(maps), Ok(flags)) = (proc::read_maps(parent), proc::vm_flags(parent)) else {
+        return;
+    };
+    for m in &maps {
+        let Some(f) = flags.get(&m.start) else {
+            continue;
+        };
+        if f.iter().any(|f| f == "dc") {
+            layout.unregister(m.range());
+        } else if f.iter().any(|f| f == "wf") {
+            layout.set_state(m.range(), umm::layout::PageState::Zero, None);
+        }
     }
 }
 

@@ -369,7 +369,14 @@ impl Manager {
             s.exe = exe;
         }
         let registered = self.rescan(sid);
-        let s = self.spaces.get(sid).expect("just inserted");
+        // The rescan probes the mm first: a process that exited (or exec'd) since it sent its
+        // uffd has no space any more.
+        let Some(s) = self.spaces.get(sid) else {
+            return Err(Reject::Refused(
+                NackCode::Setup,
+                format!("pid {pid} is gone (exited or exec'd) since it sent its uffd"),
+            ));
+        };
         if let Err(e) = self.epoll.add(s.uffd.as_fd(), event_for(Token::Uffd(sid))) {
             self.close_space(sid, "epoll add failed");
             return Err(Reject::Refused(NackCode::Setup, format!("epoll: {e}")));

@@ -7,7 +7,6 @@
 //! zeros (see `keeper.rs`).
 
 use std::collections::{HashSet, VecDeque};
-use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -380,6 +379,8 @@ impl Manager {
             return self.spaces.iter().any(|(_, s)| s.restore.is_some());
         };
         let done = match self.copy_run(pick, &run) {
+            // ENOENT handled first: it may copy the run's first page itself.
+            Ok(Err(e)) if e.errno == Errno::ENOENT && e.done == 0 => self.fill_enoent(pick, &run),
             Err(e) => {
                 self.source_failed(pick, &e);
                 return false;
@@ -405,15 +406,7 @@ impl Manager {
                     );
                     0
                 }
-                Errno::ENOENT => {
-                    let len = run.range.end - run.range.start;
-                    if len > PAGE_SIZE {
-                        self.refresh_bounds_for_fill(pick, &run.range);
-                    } else {
-                        self.give_up(pick, &format!("{e} (the page is not mapped)"));
-                    }
-                    0
-                }
+                Errno::ENOENT => self.fill_enoent(pick, &run),
                 _ if e.mm_gone() => {
                     self.close_space(pick, "process gone during the fill");
                     0
@@ -509,20 +502,37 @@ impl Manager {
             .or_else(|| s.layout.next_missing(0, chunk))
     }
 
-    fn refresh_bounds_for_fill(&mut self, id: Id, range: &Range<u64>) {
-        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
-            return;
+    /// ENOENT for a background run: it is not inside one VMA registered with this uffd. Copy
+    /// its first page alone (always progress, never data dropped that has a VMA): done, or
+    /// ENOENT again, which means no registered VMA holds that page (a MADV_DONTFORK range in a
+    /// child, say) and there is nothing to fill there. Learns the VMA bounds too, when the
+    /// process's pid is known. Returns the bytes copied.
+    fn fill_enoent(&mut self, id: Id, run: &Run) -> u64 {
+        self.stats.enoent += 1;
+        if run.range.end - run.range.start > PAGE_SIZE {
+            self.learn_vma_bounds(id, run.range.clone());
+        }
+        let page = Run {
+            range: run.range.start..run.range.start + PAGE_SIZE,
+            ..run.clone()
         };
-        let Ok(maps) = proc::read_maps(pid) else {
-            return;
-        };
-        if let Some(s) = self.spaces.get_mut(id) {
-            for m in &maps {
-                for b in [m.start, m.end] {
-                    if b > range.start && b < range.end {
-                        s.layout.split_vma_at(b);
-                    }
+        match self.copy_run(id, &page) {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) if e.errno == Errno::ENOENT => {
+                log::debug!(
+                    "{}: no registered VMA at {:#x}; nothing to fill there",
+                    self.describe_space(id),
+                    page.range.start
+                );
+                if let Some(s) = self.spaces.get_mut(id) {
+                    s.layout.unregister(page.range.clone());
                 }
+                0
+            }
+            Ok(Err(_)) => 0,
+            Err(e) => {
+                self.source_failed(id, &e);
+                0
             }
         }
     }

@@ -21,6 +21,12 @@ const LEARN_PID_TRIES: u64 = 64;
 /// Up to this many address spaces, every one is rescanned each rescan interval.
 const RESCAN_ALL_UP_TO: usize = 256;
 
+/// EEXIST on `run`'s first page means image data was lost: a restore's page still Missing in
+/// the model (only the manager fills those, and it marks them at once).
+fn lost_image_page(space: &crate::space::Space, run: &Run) -> bool {
+    space.restore.is_some() && run.state == PageState::Missing
+}
+
 /// The granularity at which image pages leave the manager's mapping after a copy.
 const DROP_GRANULE: u64 = 2 << 20;
 
@@ -93,7 +99,6 @@ impl Manager {
                 return Outcome::Done;
             };
             let primary = plan.primary.range.clone();
-            let len = primary.end - primary.start;
             let result = match self.copy_run(f.space, &plan.primary) {
                 Ok(r) => r,
                 Err(e) => {
@@ -115,6 +120,20 @@ impl Manager {
                     earlier += copied.end - copied.start;
                     single_page = true;
                     continue;
+                }
+                // A page that must come from the image is there already: someone else populated
+                // it (a restorer that touched its regions before the handoff). Its data is
+                // lost; the process must not run with what is there instead.
+                Err(e) if e.errno == Errno::EEXIST && lost_image_page(space, &plan.primary) => {
+                    self.give_up(
+                        f.space,
+                        &format!(
+                            "page {:#x} was populated before the manager could fill it from \
+                             the image",
+                            primary.start
+                        ),
+                    );
+                    return Outcome::Done;
                 }
                 Err(e) => match e.errno {
                     Errno::EEXIST if primary.start == page => {
@@ -154,8 +173,8 @@ impl Manager {
                         // the bounds, retry one page; a page outside any VMA is woken so its
                         // thread refaults (and gets SIGSEGV if the memory is really gone).
                         self.stats.enoent += 1;
-                        if len > PAGE_SIZE && !single_page {
-                            self.refresh_vma_bounds(f.space, primary.start, primary.end);
+                        if !single_page {
+                            self.learn_vma_bounds(f.space, primary.clone());
                             single_page = true;
                             continue;
                         }
@@ -367,10 +386,7 @@ impl Manager {
 
     /// A fault at an address the model does not know: find its VMA in the maps and adopt it.
     fn adopt_unknown(&mut self, id: Id, page: u64) {
-        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
-            return;
-        };
-        let Ok(maps) = proc::read_maps(pid) else {
+        let Some(maps) = self.maps_of(id) else {
             return;
         };
         if let Some(m) = maps.iter().find(|m| m.start <= page && page < m.end) {
@@ -387,22 +403,46 @@ impl Manager {
     }
 
     /// ENOENT: the VMA bounds inside `[start, end)` changed without an event. Learn them.
-    fn refresh_vma_bounds(&mut self, id: Id, start: u64, end: u64) {
-        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
-            return;
-        };
-        let Ok(maps) = proc::read_maps(pid) else {
+    /// The process's maps now, if its pid is known and its mm is still the space's (probed:
+    /// after an exec the maps are a new image's).
+    pub(crate) fn maps_of(&mut self, id: Id) -> Option<Vec<proc::MapEntry>> {
+        let pid = self.spaces.get(id)?.pid?;
+        if !self.probe(id) {
+            return None;
+        }
+        proc::read_maps(pid).ok()
+    }
+
+    /// ENOENT: the VMA bounds inside the model's VMA holding `range` changed without an event
+    /// (mprotect split, a MADV_DONTFORK range missing in a child). Learn all of them from one
+    /// read of the maps: split the model at every bound, and forget what no VMA holds.
+    pub(crate) fn learn_vma_bounds(&mut self, id: Id, range: std::ops::Range<u64>) {
+        let Some(maps) = self.maps_of(id) else {
             return;
         };
         let Some(space) = self.spaces.get_mut(id) else {
             return;
         };
-        for m in &maps {
+        let Some(vma) = space.layout.vma_containing(range.start) else {
+            return;
+        };
+        let mut covered = vma.start;
+        for m in maps
+            .iter()
+            .filter(|m| m.end > vma.start && m.start < vma.end)
+        {
+            if m.start > covered {
+                space.layout.unregister(covered..m.start);
+            }
             for b in [m.start, m.end] {
-                if b > start && b < end {
+                if b > vma.start && b < vma.end {
                     space.layout.split_vma_at(b);
                 }
             }
+            covered = covered.max(m.end);
+        }
+        if covered < vma.end {
+            space.layout.unregister(covered..vma.end);
         }
     }
 
@@ -532,10 +572,7 @@ impl Manager {
     /// PROT_NONE) overlapping `range`, as the process's maps say now. The agent cannot tell
     /// what an mremap moved, and a peer is not trusted to say what memory is.
     pub(crate) fn register_servable(&mut self, id: Id, range: std::ops::Range<u64>) -> u64 {
-        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
-            return 0;
-        };
-        let Ok(maps) = proc::read_maps(pid) else {
+        let Some(maps) = self.maps_of(id) else {
             return 0;
         };
         let mut added = 0;
@@ -552,15 +589,8 @@ impl Manager {
     /// are those of whatever process has the pid now: after an exec they belong to a new mm,
     /// so a space whose mm is gone is closed first, not filled from them.
     pub(crate) fn rescan(&mut self, id: Id) -> u64 {
-        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
+        let Some(maps) = self.maps_of(id) else {
             return 0;
-        };
-        if !self.probe(id) {
-            return 0;
-        }
-        let maps = match proc::read_maps(pid) {
-            Ok(m) => m,
-            Err(_) => return 0,
         };
         self.stats.rescans += 1;
         let mut added = 0;

@@ -198,9 +198,13 @@ pub enum OpenedVia {
 const OPEN_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NONBLOCK;
 
 impl Uffd {
-    /// Wrap an fd known to be a userfaultfd (from a FORK event or a peer, after checking it
-    /// with [`crate::sys::fd::is_userfaultfd`]).
+    /// Wrap an fd known to be a userfaultfd of another process's mm (from a FORK event, or
+    /// from a peer after checking it with [`crate::sys::fd::is_userfaultfd`]).
+    ///
+    /// The fd is made non-blocking whatever its creator chose: a blocking uffd would freeze
+    /// the reader's loop in `read(2)`, and its FORK children inherit the creation flags.
     pub fn from_owned(fd: OwnedFd) -> Uffd {
+        let _ = set_nonblocking(fd.as_fd());
         Uffd { fd }
     }
 
@@ -486,6 +490,15 @@ impl Uffd {
             }
         }
     }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
+    Ok(())
 }
 
 /// Modes of `UFFDIO_COPY`.
