@@ -57,6 +57,13 @@ impl Keeper {
         }
         let child = umm::sys::process::spawn_unblocked(&mut cmd)?;
         drop(theirs);
+        // Messages to the keeper must not be lost (a lost RELEASE would make it kill a
+        // completed process later), nor block the loop for long: wait up to a second.
+        nix::sys::socket::setsockopt(
+            &mine,
+            nix::sys::socket::sockopt::SendTimeout,
+            &nix::sys::time::TimeVal::new(1, 0),
+        )?;
         Ok(Keeper { sock: mine, child })
     }
 
@@ -66,7 +73,7 @@ impl Keeper {
         msg[1..9].copy_from_slice(&key.to_le_bytes());
         msg[9..13].copy_from_slice(&pid.to_le_bytes());
         let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-        socket::send_with_fds(self.sock.as_fd(), &msg, &fds).map(|_| ())
+        socket::send_with_fds_blocking(self.sock.as_fd(), &msg, &fds).map(|_| ())
     }
 
     /// Keep a duplicate of this space's uffd.

@@ -84,8 +84,8 @@ pub struct PendingFault {
     pub write: bool,
     pub tid: u32,
     pub read_at: Instant,
-    /// Turns this fault has been parked for a failure other than EAGAIN.
-    pub hard_tries: u32,
+    /// Since when copies for this fault have failed other than with EAGAIN.
+    pub failing_since: Option<Instant>,
 }
 
 /// Why the loop stopped.
@@ -103,9 +103,10 @@ pub enum Shutdown {
 const TICK: Duration = Duration::from_millis(50);
 /// How long a parked fault waits before it is decided again.
 const PARK_RETRY: Duration = Duration::from_millis(1);
-/// Copies failing with unexpected errors are retried this many turns, then the space is
-/// given up (fail-open: its uffd is closed and the kernel serves it as normal memory).
-pub const HARD_FAILURE_LIMIT: u32 = 20;
+/// Copies failing with unexpected errors (ENOMEM under a memory limit, ...) are retried, with
+/// backoff, this long; then the space is given up (track mode: its uffd is closed and the
+/// kernel serves it as normal memory; a restore: its process is stopped).
+pub const HARD_FAILURE_WINDOW: Duration = Duration::from_secs(5);
 /// How long a space may be unable to take its forked children's uffds (EMFILE) before the
 /// manager gives up on it.
 const FD_EXHAUSTION_LIMIT: Duration = Duration::from_secs(1);
@@ -356,7 +357,7 @@ impl Manager {
                     write,
                     tid,
                     read_at: now,
-                    hard_tries: 0,
+                    failing_since: None,
                 });
                 return;
             }

@@ -53,6 +53,9 @@ impl Peer {
     }
 }
 
+/// How many reads (of up to one frame each) a peer gets per turn of the loop.
+const PEER_READS_PER_TURN: usize = 8;
+
 /// Why a peer is dropped; each is one log line, a Nack, and a count in the report.
 pub(crate) enum Reject {
     Refused(NackCode, String),
@@ -105,7 +108,9 @@ impl Manager {
 
     pub(crate) fn on_peer_readable(&mut self, id: Id) {
         let mut chunk = [0u8; MAX_FRAME + 4];
-        loop {
+        // A bounded share per wakeup: a peer that keeps sending cannot keep the loop from
+        // faults and other peers (epoll is level-triggered: the rest waits for the next turn).
+        for _ in 0..PEER_READS_PER_TURN {
             let Some(peer) = self.peers.get_mut(id) else {
                 return;
             };

@@ -104,8 +104,6 @@ pub struct RestoreBook {
     pub tokens_at: Option<Instant>,
     /// When the rate bound allows the next chunk.
     pub next_allowed: Option<Instant>,
-    /// Pids of restored processes, for fail-stop.
-    pub pids: HashSet<u32>,
     /// Set once a restore had to be stopped: the reason, for the exit status and the report.
     pub failed: Option<String>,
     /// `--keep-running`: serve until a signal, not until the restores handed over are done.
@@ -229,9 +227,6 @@ impl Manager {
         if space.restore.is_none() {
             return;
         }
-        if let Some(pid) = space.pid {
-            self.restore.pids.insert(pid);
-        }
         if let Some(k) = &self.restore.keeper {
             let r = k
                 .hold(key(id), space.uffd.as_fd())
@@ -250,7 +245,6 @@ impl Manager {
     /// A restore space learned its pid (a forked child's first fault).
     pub(crate) fn restore_pid_learned(&mut self, id: Id, pid: u32) {
         if self.spaces.get(id).is_some_and(|s| s.restore.is_some()) {
-            self.restore.pids.insert(pid);
             if let Some(k) = &self.restore.keeper {
                 let _ = k.pid(key(id), pid);
             }
@@ -260,7 +254,13 @@ impl Manager {
     /// The space is finished with (complete, gone, or given up): the keeper lets go too.
     pub(crate) fn unkeep(&mut self, id: Id) {
         if let Some(k) = &self.restore.keeper {
-            let _ = k.release(key(id));
+            if let Err(e) = k.release(key(id)) {
+                log::error!(
+                    "keeper: cannot release space {}: {e}; it will stop this process when the \
+                     manager exits",
+                    id.index
+                );
+            }
         }
     }
 
@@ -315,12 +315,14 @@ impl Manager {
             self.restore.failed = Some(why.to_string());
         }
         let cgroup = self.cfg.restore.as_ref().and_then(|r| r.cgroup.clone());
-        let mut pids = self.restore.pids.clone();
-        for (_, s) in self.spaces.iter() {
-            if let (Some(_), Some(pid)) = (&s.restore, s.pid) {
-                pids.insert(pid);
-            }
-        }
+        // Only processes alive in restore spaces now: a pid of a finished restore may belong
+        // to an unrelated process by now. (A space is closed when its pidfd reports the exit.)
+        let pids: HashSet<u32> = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| s.restore.is_some())
+            .filter_map(|(_, s)| s.pid)
+            .collect();
         crate::keeper::kill_restored(cgroup.as_ref(), &pids);
         for id in self.spaces.ids() {
             if self.spaces.get(id).is_some_and(|s| s.restore.is_some()) {
@@ -365,9 +367,14 @@ impl Manager {
             book.next_allowed = None;
         }
         let ids = self.spaces.ids();
+        let now = Instant::now();
         let restoring: Vec<Id> = ids
             .into_iter()
-            .filter(|&id| self.spaces.get(id).is_some_and(|s| s.restore.is_some()))
+            .filter(|&id| {
+                self.spaces
+                    .get(id)
+                    .is_some_and(|s| s.restore.is_some() && s.retry_at.is_none_or(|at| at <= now))
+            })
             .collect();
         if restoring.is_empty() {
             return false;
@@ -412,12 +419,18 @@ impl Manager {
                     0
                 }
                 _ => {
-                    let tries = self.spaces.get_mut(pick).map(|s| {
-                        s.hard_failures += 1;
-                        s.hard_failures
+                    let now = Instant::now();
+                    let failing = self.spaces.get_mut(pick).map(|s| {
+                        let since = *s.failing_since.get_or_insert(now);
+                        // Back off: 1 ms doubling per failure up to 1 s.
+                        let wait = now
+                            .duration_since(since)
+                            .clamp(Duration::from_millis(1), Duration::from_secs(1));
+                        s.retry_at = Some(now + wait);
+                        now.duration_since(since)
                     });
-                    if tries.unwrap_or(0) >= crate::manager::HARD_FAILURE_LIMIT {
-                        self.give_up(pick, &format!("{e}, repeatedly"));
+                    if let Some(d) = failing.filter(|d| *d >= crate::manager::HARD_FAILURE_WINDOW) {
+                        self.give_up(pick, &format!("{e}, for {d:?}"));
                     }
                     0
                 }
@@ -428,7 +441,8 @@ impl Manager {
             if let Some(s) = self.spaces.get_mut(pick) {
                 s.layout
                     .mark_present(run.range.start..run.range.start + done);
-                s.hard_failures = 0;
+                s.failing_since = None;
+                s.retry_at = None;
                 if let Some(r) = &mut s.restore {
                     r.cursor = run.range.start + done;
                 }
@@ -546,7 +560,24 @@ impl Manager {
         if s.restore.is_none() || s.layout.bytes_by_state().0 != 0 {
             return;
         }
-        for vma in s.layout.vmas() {
+        // Every range registered with this uffd, the model's and any the kernel extended
+        // without an event (mremap growth, MREMAP_DONTUNMAP sources): a registered range left
+        // without a reader would block the process's next munmap or fork on it.
+        let mut ranges = s.layout.vmas();
+        if let Some(pid) = s.pid {
+            if let (Ok(maps), Ok(flags)) = (proc::read_maps(pid), proc::vm_flags(pid)) {
+                ranges.extend(
+                    maps.iter()
+                        .filter(|m| {
+                            flags
+                                .get(&m.start)
+                                .is_some_and(|f| f.iter().any(|f| f == "um"))
+                        })
+                        .map(|m| m.range()),
+                );
+            }
+        }
+        for vma in ranges {
             if let Err(e) = s.uffd.unregister(vma.start, vma.end - vma.start) {
                 log::debug!("{}: {e}", s.describe(id));
             }

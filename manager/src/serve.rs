@@ -10,7 +10,7 @@ use umm::sys::{proc, process};
 use umm::uffd::{CopyMode, UffdError};
 use umm::{page_floor, PAGE_SIZE};
 
-use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_LIMIT};
+use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_WINDOW};
 use crate::slab::{Id, Token};
 use crate::space::Origin;
 use crate::trace::Record;
@@ -186,14 +186,14 @@ impl Manager {
                         return Outcome::Done;
                     }
                     _ => {
-                        f.hard_tries += 1;
-                        space.hard_failures += 1;
-                        let what = space.describe(f.space);
-                        if f.hard_tries < HARD_FAILURE_LIMIT {
-                            log::warn!("{what}: {e}; will retry");
+                        let since = *f.failing_since.get_or_insert_with(|| {
+                            log::warn!("{}: {e}; will retry", space.describe(f.space));
+                            Instant::now()
+                        });
+                        if since.elapsed() < HARD_FAILURE_WINDOW {
                             return Outcome::Park;
                         }
-                        self.give_up(f.space, &format!("{e}, {HARD_FAILURE_LIMIT} times"));
+                        self.give_up(f.space, &format!("{e}, for {:?}", HARD_FAILURE_WINDOW));
                         return Outcome::Done;
                     }
                 },
@@ -201,7 +201,6 @@ impl Manager {
             let served = primary.start..primary.start + done;
             space.layout.mark_present(served.clone());
             space.fault_around.served(plan.stream, served.end);
-            space.hard_failures = 0;
             if let Some(r) = &mut space.restore {
                 r.first_fault_served
                     .get_or_insert_with(|| r.started.elapsed());

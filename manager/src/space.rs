@@ -113,9 +113,10 @@ pub struct Space {
     pub last_rescan: Instant,
     pub faults: u64,
     pub pages_served: u64,
-    /// Consecutive copy failures of the kind "anything else" (ENOMEM...), for the bounded
-    /// retry before giving up on this space.
-    pub hard_failures: u32,
+    /// Background copies failing "otherwise" (ENOMEM...): since when, and when to try again
+    /// (exponential backoff), before giving up on this space.
+    pub failing_since: Option<Instant>,
+    pub retry_at: Option<Instant>,
     /// The uffd's read queue could not be drained for lack of fds (EMFILE on FORK).
     pub read_blocked: bool,
     /// Since when reads have failed for lack of fds (cleared by a good read).
@@ -140,7 +141,8 @@ impl Space {
             last_rescan: Instant::now(),
             faults: 0,
             pages_served: 0,
-            hard_failures: 0,
+            failing_since: None,
+            retry_at: None,
             read_blocked: false,
             fd_exhausted_since: None,
             restore: None,

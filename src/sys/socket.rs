@@ -107,6 +107,24 @@ pub fn send_with_fds(
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_fds_flags(sock, bytes, fds, MsgFlags::MSG_DONTWAIT)
+}
+
+/// [`send_with_fds`] that waits for room (bounded by the socket's SO_SNDTIMEO).
+pub fn send_with_fds_blocking(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    send_with_fds_flags(sock, bytes, fds, MsgFlags::empty())
+}
+
+fn send_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: MsgFlags,
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
@@ -114,7 +132,7 @@ pub fn send_with_fds(
         sock.as_raw_fd(),
         &[IoSlice::new(bytes)],
         cmsgs,
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        flags | MsgFlags::MSG_NOSIGNAL,
         None,
     )?)
 }
