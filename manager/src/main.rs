@@ -1,5 +1,6 @@
 //! `umm` — a non-cooperative userfaultfd memory manager.
 
+mod coverage;
 mod daemon;
 mod keeper;
 mod manager;

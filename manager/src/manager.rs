@@ -135,11 +135,12 @@ pub struct Manager {
     /// status once it exited.
     pub(crate) command: Option<u32>,
     pub(crate) command_status: Option<i32>,
+    /// The coverage helper thread (None if it could not start).
+    pub(crate) coverage: Option<crate::coverage::CoverageSampler>,
     /// Lazy-restore state (keeper, background fill, fail-stop).
     pub(crate) restore: crate::restore::RestoreBook,
     last_probe: Instant,
     last_full_probe: Instant,
-    last_coverage_round: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
     handoffs_at_last_coverage: u64,
     /// accept(2) ran out of fds: the listener is out of the poll set until the next tick.
@@ -169,6 +170,7 @@ impl Manager {
             epoll.add(s, event_for(Token::Signals))?;
         }
         let started = Instant::now();
+        let cfg_coverage_interval = cfg.coverage_interval;
         let trace = match &cfg.trace {
             Some(p) => Some(Trace::create(p, started).map_err(|e| {
                 io::Error::new(
@@ -200,9 +202,11 @@ impl Manager {
             command: None,
             command_status: None,
             restore: Default::default(),
+            coverage: crate::coverage::CoverageSampler::start(cfg_coverage_interval)
+                .map_err(|e| log::warn!("no coverage sampling: {e}"))
+                .ok(),
             last_probe: started,
             last_full_probe: started,
-            last_coverage_round: started,
             handoffs_at_last_coverage: 0,
             listener_paused: false,
             listener_paused_since: None,
@@ -607,33 +611,32 @@ impl Manager {
         }
         self.rescan_due(now);
         let handed_over = self.stats.handoffs != self.handoffs_at_last_coverage;
-        if handed_over || now.duration_since(self.last_coverage_round) >= self.cfg.coverage_interval
-        {
-            self.handoffs_at_last_coverage = self.stats.handoffs;
-            self.last_coverage_round = now;
-            self.sample_coverage();
-        }
+        self.handoffs_at_last_coverage = self.stats.handoffs;
+        self.sample_coverage(handed_over);
         if let Some(t) = &mut self.trace {
             t.flush();
         }
     }
 
-    /// Coverage as DESIGN.md defines it, over every live process with a known pid.
-    fn sample_coverage(&mut self) {
-        let mut total = proc::Coverage::default();
-        let mut seen = std::collections::HashSet::new();
-        for (_, s) in self.spaces.iter() {
-            let Some(pid) = s.pid else { continue };
-            if !seen.insert(pid) {
-                continue;
-            }
-            if let Ok(c) = proc::coverage(pid) {
-                total.anon_bytes += c.anon_bytes;
-                total.registered_anon_bytes += c.registered_anon_bytes;
-            }
-        }
-        if let Some(r) = total.ratio() {
-            self.stats.coverage_sample(r);
+    /// Coverage as DESIGN.md defines it, over every live process with a known pid: the
+    /// helper samples them; the loop only tells it which.
+    fn sample_coverage(&mut self, now: bool) {
+        let Some(sampler) = &self.coverage else {
+            return;
+        };
+        let mut pids: Vec<u32> = self.spaces.iter().filter_map(|(_, s)| s.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        sampler.set_pids(pids, now);
+    }
+
+    /// The coverage samples so far, into the stats (for the report).
+    pub fn collect_coverage(&mut self) {
+        if let Some(sampler) = &self.coverage {
+            let (last, min, samples) = sampler.result();
+            self.stats.coverage_last = last;
+            self.stats.coverage_min = min;
+            self.stats.coverage_samples = samples;
         }
     }
 
@@ -693,6 +696,8 @@ impl Manager {
     /// still unfinished cannot continue without the manager: their processes are stopped
     /// first (fail-stop), never left to read zeros.
     pub fn finish(&mut self) {
+        self.collect_coverage();
+        self.coverage = None;
         if self.spaces.iter().any(|(_, s)| s.restore.is_some()) {
             self.fail_stop("the manager is stopping before the restore completed");
         }

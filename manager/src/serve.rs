@@ -529,7 +529,7 @@ impl Manager {
         };
         let mut added = 0;
         let before = space.layout.registered_bytes();
-        for part in crate::space::unregistered_parts(&space.layout, range) {
+        for part in space.layout.unregistered_parts(range) {
             if space.refused.contains(&part) {
                 continue;
             }
@@ -588,6 +588,7 @@ impl Manager {
     /// are those of whatever process has the pid now: after an exec they belong to a new mm,
     /// so a space whose mm is gone is closed first, not filled from them.
     pub(crate) fn rescan(&mut self, id: Id) -> u64 {
+        let began = Instant::now();
         let Some(maps) = self.maps_of(id) else {
             return 0;
         };
@@ -599,6 +600,7 @@ impl Manager {
         if let Some(s) = self.spaces.get_mut(id) {
             s.dirty = false;
             s.last_rescan = Instant::now();
+            s.rescan_cost = began.elapsed();
         }
         added
     }
@@ -606,10 +608,12 @@ impl Manager {
     /// Rescan spaces every rescan interval: new mappings raise no event. With many spaces,
     /// only those that changed since their last rescan, and quiet ones ten times less often.
     pub(crate) fn rescan_due(&mut self, now: Instant) {
-        let every = self.cfg.rescan_interval;
         let few = self.spaces.len() <= RESCAN_ALL_UP_TO;
         for id in self.spaces.ids() {
             let due = self.spaces.get(id).is_some_and(|s| {
+                // A rescan of a process with many mappings costs milliseconds: never spend
+                // more than a tenth of the loop's time on one process's rescans.
+                let every = self.cfg.rescan_interval.max(s.rescan_cost * 10);
                 let age = now.duration_since(s.last_rescan);
                 s.pid.is_some() && (((few || s.dirty) && age >= every) || age >= every * 10)
             });

@@ -111,6 +111,8 @@ pub struct Space {
     /// Something happened since the last rescan (faults, events).
     pub dirty: bool,
     pub last_rescan: Instant,
+    /// How long the last rescan took (rescans of big processes are spaced out).
+    pub rescan_cost: std::time::Duration,
     pub faults: u64,
     pub pages_served: u64,
     /// Background copies failing "otherwise" (ENOMEM...): since when, and when to try again
@@ -139,6 +141,7 @@ impl Space {
             refused: Vec::new(),
             dirty: false,
             last_rescan: Instant::now(),
+            rescan_cost: std::time::Duration::ZERO,
             faults: 0,
             pages_served: 0,
             failing_since: None,
@@ -163,31 +166,6 @@ impl Space {
             },
         }
     }
-}
-
-/// The parts of `range` that `layout` does not have registered, in order.
-pub fn unregistered_parts(layout: &Layout, range: Range<u64>) -> Vec<Range<u64>> {
-    let mut out = Vec::new();
-    let mut at = range.start;
-    for vma in layout.vmas() {
-        if vma.end <= at {
-            continue;
-        }
-        if vma.start >= range.end {
-            break;
-        }
-        if vma.start > at {
-            out.push(at..vma.start.min(range.end));
-        }
-        at = at.max(vma.end);
-        if at >= range.end {
-            break;
-        }
-    }
-    if at < range.end {
-        out.push(at..range.end);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -216,18 +194,5 @@ mod tests {
         assert_eq!(w, 64 * PAGE_SIZE);
         let (w, _, seq) = fa.window(0x9000_0000);
         assert_eq!((w, seq), (PAGE_SIZE, false));
-    }
-
-    #[test]
-    fn unregistered_parts_are_the_gaps() {
-        let mut l = Layout::new();
-        l.register(0x2000..0x4000, PageState::Zero, None);
-        l.register(0x6000..0x7000, PageState::Zero, None);
-        assert_eq!(
-            unregistered_parts(&l, 0x1000..0x8000),
-            vec![0x1000..0x2000, 0x4000..0x6000, 0x7000..0x8000]
-        );
-        assert_eq!(unregistered_parts(&l, 0x2000..0x4000), vec![]);
-        assert_eq!(unregistered_parts(&l, 0x3000..0x5000), vec![0x4000..0x5000]);
     }
 }

@@ -129,12 +129,6 @@ impl Stats {
         self.peak_registered_bytes = self.peak_registered_bytes.max(self.registered_now);
     }
 
-    pub fn coverage_sample(&mut self, ratio: f64) {
-        self.coverage_samples += 1;
-        self.coverage_last = Some(ratio);
-        self.coverage_min = Some(self.coverage_min.map_or(ratio, |m| m.min(ratio)));
-    }
-
     pub fn report(&self, spaces_live: usize, exit_status: Option<i32>) -> Report {
         Report {
             restore: (self.restores > 0).then(|| RestoreReport {

@@ -195,6 +195,31 @@ impl Layout {
         self.vmas.iter().map(|(&s, &e)| s..e).collect()
     }
 
+    /// The parts of `range` (rounded outward to pages) that are not registered, in order.
+    /// O(log VMAs + VMAs overlapping the range).
+    pub fn unregistered_parts(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let Some((start, end)) = page_range(range) else {
+            return Vec::new();
+        };
+        let before = self
+            .vmas
+            .range(..start)
+            .next_back()
+            .filter(|(_, &e)| e > start);
+        let mut out = Vec::new();
+        let mut at = start;
+        for (&s, &e) in before.into_iter().chain(self.vmas.range(start..end)) {
+            if s > at {
+                out.push(at..s);
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            out.push(at..end);
+        }
+        out
+    }
+
     /// Bytes registered. O(1): kept up to date by every change.
     pub fn registered_bytes(&self) -> u64 {
         self.bytes.iter().sum()

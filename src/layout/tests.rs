@@ -802,3 +802,18 @@ fn runs_in_clips_to_the_range_and_lists_every_overlapping_run() {
         vec![run(pg(8), pg(9), Missing, Some(0x7000))]
     );
 }
+
+#[test]
+fn unregistered_parts_are_the_gaps_between_vmas() {
+    let mut l = Layout::new();
+    l.register(0x2000..0x4000, Zero, None);
+    l.register(0x6000..0x7000, Zero, None);
+    assert_eq!(
+        l.unregistered_parts(0x1000..0x8000),
+        vec![0x1000..0x2000, 0x4000..0x6000, 0x7000..0x8000]
+    );
+    assert_eq!(l.unregistered_parts(0x2000..0x4000), vec![]);
+    assert_eq!(l.unregistered_parts(0x3000..0x5000), vec![0x4000..0x5000]);
+    assert_eq!(l.unregistered_parts(0x3001..0x3002), vec![]);
+    assert_eq!(l.unregistered_parts(0x5000..0x5000), vec![]);
+}
