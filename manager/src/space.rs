@@ -171,7 +171,6 @@ impl Space {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use umm::layout::PageState;
 
     #[test]
     fn sequential_faults_grow_the_window_and_random_ones_reset_it() {
