@@ -516,10 +516,17 @@ impl PageMap {
                 };
             }
             let n = (r as usize).min(regions.len());
+            // With a full buffer the kernel may report regions beyond `walk_end` (seen on
+            // 6.18): resume after the last page reported, so no page comes twice.
+            let mut reported = start;
             for reg in &regions[..n] {
-                let (s, e) = (reg.start.max(start), reg.end.min(range.end));
-                push_merged(out, s..e);
+                let (s, e) = (reg.start.max(reported), reg.end.min(range.end));
+                if s < e {
+                    push_merged(out, s..e);
+                    reported = e;
+                }
             }
+            arg.walk_end = arg.walk_end.max(reported);
             if arg.walk_end <= start || arg.walk_end > range.end {
                 // The kernel made no progress or reported nonsense: never loop forever.
                 if arg.walk_end >= range.end {
@@ -650,6 +657,26 @@ mod pagemap_tests {
         pm.populated_by_entries(range.clone(), &mut by_entries)
             .unwrap();
         assert_eq!(by_entries.len(), pages);
+        let mut by_scan = Vec::new();
+        if pm.populated_by_scan(range, &mut by_scan).unwrap() {
+            assert_eq!(by_scan, by_entries);
+        }
+    }
+
+    /// 16 MiB with every third page populated: PAGEMAP_SCAN reported regions beyond its
+    /// `walk_end` here (6.18), and resuming at `walk_end` reported pages twice.
+    #[test]
+    fn scan_never_reports_a_page_twice() {
+        let pages = 4096;
+        let a = Anon::new(pages);
+        for i in (0..pages).step_by(3) {
+            a.touch(i);
+        }
+        let pm = PageMap::open(std::process::id()).unwrap();
+        let range = a.addr()..a.addr() + pages as u64 * crate::PAGE_SIZE;
+        let mut by_entries = Vec::new();
+        pm.populated_by_entries(range.clone(), &mut by_entries)
+            .unwrap();
         let mut by_scan = Vec::new();
         if pm.populated_by_scan(range, &mut by_scan).unwrap() {
             assert_eq!(by_scan, by_entries);
