@@ -76,6 +76,13 @@ pub fn handoff(
     let image = image
         .to_str()
         .ok_or_else(|| RestoreError::Invalid("the image path is not UTF-8".into()))?;
+    if image.len() > protocol::MAX_IMAGE_PATH {
+        return Err(RestoreError::Invalid(format!(
+            "the image path is {} bytes long; the protocol carries at most {}",
+            image.len(),
+            protocol::MAX_IMAGE_PATH
+        )));
+    }
     let (uffd, _) = Uffd::open().map_err(RestoreError::Uffd)?;
     let stream = UnixStream::connect(socket_path).map_err(RestoreError::Connect)?;
     stream

@@ -262,9 +262,18 @@ impl Manager {
             return;
         }
         if self.cfg.restore.is_some() {
-            let command_done = self.command.is_none() || self.command_status.is_some();
-            let failed = self.restore.failed.is_some() && !self.restore.keep_running;
-            if command_done && (self.restore_finished() || failed) {
+            if self.restore.keep_running {
+                return; // until a signal
+            }
+            let restoring = self.spaces.iter().any(|(_, s)| s.restore.is_some());
+            let done = match self.command {
+                // With a command: once it exited and nothing it handed over is unfinished
+                // (it may have handed nothing over at all).
+                Some(_) => self.command_status.is_some() && !restoring,
+                // Without: once restores came and none is unfinished, or all were stopped.
+                None => (self.stats.restores > 0 && !restoring) || self.restore.stopped_all,
+            };
+            if done {
                 self.shutdown = Some(Shutdown::RestoreDone(self.command_status));
             }
         } else if let Some(code) = self.command_status {
@@ -652,7 +661,7 @@ impl Manager {
             match Signal::try_from(sig) {
                 Ok(Signal::SIGCHLD) => self.reap_children(),
                 Ok(s @ (Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP)) => {
-                    if let Some(cmd) = self.command {
+                    if let Some(cmd) = self.command.filter(|_| self.command_status.is_none()) {
                         // Forward what a process sent us. A terminal's signal (SI_KERNEL) already
                         // reached the command in the same foreground process group.
                         if info.ssi_code != libc::SI_KERNEL {

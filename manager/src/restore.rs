@@ -108,6 +108,8 @@ pub struct RestoreBook {
     pub failed: Option<String>,
     /// `--keep-running`: serve until a signal, not until the restores handed over are done.
     pub keep_running: bool,
+    /// The whole restore was stopped (fail-stop of everything, not one process).
+    pub stopped_all: bool,
     /// The image read-ahead helper, and how far into the data file it was asked to read.
     pub readahead: Option<crate::readahead::ReadAhead>,
     pub ahead_until: u64,
@@ -314,6 +316,7 @@ impl Manager {
         if self.restore.failed.is_none() {
             self.restore.failed = Some(why.to_string());
         }
+        self.restore.stopped_all = true;
         let cgroup = self.cfg.restore.as_ref().and_then(|r| r.cgroup.clone());
         // Only processes alive in restore spaces now: a pid of a finished restore may belong
         // to an unrelated process by now. (A space is closed when its pidfd reports the exit.)
@@ -583,7 +586,6 @@ impl Manager {
             }
         }
         let took = s.restore.as_ref().map(|r| r.started.elapsed());
-        let first = s.restore.as_ref().and_then(|r| r.first_fault_served);
         log::info!(
             "{}: restore complete after {:.3} s",
             s.describe(id),
@@ -594,24 +596,7 @@ impl Manager {
             self.stats.restore_complete_ms =
                 self.stats.restore_complete_ms.max(t.as_millis() as u64);
         }
-        if let Some(t) = first {
-            let ms = t.as_secs_f64() * 1000.0;
-            self.stats.restore_first_fault_ms = Some(
-                self.stats
-                    .restore_first_fault_ms
-                    .map_or(ms, |m: f64| m.min(ms)),
-            );
-        }
         self.close_space(id, "restore complete");
-    }
-
-    /// `umm restore`'s end: a restore was handed over and every restored space is complete or
-    /// gone (and the command, if any, has exited).
-    pub(crate) fn restore_finished(&self) -> bool {
-        self.cfg.restore.is_some()
-            && !self.restore.keep_running
-            && self.stats.restores > 0
-            && !self.spaces.iter().any(|(_, s)| s.restore.is_some())
     }
 }
 

@@ -235,9 +235,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
         k.finish();
     }
     drop(cgroup);
-    if !args.command.is_empty() {
-        let _ = std::fs::remove_file(&socket_path);
-    }
+    let _ = std::fs::remove_file(&socket_path);
     let shutdown = result.map_err(|e| format!("event loop failed: {e}"))?;
     let command_status = match shutdown {
         Shutdown::RestoreDone(status) => status,

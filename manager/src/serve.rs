@@ -201,13 +201,24 @@ impl Manager {
             let served = primary.start..primary.start + done;
             space.layout.mark_present(served.clone());
             space.fault_around.served(plan.stream, served.end);
-            if let Some(r) = &mut space.restore {
-                r.first_fault_served
-                    .get_or_insert_with(|| r.started.elapsed());
+            let first = match &mut space.restore {
+                Some(r) if r.first_fault_served.is_none() => {
+                    let t = r.started.elapsed();
+                    r.first_fault_served = Some(t);
+                    Some(t)
+                }
+                _ => None,
+            };
+            if let Some(t) = first {
+                let ms = t.as_secs_f64() * 1000.0;
+                let best = self.stats.restore_first_fault_ms.map_or(ms, |m| m.min(ms));
+                self.stats.restore_first_fault_ms = Some(best);
             }
             self.count_served(f.space, done);
             let extra = self.fill_extras(f.space);
             self.finish_fault(&f, earlier + done + extra);
+            // Faults alone can complete a restore (--no-background, or a fast toucher).
+            self.complete(f.space);
             return Outcome::Done;
         }
     }
