@@ -119,6 +119,12 @@ fn fork_storm_children_get_inherited_and_missing_pages() {
     // missing in each child's own address space, which only a manager holding that child's
     // FORK uffd can fill (so > 32k pages, far beyond what the parent alone could account for)
     assert!(ok.u64("min_served") >= children * 256);
+    // ... and the manager served them into the children's own address spaces.
+    run.assert_ge(
+        "fork_pages_served",
+        children * 256,
+        "each child touches at least 256 pages missing in its own address space",
+    );
 }
 
 #[test]

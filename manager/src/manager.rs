@@ -494,9 +494,10 @@ impl Manager {
         }
         if let Some(s) = self.spaces.get_mut(id) {
             s.read_blocked = true;
-            let _ = self
-                .epoll
-                .modify(s.uffd.as_fd(), &mut EpollEvent::new(EpollFlags::empty(), 0));
+            let _ = self.epoll.modify(
+                s.uffd.as_fd(),
+                &mut EpollEvent::new(EpollFlags::empty(), Token::Uffd(id).encode()),
+            );
         }
     }
 
@@ -567,9 +568,10 @@ impl Manager {
         self.listener_paused_since.get_or_insert_with(Instant::now);
         if !self.listener_paused {
             self.listener_paused = true;
-            let _ = self
-                .epoll
-                .modify(&self.listener, &mut EpollEvent::new(EpollFlags::empty(), 0));
+            let _ = self.epoll.modify(
+                &self.listener,
+                &mut EpollEvent::new(EpollFlags::empty(), Token::Listener.encode()),
+            );
         }
     }
 

@@ -21,6 +21,12 @@ const LEARN_PID_TRIES: u64 = 64;
 /// Up to this many address spaces, every one is rescanned each rescan interval.
 const RESCAN_ALL_UP_TO: usize = 256;
 
+/// Whether thread `tid` is waiting in `handle_userfault` (the kernel's wait channel).
+fn blocked_in_userfault(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/wchan"))
+        .is_ok_and(|w| w.trim() == "handle_userfault")
+}
+
 /// EEXIST on `run`'s first page means image data was lost: a restore's page still Missing in
 /// the model (only the manager fills those, and it marks them at once).
 fn lost_image_page(space: &crate::space::Space, run: &Run) -> bool {
@@ -92,8 +98,6 @@ impl Manager {
         }
         let mut drained = false;
         let mut single_page = false;
-        // Bytes copied for this fault by attempts before the one that served its page.
-        let mut earlier = 0;
         loop {
             let Some(plan) = self.plan(f.space, page, single_page) else {
                 return Outcome::Done;
@@ -117,7 +121,9 @@ impl Manager {
                     let copied = primary.start..primary.start + e.done;
                     space.layout.mark_present(copied.clone());
                     self.count_served(f.space, copied.end - copied.start);
-                    earlier += copied.end - copied.start;
+                    // Its own trace line: whatever becomes of the fault, every byte copied
+                    // is in the trace.
+                    self.trace_fault(&f, copied.end - copied.start);
                     single_page = true;
                     continue;
                 }
@@ -143,7 +149,7 @@ impl Manager {
                         self.stats.eexist += 1;
                         space.layout.mark_present(page..page + PAGE_SIZE);
                         let _ = space.uffd.wake(page, PAGE_SIZE);
-                        self.finish_fault(&f, earlier);
+                        self.finish_fault(&f, 0);
                         return Outcome::Done;
                     }
                     Errno::EEXIST => {
@@ -216,7 +222,7 @@ impl Manager {
             }
             self.count_served(f.space, done);
             let extra = self.fill_extras(f.space);
-            self.finish_fault(&f, earlier + done + extra);
+            self.finish_fault(&f, done + extra);
             // Faults alone can complete a restore (--no-background, or a fast toucher).
             self.complete(f.space);
             return Outcome::Done;
@@ -263,6 +269,9 @@ impl Manager {
     pub(crate) fn count_served(&mut self, id: Id, bytes: u64) {
         if let Some(s) = self.spaces.get_mut(id) {
             s.pages_served += bytes / PAGE_SIZE;
+            if matches!(s.origin, Origin::Fork { .. }) {
+                self.stats.fork_pages_served += bytes / PAGE_SIZE;
+            }
         }
         self.stats.copies += 1;
         self.stats.pages_served += bytes / PAGE_SIZE;
@@ -303,8 +312,15 @@ impl Manager {
     }
 
     fn finish_fault(&mut self, f: &PendingFault, served: u64) {
+        self.stats
+            .latency_us
+            .record(f.read_at.elapsed().as_micros() as u64);
+        self.trace_fault(f, served);
+    }
+
+    /// One trace line for bytes copied for fault `f`.
+    fn trace_fault(&mut self, f: &PendingFault, served: u64) {
         let us = f.read_at.elapsed().as_micros() as u64;
-        self.stats.latency_us.record(us);
         if let Some(t) = &mut self.trace {
             let pid = self.spaces.get(f.space).and_then(|s| s.pid).unwrap_or(0);
             t.write(
@@ -494,6 +510,9 @@ impl Manager {
             match proc::parent_pid(pid) {
                 Ok(pp) if pp == parent_pid => {}
                 Ok(pp) if proc::parent_pid(pp).ok() == Some(parent_pid) => pid = pp,
+                // Reparented (its parent exited first): it is ours if the faulting thread is
+                // blocked in this very fault right now.
+                _ if blocked_in_userfault(tid) => {}
                 _ => return,
             }
         }

@@ -85,6 +85,9 @@ pub struct Stats {
     pub handoffs: u64,
     pub faults: u64,
     pub pages_served: u64,
+    /// Of those, pages served into forked children's address spaces (through uffds only FORK
+    /// events gave the manager).
+    pub fork_pages_served: u64,
     pub bytes_served: u64,
     pub copies: u64,
     /// Faults whose page was already there (another thread's fault, or a stale model).
@@ -144,6 +147,7 @@ impl Stats {
             handoffs: self.handoffs,
             faults: self.faults,
             pages_served: self.pages_served,
+            fork_pages_served: self.fork_pages_served,
             bytes_served: self.bytes_served,
             copies: self.copies,
             coverage: CoverageReport {
@@ -226,6 +230,7 @@ pub struct Report {
     pub handoffs: u64,
     pub faults: u64,
     pub pages_served: u64,
+    pub fork_pages_served: u64,
     pub bytes_served: u64,
     pub copies: u64,
     pub coverage: CoverageReport,

@@ -72,9 +72,10 @@ const ARG: usize = 8;
 /// Decode one message. A FORK message's fd is wrapped into an `OwnedFd` here, so that no path
 /// after this can leak it.
 ///
-/// Only call this on bytes that a `read(2)` of a userfaultfd returned into this process:
-/// a FORK message's fd number is taken as owned.
-pub(crate) fn decode(msg: &[u8; UFFD_MSG_SIZE]) -> Result<Event, UnknownEvent> {
+/// # Safety
+/// `msg` must be bytes that a `read(2)` of a userfaultfd returned into this process: a FORK
+/// message's fd number is taken as owned (closing it when dropped).
+pub(crate) unsafe fn decode(msg: &[u8; UFFD_MSG_SIZE]) -> Result<Event, UnknownEvent> {
     match msg[0] {
         UFFD_EVENT_PAGEFAULT => {
             let flags = u64_at(msg, ARG);
@@ -114,6 +115,11 @@ pub(crate) fn decode(msg: &[u8; UFFD_MSG_SIZE]) -> Result<Event, UnknownEvent> {
 mod tests {
     use super::*;
 
+    fn dec(m: &[u8; UFFD_MSG_SIZE]) -> Result<Event, UnknownEvent> {
+        // SAFETY: these tests decode no FORK message, so no fd is taken over.
+        unsafe { decode(m) }
+    }
+
     fn msg(event: u8, words: [u64; 3]) -> [u8; UFFD_MSG_SIZE] {
         let mut m = [0u8; UFFD_MSG_SIZE];
         m[0] = event;
@@ -133,7 +139,7 @@ mod tests {
                 4242,
             ],
         );
-        match decode(&m).unwrap() {
+        match dec(&m).unwrap() {
             Event::Pagefault {
                 addr,
                 write,
@@ -153,7 +159,7 @@ mod tests {
     #[test]
     fn remap_remove_unmap_decode() {
         assert!(matches!(
-            decode(&msg(UFFD_EVENT_REMAP, [1, 2, 3])).unwrap(),
+            dec(&msg(UFFD_EVENT_REMAP, [1, 2, 3])).unwrap(),
             Event::Remap {
                 from: 1,
                 to: 2,
@@ -161,11 +167,11 @@ mod tests {
             }
         ));
         assert!(matches!(
-            decode(&msg(UFFD_EVENT_REMOVE, [4, 5, 0])).unwrap(),
+            dec(&msg(UFFD_EVENT_REMOVE, [4, 5, 0])).unwrap(),
             Event::Remove { start: 4, end: 5 }
         ));
         assert!(matches!(
-            decode(&msg(UFFD_EVENT_UNMAP, [6, 7, 0])).unwrap(),
+            dec(&msg(UFFD_EVENT_UNMAP, [6, 7, 0])).unwrap(),
             Event::Unmap { start: 6, end: 7 }
         ));
     }
@@ -173,9 +179,9 @@ mod tests {
     #[test]
     fn unknown_event_is_an_error_value() {
         assert_eq!(
-            decode(&msg(0x42, [0, 0, 0])).unwrap_err(),
+            dec(&msg(0x42, [0, 0, 0])).unwrap_err(),
             UnknownEvent { code: 0x42 }
         );
-        assert_eq!(decode(&msg(0, [0, 0, 0])).unwrap_err().code, 0);
+        assert_eq!(dec(&msg(0, [0, 0, 0])).unwrap_err().code, 0);
     }
 }

@@ -476,7 +476,9 @@ impl Uffd {
                 Ok(n) => {
                     for chunk in buf[..n - n % UFFD_MSG_SIZE].chunks_exact(UFFD_MSG_SIZE) {
                         let msg: &[u8; UFFD_MSG_SIZE] = chunk.try_into().expect("exact chunk");
-                        out.push(event::decode(msg));
+                        // SAFETY: the kernel just returned these bytes from read(2) on this
+                        // uffd; a FORK message's fd was installed for us alone.
+                        out.push(unsafe { event::decode(msg) });
                     }
                     if n < buf.len() {
                         // A short read means the queue was drained when we looked; the next
