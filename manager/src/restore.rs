@@ -645,5 +645,28 @@ fn check_regions<'a>(
             ));
         }
     }
+    // Untouched: a populated page could not be filled from the image any more (and a hole
+    // must read zero, not whatever the restorer put there).
+    let pagemap =
+        proc::PageMap::open(pid).map_err(|e| format!("cannot read /proc/{pid}/pagemap: {e}"))?;
+    for region in &wanted {
+        let mut populated = Vec::new();
+        let r = region.range();
+        let scanned = pagemap
+            .populated_by_scan(r.clone(), &mut populated)
+            .map_err(|e| format!("pagemap of [{:#x}, {:#x}): {e}", r.start, r.end))?;
+        if !scanned {
+            pagemap
+                .populated_by_entries(r.clone(), &mut populated)
+                .map_err(|e| format!("pagemap of [{:#x}, {:#x}): {e}", r.start, r.end))?;
+        }
+        if let Some(p) = populated.first() {
+            return Err(format!(
+                "page {:#x} of region [{:#x}, {:#x}) was touched before the handoff \
+                 (map the regions and hand them over untouched)",
+                p.start, r.start, r.end
+            ));
+        }
+    }
     Ok(wanted)
 }
