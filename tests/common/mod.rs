@@ -42,6 +42,7 @@ pub const C_TARGETS: &[&str] = &[
     "forkhold",
     "outlive",
     "sparse",
+    "richstate",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
