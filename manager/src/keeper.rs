@@ -157,7 +157,31 @@ pub fn main(fd: RawFd, cgroup: Option<PathBuf>) -> ! {
         let targets: HashSet<u32> = pids.values().copied().collect();
         kill_restored(cgroup.as_ref(), &targets);
     }
+    if let Some(cg) = &cgroup {
+        remove_cgroup(cg);
+    }
     std::process::exit(0);
+}
+
+/// Remove the restore's cgroup, moving what still runs in it (completed restores) back to its
+/// parent first; killed processes may take a moment to leave it.
+pub fn remove_cgroup(dir: &std::path::Path) {
+    let Some(parent) = dir.parent() else {
+        return;
+    };
+    for _ in 0..200 {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+            }
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    eprintln!("umm keeper: cannot remove the cgroup {}", dir.display());
 }
 
 /// SIGKILL everything the restore owns: the cgroup as a whole (`cgroup.kill`), then every

@@ -8,7 +8,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -169,7 +169,15 @@ impl Manager {
         for region in &wanted {
             let r = region.range();
             uffd.register(r.start, r.end - r.start, RegisterMode::MISSING)
-                .map_err(|e| Reject::Refused(NackCode::Setup, format!("pid {pid}: {e}")))?;
+                .map_err(|e| {
+                    // ENOMEM/ESRCH here mostly mean the process is gone already.
+                    let why = if Path::new(&format!("/proc/{pid}")).exists() {
+                        e.to_string()
+                    } else {
+                        format!("the process exited during its handoff ({e})")
+                    };
+                    Reject::Refused(NackCode::Setup, format!("pid {pid}: {why}"))
+                })?;
             layout.register(r.clone(), PageState::Zero, None);
             for run in &region.runs {
                 let start = region.start + run.offset;

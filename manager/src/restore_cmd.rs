@@ -68,7 +68,6 @@ fn cgroup2_mount() -> Option<PathBuf> {
 /// can kill everything in it, children the manager never heard of included.
 struct RestoreCgroup {
     dir: PathBuf,
-    parent: PathBuf,
 }
 
 impl RestoreCgroup {
@@ -86,21 +85,15 @@ impl RestoreCgroup {
         }
         let dir = parent.join(format!("umm-restore-{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(RestoreCgroup { dir, parent })
+        Ok(RestoreCgroup { dir })
     }
 }
 
 impl Drop for RestoreCgroup {
     /// Move whatever still runs (completed restores) back to umm's own cgroup, then remove it.
+    /// (If umm is killed, its keeper does this.)
     fn drop(&mut self) {
-        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
-            for pid in procs.split_whitespace() {
-                let _ = std::fs::write(self.parent.join("cgroup.procs"), pid);
-            }
-        }
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
-            log::warn!("cannot remove the cgroup {}: {e}", self.dir.display());
-        }
+        crate::keeper::remove_cgroup(&self.dir);
     }
 }
 

@@ -641,6 +641,10 @@ impl Manager {
         let few = self.spaces.len() <= RESCAN_ALL_UP_TO;
         for id in self.spaces.ids() {
             let due = self.spaces.get(id).is_some_and(|s| {
+                // A restore serves the image's regions, not the restorer's other memory.
+                if s.restore.is_some() {
+                    return false;
+                }
                 // A rescan of a process with many mappings costs milliseconds: never spend
                 // more than a tenth of the loop's time on one process's rescans.
                 let every = self.cfg.rescan_interval.max(s.rescan_cost * 10);
