@@ -7,6 +7,8 @@
 pub mod abi;
 mod event;
 mod features;
+#[cfg(test)]
+mod kernel_tests;
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
