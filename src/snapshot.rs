@@ -125,22 +125,6 @@ pub struct Summary {
     pub manifest: Manifest,
 }
 
-/// Human-readable byte counts (`10.0 MiB`).
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 impl Summary {
     /// The one-line summary `umm snapshot` prints.
     pub fn line(&self, dir: &Path) -> String {
@@ -155,9 +139,9 @@ impl Summary {
             self.pid,
             self.exe,
             self.regions,
-            human_bytes(self.data_bytes),
+            crate::human_bytes(self.data_bytes),
             self.data_runs,
-            human_bytes(self.hole_bytes),
+            crate::human_bytes(self.hole_bytes),
             self.holes,
             if self.threads == 1 {
                 "1 thread".to_string()
@@ -845,9 +829,9 @@ mod tests {
 
     #[test]
     fn human_bytes_reads_well() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(10 << 20), "10.0 MiB");
-        assert_eq!(human_bytes(64 << 30), "64.0 GiB");
+        assert_eq!(crate::human_bytes(512), "512 B");
+        assert_eq!(crate::human_bytes(10 << 20), "10.0 MiB");
+        assert_eq!(crate::human_bytes(64 << 30), "64.0 GiB");
     }
 
     #[test]

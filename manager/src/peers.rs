@@ -332,15 +332,7 @@ impl Manager {
     /// Take the uffd over: check it, enable the events, register the process's memory, start
     /// watching it, ack.
     fn attach(&mut self, id: Id, fd: OwnedFd) -> Result<(), Reject> {
-        if !sysfd::is_userfaultfd(fd.as_fd()) {
-            return Err(Reject::Refused(
-                NackCode::BadFd,
-                format!(
-                    "the attached fd is {}, not a userfaultfd",
-                    sysfd::describe(fd.as_fd())
-                ),
-            ));
-        }
+        check_uffd(&fd)?;
         let uffd = Uffd::from_owned(fd);
         uffd.api(Features::NON_COOPERATIVE)
             .map_err(|e| Reject::Refused(NackCode::Setup, e.to_string()))?;
@@ -506,6 +498,20 @@ impl Manager {
             );
         }
     }
+}
+
+/// A peer's fd must be a userfaultfd (a peer chooses what it sends).
+pub(crate) fn check_uffd(fd: &OwnedFd) -> Result<(), Reject> {
+    if sysfd::is_userfaultfd(fd.as_fd()) {
+        return Ok(());
+    }
+    Err(Reject::Refused(
+        NackCode::BadFd,
+        format!(
+            "the attached fd is {}, not a userfaultfd",
+            sysfd::describe(fd.as_fd())
+        ),
+    ))
 }
 
 /// Send one frame in one go. Replies are small and a peer's socket buffer holds many, so a

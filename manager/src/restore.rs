@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use umm::image::Image;
 use umm::layout::{Layout, PageState, Run};
 use umm::protocol::NackCode;
-use umm::sys::{fd as sysfd, proc};
+use umm::sys::proc;
 use umm::uffd::{Features, RegisterMode, Uffd};
 use umm::PAGE_SIZE;
 
@@ -151,15 +151,7 @@ impl Manager {
                 ),
             ));
         }
-        if !sysfd::is_userfaultfd(fd.as_fd()) {
-            return Err(Reject::Refused(
-                NackCode::BadFd,
-                format!(
-                    "the attached fd is {}, not a userfaultfd",
-                    sysfd::describe(fd.as_fd())
-                ),
-            ));
-        }
+        crate::peers::check_uffd(&fd)?;
         let wanted = check_regions(&rc.image, regions, pid)
             .map_err(|e| Reject::Refused(NackCode::Other, format!("pid {pid}: {e}")))?;
         let uffd = Uffd::from_owned(fd);

@@ -205,14 +205,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
         };
         match spawned {
             Ok(child) => mgr.command = Some(child.id()),
-            Err(e) => {
-                eprintln!("umm: cannot run {}: {e}", args.command[0].to_string_lossy());
-                return Ok(if e.kind() == std::io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                });
-            }
+            Err(e) => return Ok(crate::run::cannot_run(&args.command[0], &e)),
         }
     } else {
         log::info!(

@@ -81,6 +81,17 @@ fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
     ))
 }
 
+/// The command could not be started: say so, and exit like a shell would (127: not found,
+/// 126: found but not runnable).
+pub(crate) fn cannot_run(cmd: &std::ffi::OsStr, e: &std::io::Error) -> i32 {
+    eprintln!("umm: cannot run {}: {e}", cmd.to_string_lossy());
+    if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
 pub fn main(args: RunArgs) -> i32 {
     match run(args) {
         Ok(code) => code,
@@ -131,14 +142,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         .env("UMM_SOCKET", &rt.socket);
     let child = match process::spawn_unblocked(&mut cmd) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("umm: cannot run {}: {e}", args.command[0].to_string_lossy());
-            return Ok(if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            });
-        }
+        Err(e) => return Ok(cannot_run(&args.command[0], &e)),
     };
     mgr.command = Some(child.id());
     // The child is reaped by the loop (waitpid), not through `child`.
