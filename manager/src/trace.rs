@@ -1,9 +1,12 @@
 //! `--trace FILE`: one JSON object per line for every fault served and every layout event.
 //!
-//! Fields: `t_us` (since the manager started), `space` (the manager's id of the address
-//! space), `pid` (0 while unknown), `kind` (`fault`, `fork`, `remap`, `remove`, `unmap`,
-//! `register`, `exit`), `start`, `len`, plus `to` (remap), `child` (fork), `write`,
-//! `latency_us` and `served` (faults).
+//! Fields: `t_us` (since the manager started), `space` (the manager's number for the address
+//! space; reused after its `exit` line), `pid` (0 while unknown), `kind` (`fault`, `fork`,
+//! `remap`, `remove`, `unmap`, `register`, `exit`). Faults: `start` (the page), `len` (bytes
+//! copied for it, fault-around included; a fault whose first copy stopped short has one line
+//! per copy), `write`, `latency_us`. Remap: `start`, `len`, `to`. Remove, unmap, register:
+//! `start`, `len`. Fork: `child` (the child's space number). Exit: nothing more. Background
+//! fill copies of a restore have no lines.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
