@@ -412,7 +412,7 @@ impl Manager {
 
     /// A fault at an address the model does not know: find its VMA in the maps and adopt it.
     fn adopt_unknown(&mut self, id: Id, page: u64) {
-        let Some(maps) = self.maps_of(id) else {
+        let Some(maps) = self.maps_in(id, page..page + PAGE_SIZE) else {
             return;
         };
         if let Some(m) = maps.iter().find(|m| m.start <= page && page < m.end) {
@@ -439,17 +439,44 @@ impl Manager {
         proc::read_maps(pid).ok()
     }
 
+    /// Like [`maps_of`](Self::maps_of), only the VMAs overlapping `range`: one
+    /// `PROCMAP_QUERY` per VMA where the kernel has it, not a read of the whole file.
+    pub(crate) fn maps_in(
+        &mut self,
+        id: Id,
+        range: std::ops::Range<u64>,
+    ) -> Option<Vec<proc::MapEntry>> {
+        let pid = self.spaces.get(id)?.pid?;
+        if !self.probe(id) {
+            return None;
+        }
+        match proc::MapsQuery::open(pid).and_then(|q| q.overlapping(range.clone())) {
+            Ok(m) => Some(m),
+            Err(_) => Some(
+                proc::read_maps(pid)
+                    .ok()?
+                    .into_iter()
+                    .filter(|m| m.end > range.start && m.start < range.end)
+                    .collect(),
+            ),
+        }
+    }
+
     /// ENOENT: the VMA bounds inside the model's VMA holding `range` changed without an event
     /// (mprotect split, a MADV_DONTFORK range missing in a child). Learn all of them from one
     /// read of the maps: split the model at every bound, and forget what no VMA holds.
     pub(crate) fn learn_vma_bounds(&mut self, id: Id, range: std::ops::Range<u64>) {
-        let Some(maps) = self.maps_of(id) else {
+        let Some(vma) = self
+            .spaces
+            .get(id)
+            .and_then(|s| s.layout.vma_containing(range.start))
+        else {
+            return;
+        };
+        let Some(maps) = self.maps_in(id, vma.clone()) else {
             return;
         };
         let Some(space) = self.spaces.get_mut(id) else {
-            return;
-        };
-        let Some(vma) = space.layout.vma_containing(range.start) else {
             return;
         };
         let mut covered = vma.start;
@@ -601,8 +628,18 @@ impl Manager {
     /// PROT_NONE) overlapping `range`, as the process's maps say now. The agent cannot tell
     /// what an mremap moved, and a peer is not trusted to say what memory is.
     pub(crate) fn register_servable(&mut self, id: Id, range: std::ops::Range<u64>) -> u64 {
-        let Some(maps) = self.maps_of(id) else {
+        let Some(pid) = self.spaces.get(id).and_then(|s| s.pid) else {
             return 0;
+        };
+        // Only the VMAs of the range (PROCMAP_QUERY): a process with tens of thousands of
+        // mappings that keeps mapping must not pay a full maps read per mmap.
+        let queried = proc::MapsQuery::open(pid).and_then(|q| q.overlapping(range.clone()));
+        let maps = match queried {
+            Ok(m) => m,
+            Err(_) => match self.maps_in(id, range.clone()) {
+                Some(m) => m,
+                None => return 0,
+            },
         };
         let mut added = 0;
         for m in maps.iter().filter(|m| m.is_servable()) {
