@@ -213,7 +213,7 @@ impl Uffd {
     /// Open a uffd for the calling process: `userfaultfd(2)`, else `/dev/userfaultfd`.
     /// Always O_CLOEXEC|O_NONBLOCK (a FORK child's uffd inherits these flags), never
     /// `UFFD_USER_MODE_ONLY` (kernel-mode accesses to served memory would fail with EFAULT).
-    pub fn open() -> Result<(Uffd, OpenedVia), UffdError> {
+    pub fn open() -> Result<(OwnUffd, OpenedVia), UffdError> {
         match Self::open_syscall() {
             Ok(u) => Ok((u, OpenedVia::Syscall)),
             Err(first) => match Self::open_dev() {
@@ -226,16 +226,16 @@ impl Uffd {
     }
 
     /// `userfaultfd(O_CLOEXEC|O_NONBLOCK)`.
-    pub fn open_syscall() -> Result<Uffd, UffdError> {
+    pub fn open_syscall() -> Result<OwnUffd, UffdError> {
         // SAFETY: userfaultfd(2) takes a flags int and returns a new fd or -1.
         let r = unsafe { libc::syscall(libc::SYS_userfaultfd, OPEN_FLAGS) };
         if r < 0 {
             return Err(UffdError::new(Op::Open, Errno::last()));
         }
         // SAFETY: a fresh fd from the kernel, owned by nobody else.
-        Ok(Uffd {
+        Ok(OwnUffd(Uffd {
             fd: unsafe { OwnedFd::from_raw_fd(r as RawFd) },
-        })
+        }))
     }
 
     /// Open `/dev/userfaultfd` (a grant: whoever holds it can make full uffds).
@@ -249,14 +249,14 @@ impl Uffd {
     }
 
     /// A uffd from `/dev/userfaultfd`, opened here.
-    pub fn open_dev() -> Result<Uffd, UffdError> {
+    pub fn open_dev() -> Result<OwnUffd, UffdError> {
         let dev = Self::open_device()?;
         Self::from_device(dev.as_fd())
     }
 
     /// A uffd for the calling process's mm from a `/dev/userfaultfd` fd (possibly handed over
     /// by the manager): `ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC|O_NONBLOCK)`.
-    pub fn from_device(dev: BorrowedFd<'_>) -> Result<Uffd, UffdError> {
+    pub fn from_device(dev: BorrowedFd<'_>) -> Result<OwnUffd, UffdError> {
         // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd or -1.
         let r = unsafe {
             libc::ioctl(
@@ -269,16 +269,16 @@ impl Uffd {
             return Err(UffdError::new(Op::IocNew, Errno::last()));
         }
         // SAFETY: a fresh fd from the kernel, owned by nobody else.
-        Ok(Uffd {
+        Ok(OwnUffd(Uffd {
             fd: unsafe { OwnedFd::from_raw_fd(r) },
-        })
+        }))
     }
 
     /// What the kernel offers, learned from a throwaway uffd (UFFDIO_API succeeds once per uffd
     /// and reports availability, so the real one cannot be asked twice).
     pub fn probe_features() -> Result<ApiInfo, UffdError> {
         let (probe, _) = Self::open()?;
-        probe.api_raw(0).map_err(|e| UffdError::new(Op::Api, e))
+        probe.0.api_raw(0).map_err(|e| UffdError::new(Op::Api, e))
     }
 
     fn api_raw(&self, features: u64) -> Result<ApiInfo, Errno> {
@@ -503,6 +503,48 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
         fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     }
     Ok(())
+}
+
+/// A userfaultfd for the calling process's own memory, as opened here. It is meant to be
+/// handed to a manager (sent, or converted to an fd): the range operations of [`Uffd`] on
+/// one's own memory could fill or move pages that safe code believes untouched or in place,
+/// so they are only reachable through the `unsafe` [`OwnUffd::into_uffd`].
+#[derive(Debug)]
+pub struct OwnUffd(Uffd);
+
+impl OwnUffd {
+    /// `UFFDIO_API` (changes no memory).
+    pub fn api(&self, wanted: Features) -> Result<ApiInfo, ApiError> {
+        self.0.api(wanted)
+    }
+
+    /// The fd, to send to a manager.
+    pub fn into_fd(self) -> OwnedFd {
+        self.0.fd
+    }
+
+    /// The full API on this process's own memory.
+    ///
+    /// # Safety
+    /// The caller must not use the range operations on memory that live Rust references or
+    /// allocator invariants cover in a way that changes what they see (filling a page of a
+    /// zeroed allocation, moving pages out from under a reference, ...): only on mappings it
+    /// made for the purpose.
+    pub unsafe fn into_uffd(self) -> Uffd {
+        self.0
+    }
+}
+
+impl AsFd for OwnUffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for OwnUffd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
 /// Modes of `UFFDIO_COPY`.
