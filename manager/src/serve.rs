@@ -355,7 +355,12 @@ impl Manager {
             self.adopt_unknown(id, page);
         }
         let space = self.spaces.get_mut(id)?;
-        let (window, stream, sequential) = space.fault_around.window(page);
+        // A retry of the same fault (one page) does not count as another fault of a stream.
+        let (window, stream, sequential) = if single_page {
+            (PAGE_SIZE, usize::MAX, false)
+        } else {
+            space.fault_around.window(page)
+        };
         let layout = &space.layout;
         let run = layout.run_at(page, window).unwrap_or(Run {
             range: page..page + PAGE_SIZE,
