@@ -117,6 +117,11 @@ pub struct RestoreBook {
     pub dropped_until: u64,
 }
 
+/// Background runs are copied in pieces of this size, with a look at the poll set between
+/// them: a fault waits behind one piece (~25 µs at the copy speed seen here), not a whole
+/// chunk (~400 µs for 2 MiB), while copies stay large enough to run at full speed.
+const FILL_PIECE: u64 = 128 * 1024;
+
 /// How far ahead of the background fill the read-ahead helper reads.
 const READ_AHEAD: u64 = 16 << 20;
 
@@ -388,12 +393,38 @@ impl Manager {
             self.complete(pick);
             return self.spaces.iter().any(|(_, s)| s.restore.is_some());
         };
-        let done = match self.copy_run(pick, &run) {
+        // Copy the run in pieces, looking for faults and events between them: a fault waits
+        // behind the smallest chunk at most, not a whole (2 MiB) one.
+        let mut at = run.range.start;
+        while at < run.range.end {
+            let end = (at + FILL_PIECE).min(run.range.end);
+            let piece = Run {
+                range: at..end,
+                state: run.state,
+                source: run.source.map(|s| s + (at - run.range.start)),
+            };
+            let done = self.fill_piece(pick, &piece, rc.fill_rate);
+            if done < end - at || self.spaces.get(pick).is_none() {
+                break;
+            }
+            at = end;
+            // At least the smallest chunk per slice (the fill must progress while faults
+            // keep coming), then yield to whatever is ready.
+            if at < run.range.end && at - run.range.start >= rc.chunk_min && self.ready() {
+                break;
+            }
+        }
+        true
+    }
+
+    /// Copy one piece of a background run and account for it; the bytes copied.
+    fn fill_piece(&mut self, pick: Id, run: &Run, fill_rate: Option<u64>) -> u64 {
+        let done = match self.copy_run(pick, run) {
             // ENOENT handled first: it may copy the run's first page itself.
-            Ok(Err(e)) if e.errno == Errno::ENOENT && e.done == 0 => self.fill_enoent(pick, &run),
+            Ok(Err(e)) if e.errno == Errno::ENOENT && e.done == 0 => self.fill_enoent(pick, run),
             Err(e) => {
                 self.source_failed(pick, &e);
-                return false;
+                return 0;
             }
             Ok(Ok(n)) => n,
             Ok(Err(e)) if e.done > 0 => e.done,
@@ -416,7 +447,7 @@ impl Manager {
                     );
                     0
                 }
-                Errno::ENOENT => self.fill_enoent(pick, &run),
+                Errno::ENOENT => self.fill_enoent(pick, run),
                 _ if e.mm_gone() => {
                     self.close_space(pick, "process gone during the fill");
                     0
@@ -440,7 +471,7 @@ impl Manager {
             },
         };
         if done > 0 {
-            self.copied_from_image(pick, &run, done);
+            self.copied_from_image(pick, run, done);
             if let Some(s) = self.spaces.get_mut(pick) {
                 s.layout
                     .mark_present(run.range.start..run.range.start + done);
@@ -452,12 +483,20 @@ impl Manager {
             }
             self.count_served(pick, done);
             self.stats.background_bytes += done;
-            if let Some(rate) = rc.fill_rate {
-                let _ = rate;
+            if fill_rate.is_some() {
                 self.restore.tokens -= done as f64;
             }
         }
-        true
+        done
+    }
+
+    /// Whether anything is ready in the poll set (a fault, an event, a peer): checked between
+    /// pieces of background work without waiting.
+    fn ready(&self) -> bool {
+        let mut one = [nix::sys::epoll::EpollEvent::empty()];
+        self.epoll
+            .wait(&mut one, nix::sys::epoll::EpollTimeout::ZERO)
+            .is_ok_and(|n| n > 0)
     }
 
     /// The background fill copied `done` bytes of `run` from the image: drop everything of the

@@ -33,6 +33,10 @@ fn lost_image_page(space: &crate::space::Space, run: &Run) -> bool {
     space.restore.is_some() && run.state == PageState::Missing
 }
 
+/// The first copy for a fault ends with the faulting page's block of this size; the rest of
+/// the window follows (the thread is woken by the first).
+const FIRST_COPY: u64 = 64 * 1024;
+
 /// The granularity at which image pages leave the manager's mapping after a copy.
 const DROP_GRANULE: u64 = 2 << 20;
 
@@ -99,9 +103,22 @@ impl Manager {
         let mut drained = false;
         let mut single_page = false;
         loop {
-            let Some(plan) = self.plan(f.space, page, single_page) else {
+            let Some(mut plan) = self.plan(f.space, page, single_page) else {
                 return Outcome::Done;
             };
+            // The copy that wakes the faulting thread ends with the faulting page's block: a
+            // large window's rest is copied right after, while the thread already runs.
+            let wake_end = (page / FIRST_COPY + 1) * FIRST_COPY;
+            if plan.primary.range.end > wake_end {
+                let start = plan.primary.range.start;
+                let rest = Run {
+                    range: wake_end..plan.primary.range.end,
+                    state: plan.primary.state,
+                    source: plan.primary.source.map(|s| s + (wake_end - start)),
+                };
+                self.extra_fill.insert(0, rest);
+                plan.primary.range.end = wake_end;
+            }
             let primary = plan.primary.range.clone();
             let result = match self.copy_run(f.space, &plan.primary) {
                 Ok(r) => r,
@@ -123,7 +140,8 @@ impl Manager {
                     self.count_served(f.space, copied.end - copied.start);
                     // Its own trace line: whatever becomes of the fault, every byte copied
                     // is in the trace.
-                    self.trace_fault(&f, copied.end - copied.start);
+                    let us = f.read_at.elapsed().as_micros() as u64;
+                    self.trace_fault(&f, copied.end - copied.start, us);
                     single_page = true;
                     continue;
                 }
@@ -221,8 +239,11 @@ impl Manager {
                 self.stats.restore_first_fault_ms = Some(best);
             }
             self.count_served(f.space, done);
+            // The thread runs again from here: its latency ends now, before the window's rest.
+            let us = f.read_at.elapsed().as_micros() as u64;
+            self.stats.latency_us.record(us);
             let extra = self.fill_extras(f.space);
-            self.finish_fault(&f, done + extra);
+            self.trace_fault(&f, done + extra, us);
             // Faults alone can complete a restore (--no-background, or a fast toucher).
             self.complete(f.space);
             return Outcome::Done;
@@ -312,15 +333,13 @@ impl Manager {
     }
 
     fn finish_fault(&mut self, f: &PendingFault, served: u64) {
-        self.stats
-            .latency_us
-            .record(f.read_at.elapsed().as_micros() as u64);
-        self.trace_fault(f, served);
+        let us = f.read_at.elapsed().as_micros() as u64;
+        self.stats.latency_us.record(us);
+        self.trace_fault(f, served, us);
     }
 
-    /// One trace line for bytes copied for fault `f`.
-    fn trace_fault(&mut self, f: &PendingFault, served: u64) {
-        let us = f.read_at.elapsed().as_micros() as u64;
+    /// One trace line for bytes copied for fault `f`, whose thread waited `us`.
+    fn trace_fault(&mut self, f: &PendingFault, served: u64, us: u64) {
         if let Some(t) = &mut self.trace {
             let pid = self.spaces.get(f.space).and_then(|s| s.pid).unwrap_or(0);
             t.write(
