@@ -67,6 +67,9 @@ impl Drop for CoverageSampler {
 }
 
 fn run(shared: Arc<(Mutex<Shared>, Condvar)>, every: Duration) {
+    // Sampling must not compete with the targets or the loop, yet still happen on a busy
+    // machine (SCHED_IDLE could starve it): a low priority.
+    let _ = umm::sys::process::nice_current_thread(10);
     let (lock, cv) = &*shared;
     loop {
         let pids = {

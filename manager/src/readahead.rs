@@ -72,6 +72,9 @@ impl Drop for ReadAhead {
 }
 
 fn run(image: Arc<Image>, rx: Receiver<Hint>, fill_pos: Arc<AtomicU64>) {
+    // Read-ahead is worth doing only with CPU time nobody else wants: on a busy machine (2
+    // CPUs: the target, the loop) it must not preempt either.
+    let _ = umm::sys::process::make_current_thread_idle();
     while let Ok(h) = rx.recv() {
         match h {
             Hint::Ahead { offset, len } => {

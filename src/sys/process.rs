@@ -59,6 +59,29 @@ pub fn spawn_unblocked_in_cgroup(cmd: &mut Command, procs: &std::ffi::CStr) -> i
     spawn_unblocked(cmd)
 }
 
+/// Make the calling thread SCHED_IDLE: it runs only when a CPU has nothing else to do (the
+/// manager's helpers must never delay the targets or the loop).
+pub fn make_current_thread_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(0, ...) changes only the calling thread's policy; `param` is
+    // a valid, live struct for the call.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lower the calling thread's priority to `nice` (Linux applies nice values per thread).
+pub fn nice_current_thread(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority on the calling thread (who = 0) changes only its scheduling weight.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Ignore `sig` (SIG_IGN): the keeper must outlive signals aimed at the manager's group.
 pub fn ignore_signal(sig: nix::sys::signal::Signal) -> io::Result<()> {
     // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
