@@ -13,7 +13,7 @@ MANDIR   = $(DESTDIR)$(PREFIX)/share/man
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps test-deps test check fmt-check clippy unit install uninstall clean
+.PHONY: all build deps test-deps test check fmt-check clippy unit bench install uninstall clean
 
 all: build
 
@@ -59,8 +59,14 @@ clippy: deps
 # the release build comes first; tests share its artifacts (--release).
 unit: build test-deps
 	$(CARGO) test --release --workspace -- --test-threads=2
+	target/release/umm-bench --quick --out target/bench-smoke
 
 test: fmt-check clippy unit
+
+# Benchmarks (benches/README.md): umm against the ceiling and the kernel, as root, under 15 minutes
+# on 2 cores. A table per figure on stdout, target/bench/results.json, target/bench/chart.svg.
+bench: build test-deps
+	target/release/umm-bench --out target/bench
 
 install: build
 	install -d $(BINDIR) $(LIBDIR) $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7
