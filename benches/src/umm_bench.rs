@@ -277,6 +277,25 @@ fn machine() -> serde_json::Value {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    // The tree is shared with others at work: say when the measured sources differ from HEAD.
+    let dirty = Command::new("git")
+        .args([
+            "status",
+            "--porcelain",
+            "--",
+            ":/src",
+            ":/manager",
+            ":/agent",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
+    let commit = if dirty && !commit.is_empty() {
+        format!("{commit}+dirty")
+    } else {
+        commit
+    };
     serde_json::json!({
         "kernel": read_trim("/proc/sys/kernel/osrelease"),
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -336,6 +355,8 @@ fn run(args: &Args) -> Result<i32, String> {
     while image_len > 16 * MIB && (image_len * 3 > free_disk || image_len * 5 > avail) {
         image_len /= 2;
     }
+    // Taken before anything runs: the binaries were built from the tree as it is now.
+    let mach = machine();
     let start = Instant::now();
     let budget = if args.quick {
         Duration::from_secs(60)
@@ -396,7 +417,6 @@ fn run(args: &Args) -> Result<i32, String> {
     }
 
     let total = start.elapsed().as_secs_f64();
-    let mach = machine();
     let mut summary = String::new();
     for f in &figs {
         for r in &f.rows {
@@ -414,11 +434,12 @@ fn run(args: &Args) -> Result<i32, String> {
         }
     }
     println!(
-        "Targets:\n{summary}Machine: kernel {}, {} CPUs, {} MiB, THP {}; {:.0} s in all{}",
+        "Targets:\n{summary}Machine: kernel {}, {} CPUs, {} MiB, THP {}; umm {}; {:.0} s in all{}",
         mach["kernel"].as_str().unwrap_or(""),
         mach["nproc"],
         mach["memory_bytes"].as_u64().unwrap_or(0) / MIB,
         mach["thp"].as_str().unwrap_or(""),
+        mach["umm_commit"].as_str().unwrap_or("?"),
         total,
         if args.quick {
             " (--quick: tiny sizes, numbers not meaningful)"
