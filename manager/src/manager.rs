@@ -123,6 +123,8 @@ pub struct Manager {
     pub(crate) to_drain: Vec<Id>,
     event_buf: Vec<Result<Event, UnknownEvent>>,
     pub(crate) zeros: Zeros,
+    /// Bytes of the image (at most) mapped in the manager since the last drop (restore).
+    pub(crate) image_mapped: std::cell::Cell<u64>,
     /// Runs `plan` chose to fill beside a fault's own run (reused buffer).
     pub(crate) extra_fill: Vec<umm::layout::Run>,
     pub(crate) stats: Stats,
@@ -193,6 +195,7 @@ impl Manager {
             event_buf: Vec::with_capacity(umm::uffd::READ_BATCH),
             zeros: Zeros::new(),
             extra_fill: Vec::new(),
+            image_mapped: std::cell::Cell::new(0),
             stats: Stats::default(),
             trace,
             cfg,

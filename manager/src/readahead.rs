@@ -95,12 +95,6 @@ fn run(image: Arc<Image>, rx: Receiver<Hint>, fill_pos: Arc<AtomicU64>) {
                     }
                     std::hint::black_box(sum);
                 }
-                // The fill may have passed part of this while it was read: that part would
-                // stay in the manager's mapping for good.
-                let passed = fill_pos.load(Ordering::Relaxed).min(end);
-                if passed > offset {
-                    image.advise_dontneed(offset, passed - offset);
-                }
             }
         }
     }

@@ -395,9 +395,15 @@ impl Manager {
         };
         // Copy the run in pieces, looking for faults and events between them: a fault waits
         // behind the smallest chunk at most, not a whole (2 MiB) one.
+        // Smaller pieces while faults are coming (each waits behind one), larger when quiet.
+        let piece = if faults_this_turn {
+            FILL_PIECE / 2
+        } else {
+            FILL_PIECE * 2
+        };
         let mut at = run.range.start;
         while at < run.range.end {
-            let end = (at + FILL_PIECE).min(run.range.end);
+            let end = (at + piece).min(run.range.end);
             let piece = Run {
                 range: at..end,
                 state: run.state,
@@ -471,7 +477,7 @@ impl Manager {
             },
         };
         if done > 0 {
-            self.copied_from_image(pick, run, done);
+            self.copied_from_image(run, done);
             if let Some(s) = self.spaces.get_mut(pick) {
                 s.layout
                     .mark_present(run.range.start..run.range.start + done);
@@ -499,27 +505,16 @@ impl Manager {
             .is_ok_and(|n| n > 0)
     }
 
-    /// The background fill copied `done` bytes of `run` from the image: drop everything of the
-    /// data file before it from the manager's mapping (what the helper read ahead and the
-    /// fill then skipped as present included), and have the helper read what comes next, once
-    /// per stretch of the data file.
-    pub(crate) fn copied_from_image(&mut self, id: Id, run: &Run, done: u64) {
+    /// The background fill copied `done` bytes of `run` from the image: tell the helper how far
+    /// the fill is, and have it read what comes next, once per stretch of the data file.
+    pub(crate) fn copied_from_image(&mut self, run: &Run, done: u64) {
         let (Some(src), PageState::Missing) = (run.source, run.state) else {
-            return;
-        };
-        let Some(image) = self
-            .spaces
-            .get(id)
-            .and_then(|s| s.restore.as_ref())
-            .map(|r| r.image.clone())
-        else {
             return;
         };
         let end = src + done;
         // The background fill runs in address order, and so does the data file: everything
-        // before this copy has been filled or skipped as already present.
-        let from = self.restore.dropped_until.min(src);
-        image.advise_dontneed(from, end - from);
+        // before this copy has been filled or skipped as already present (the copies drop the
+        // image's pages from the mapping, in batches).
         self.restore.dropped_until = self.restore.dropped_until.max(end);
         let Some(ra) = &self.restore.readahead else {
             return;

@@ -37,8 +37,10 @@ fn lost_image_page(space: &crate::space::Space, run: &Run) -> bool {
 /// the window follows (the thread is woken by the first).
 const FIRST_COPY: u64 = 64 * 1024;
 
-/// The granularity at which image pages leave the manager's mapping after a copy.
+/// How much of the image a copy may leave mapped (whole large folios: up to 2 MiB per copy)...
 const DROP_GRANULE: u64 = 2 << 20;
+/// ...and after how much the whole image mapping is dropped.
+const DROP_EVERY: u64 = 64 << 20;
 
 /// The block whose density sizes the window of a non-sequential fault.
 const DENSITY_BLOCK: u64 = 2 << 20;
@@ -267,15 +269,19 @@ impl Manager {
             (PageState::Missing | PageState::Present, Some(offset), Some(image)) => {
                 let bytes = image.data(offset, len).map_err(SourceError::Image)?;
                 let result = space.uffd.copy(run.range.start, bytes, CopyMode::default());
-                // What was read for the copy leaves the manager's mapping at once: its resident
-                // memory must not grow to the image's size. A read maps more than it asked
-                // for (whole chunks for their checksums, and the page cache's large folios, up
-                // to 2 MiB: measured here, a 64 KiB-granular drop kept most of a randomly read
-                // image resident), so drop the 2 MiB-aligned stretch around it. Pages needed
-                // again come back from the page cache.
-                let from = offset / DROP_GRANULE * DROP_GRANULE;
-                let to = (offset + len).div_ceil(DROP_GRANULE) * DROP_GRANULE;
-                image.advise_dontneed(from, to - from);
+                // What was read for copies leaves the manager's mapping (its resident memory
+                // must not grow to the image's size), in batches: each MADV_DONTNEED is a TLB
+                // shoot-down (IPIs, dear in a VM: a drop per copy took a quarter of the fill's
+                // time). A read maps more than it asked for (whole chunks for checksums, the
+                // page cache's large folios), so the whole mapping is dropped at once; pages
+                // needed again come back from the page cache.
+                let mapped = self.image_mapped.get() + len.max(DROP_GRANULE);
+                if mapped >= DROP_EVERY {
+                    image.advise_dontneed(0, image.manifest().data_len);
+                    self.image_mapped.set(0);
+                } else {
+                    self.image_mapped.set(mapped);
+                }
                 Ok(result)
             }
             (PageState::Missing, _, _) => Err(SourceError::NoSource(run.range.start)),
@@ -408,14 +414,24 @@ impl Manager {
         } else {
             PageState::Zero
         };
+        if space.fault_around.max() <= PAGE_SIZE {
+            return Some(alone(run));
+        }
         let vma = layout.vma_containing(page)?;
         let block_start = (page & !(DENSITY_BLOCK - 1)).max(vma.start);
         let block = block_start..(block_start + DENSITY_BLOCK).min(vma.end);
-        let present: u64 = layout
-            .runs_in(block)
-            .filter(|r| r.state == PageState::Present)
-            .map(|r| r.range.end - r.range.start)
-            .sum();
+        // Count present pages only as far as they can still widen the window (a block that
+        // random faults fragmented holds hundreds of runs).
+        let enough = space.fault_around.max();
+        let mut present = 0;
+        for r in layout.runs_in(block) {
+            if r.state == PageState::Present {
+                present += r.range.end - r.range.start;
+                if present >= enough {
+                    break;
+                }
+            }
+        }
         let want = ((present / PAGE_SIZE + 1).next_power_of_two() * PAGE_SIZE)
             .clamp(space.fault_around.min(), space.fault_around.max());
         if want <= PAGE_SIZE {
