@@ -599,17 +599,15 @@ impl Manager {
         }
         // Every range registered with this uffd, the model's and any the kernel extended
         // without an event (mremap growth, MREMAP_DONTUNMAP sources): a registered range left
-        // without a reader would block the process's next munmap or fork on it.
+        // without a reader would block the process's next munmap or fork on it. Unregistering
+        // a VMA that is not registered succeeds, so every private anonymous VMA of the maps is
+        // unregistered (not only smaps' `um` ones: reading smaps walks every page table).
         let mut ranges = s.layout.vmas();
         if let Some(pid) = s.pid {
-            if let (Ok(maps), Ok(flags)) = (proc::read_maps(pid), proc::vm_flags(pid)) {
+            if let Ok(maps) = proc::read_maps(pid) {
                 ranges.extend(
                     maps.iter()
-                        .filter(|m| {
-                            flags
-                                .get(&m.start)
-                                .is_some_and(|f| f.iter().any(|f| f == "um"))
-                        })
+                        .filter(|m| m.is_private_anonymous())
                         .map(|m| m.range()),
                 );
             }

@@ -350,6 +350,9 @@ pub struct Image {
     data_path: PathBuf,
     manifest: Manifest,
     map: MappedFile,
+    /// The data file, for verification by `pread` (which leaves the mapping's page tables
+    /// alone: checking a chunk must not map it into the reader).
+    file: File,
     /// Expected CRC-32C of each chunk.
     sums: Vec<u32>,
     /// Chunks whose CRC matched.
@@ -405,6 +408,7 @@ impl Image {
             data_path,
             manifest,
             map,
+            file: data,
             sums,
             verified: AtomicBitset::new(chunks),
             verified_count: AtomicU64::new(0),
@@ -460,7 +464,7 @@ impl Image {
         }
         let start = chunk * CHUNK_SIZE;
         let end = (start + CHUNK_SIZE).min(self.manifest.data_len);
-        let found = crc32c::crc32c(&self.map.as_slice()[start as usize..end as usize]);
+        let found = self.chunk_crc(start, end)?;
         if found == expected {
             if self.verified.insert(chunk) {
                 self.verified_count.fetch_add(1, Ordering::AcqRel);
@@ -471,6 +475,17 @@ impl Image {
             self.any_bad.store(true, Ordering::Release);
             Err(self.corrupt(chunk, expected, found))
         }
+    }
+
+    /// CRC-32C of `[start, end)` of the data file, read with `pread` (a page-cache copy into a
+    /// buffer is cheaper than faulting the pages into the mapping and dropping them again).
+    fn chunk_crc(&self, start: u64, end: u64) -> Result<u32, ImageError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.file
+            .read_exact_at(&mut buf, start)
+            .map_err(|e| io_err(&self.data_path, e))?;
+        Ok(crc32c::crc32c(&buf))
     }
 
     fn lock_bad(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, u32>> {
