@@ -393,17 +393,17 @@ impl Manager {
             self.complete(pick);
             return self.spaces.iter().any(|(_, s)| s.restore.is_some());
         };
-        // Copy the run in pieces, looking for faults and events between them: a fault waits
-        // behind the smallest chunk at most, not a whole (2 MiB) one.
-        // Smaller pieces while faults are coming (each waits behind one), larger when quiet.
-        let piece = if faults_this_turn {
+        // Copy the run in pieces, looking for faults and events between them, so a fault
+        // does not wait behind a whole (2 MiB) chunk: smaller pieces while faults are coming,
+        // larger when quiet.
+        let piece_len = if faults_this_turn {
             FILL_PIECE / 2
         } else {
             FILL_PIECE * 2
         };
         let mut at = run.range.start;
         while at < run.range.end {
-            let end = (at + piece).min(run.range.end);
+            let end = (at + piece_len).min(run.range.end);
             let piece = Run {
                 range: at..end,
                 state: run.state,
@@ -414,9 +414,14 @@ impl Manager {
                 break;
             }
             at = end;
-            // At least the smallest chunk per slice (the fill must progress while faults
-            // keep coming), then yield to whatever is ready.
-            if at < run.range.end && at - run.range.start >= rc.chunk_min && self.ready() {
+            // Then yield to whatever is ready: after every piece while faults are coming (a
+            // fault queues behind one small piece), after the smallest chunk when it is quiet.
+            let enough = if faults_this_turn {
+                piece_len
+            } else {
+                rc.chunk_min
+            };
+            if at < run.range.end && at - run.range.start >= enough && self.ready() {
                 break;
             }
         }
