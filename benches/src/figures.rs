@@ -348,7 +348,9 @@ pub fn fig2(ctx: &mut Ctx) -> Figure {
     f.note(format!(
         "{touches} first touches (writes) of distinct random pages of a {} region; umm with \
          --fault-around-max 4096 (one page per fault); minimal handler = an in-process thread \
-         blocked in poll(2), read(2) of one uffd_msg, UFFDIO_COPY of one zero page",
+         blocked in poll(2), read(2) of one uffd_msg, UFFDIO_COPY of one zero page; \
+         in a child process = the same loop in a forked child on the inherited uffd (an address \
+         space switch per wake-up, as for umm)",
         size_label(region_pages * 4096)
     ));
     f.note(
@@ -367,6 +369,9 @@ pub fn fig2(ctx: &mut Ctx) -> Figure {
     }
     const H2: &str = "minimal handler, 2 CPUs";
     const H1: &str = "minimal handler, 1 CPU";
+    // The same handler in another process: what any out-of-process manager pays at least.
+    const P2: &str = "minimal handler in a child process, 2 CPUs";
+    const P1: &str = "minimal handler in a child process, 1 CPU";
     let window = || vec![s("--fault-around-max"), s(4096)];
     let mut variants = vec![
         Variant {
@@ -383,6 +388,14 @@ pub fn fig2(ctx: &mut Ctx) -> Figure {
             mode: "handler",
             pinned: false,
             baseline: None,
+            target: false,
+        },
+        Variant {
+            name: P2.into(),
+            umm_args: None,
+            mode: "handler-proc",
+            pinned: false,
+            baseline: Some(H2),
             target: false,
         },
         Variant {
@@ -414,6 +427,14 @@ pub fn fig2(ctx: &mut Ctx) -> Figure {
             mode: "handler",
             pinned: true,
             baseline: None,
+            target: false,
+        });
+        variants.push(Variant {
+            name: P1.into(),
+            umm_args: None,
+            mode: "handler-proc",
+            pinned: true,
+            baseline: Some(H1),
             target: false,
         });
         variants.push(Variant {

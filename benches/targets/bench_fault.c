@@ -10,6 +10,9 @@
  *             handler the minimal in-process handler: the region is registered with a
  *                     userfaultfd of this process, and a handler thread blocks in poll(2),
  *                     reads one uffd_msg and answers with UFFDIO_COPY of one zero page.
+ *             handler-proc  the same handler loop in a forked child process (the uffd is
+ *                     inherited): the floor for any out-of-process manager, which pays a
+ *                     switch between two address spaces per fault where a thread does not.
  *       RESULT n= registered=0|1 (the region's VmFlags has `um` after the run)
  *   bench_fault touch seq|rand BYTES
  *       Writes one byte to each page of BYTES of fresh anonymous memory, in address order or a
@@ -19,7 +22,10 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <sys/syscall.h>
 
 static int uffd = -1;
@@ -57,7 +63,9 @@ static void *handler(void *arg)
     return NULL;
 }
 
-static void start_handler(char *region, uint64_t len)
+static pid_t handler_child = -1;
+
+static void start_handler(char *region, uint64_t len, int in_child)
 {
     zero_page[0] = 0; /* present before the clock starts */
     uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -70,6 +78,18 @@ static void start_handler(char *region, uint64_t len)
                                    .mode = UFFDIO_REGISTER_MODE_MISSING };
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0)
         fail("UFFDIO_REGISTER: %s", strerror(errno));
+    if (in_child) {
+        /* The child serves the parent's mm through the inherited fd, like a manager would. */
+        handler_child = fork();
+        if (handler_child < 0)
+            fail("fork: %s", strerror(errno));
+        if (handler_child == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            handler(NULL);
+            _exit(0);
+        }
+        return;
+    }
     pthread_t t;
     if (pthread_create(&t, NULL, handler, NULL) != 0)
         fail("pthread_create");
@@ -82,9 +102,11 @@ static int lat(const char *mode, uint64_t npages, uint64_t ntouch, const char *o
     if (region == MAP_FAILED)
         fail("mmap: %s", strerror(errno));
     if (strcmp(mode, "handler") == 0)
-        start_handler(region, len);
+        start_handler(region, len, 0);
+    else if (strcmp(mode, "handler-proc") == 0)
+        start_handler(region, len, 1);
     else if (strcmp(mode, "plain") != 0)
-        fail("MODE must be plain or handler");
+        fail("MODE must be plain, handler or handler-proc");
     rng_state = 0xFA17;
     uint32_t *perm = permutation(npages);
     if (ntouch > npages)
@@ -102,6 +124,10 @@ static int lat(const char *mode, uint64_t npages, uint64_t ntouch, const char *o
         if (region[(uint64_t)perm[i] * PAGE] != 1)
             fail("page %lu lost its byte", (unsigned long)perm[i]);
     int reg = registered((uint64_t)region);
+    if (handler_child > 0) {
+        kill(handler_child, SIGKILL);
+        waitpid(handler_child, NULL, 0);
+    }
     write_latencies(out, l, ntouch);
     say("RESULT n=%lu registered=%d", (unsigned long)ntouch, reg);
     return 0;
@@ -138,5 +164,5 @@ int main(int argc, char **argv)
         return lat(argv[2], parse_u64(argv[3], "NPAGES"), parse_u64(argv[4], "NTOUCH"), argv[5]);
     if (argc == 4 && strcmp(argv[1], "touch") == 0)
         return touch(argv[2], parse_u64(argv[3], "BYTES"));
-    fail("usage: bench_fault lat plain|handler NPAGES NTOUCH OUT | touch seq|rand BYTES");
+    fail("usage: bench_fault lat plain|handler|handler-proc NPAGES NTOUCH OUT | touch seq|rand BYTES");
 }
