@@ -6,11 +6,12 @@
  * (a fault taken by the kernel inside read, and a blocking syscall signals interrupt), checks
  * the token, and zaps the slice (MADV_DONTNEED).
  * A signaller thread feeds the tokens and, all along, queues real-time signals at the workers
- * with pthread_sigqueue: SIGRTMIN (handler installed with SA_RESTART) and SIGRTMIN+1 (without:
- * the blocked read fails with EINTR and is retried). Real-time signals are queued, never
- * merged, so every signal sent is accounted for: each handler bumps its thread's counter in a
- * registered page (a fault inside the handler) and a global counter; at the end, per thread,
- * handled == sent, and the page counters agree with the global one.
+ * with pthread_sigqueue (SIGNALS_PER_ROUND per round of each worker): SIGRTMIN (handler
+ * installed with SA_RESTART) and SIGRTMIN+1 (without: the blocked read fails with EINTR and is
+ * retried). Real-time signals are queued, never merged, so every signal sent is accounted for:
+ * each handler bumps its thread's counter in a registered page (a fault inside the handler) and
+ * a global counter; at the end, per thread, handled == sent, and the page counters agree with
+ * the global one.
  *
  * usage: sigstorm [workers=16] [rounds=200] [slice_pages=16]
  */
@@ -21,6 +22,7 @@
 
 #define MAX_WORKERS 64
 #define MAX_OUTSTANDING 2 /* tokens written but not yet read, per worker */
+#define SIGNALS_PER_ROUND 6
 
 static size_t nworkers, slice_pages;
 static long rounds;
@@ -28,7 +30,7 @@ static uint8_t *region, *counters; /* counters: one page per worker */
 static int pipes[MAX_WORKERS][2];
 static pthread_t workers[MAX_WORKERS];
 static long sent[MAX_WORKERS], tokens_read[MAX_WORKERS], eintr[MAX_WORKERS];
-static int done[MAX_WORKERS], all_sent;
+static int done[MAX_WORKERS], all_sent, started;
 static long handled_total;
 static __thread long my_id = -1;
 
@@ -53,6 +55,7 @@ static void *worker(void *arg)
 {
     size_t id = (size_t)arg;
     my_id = (long)id;
+    __atomic_add_fetch(&started, 1, __ATOMIC_RELEASE);
     uint8_t *slice = region + id * slice_pages * PAGE;
     for (long r = 0; r < rounds; r++) {
         check_zero(slice, slice_pages, "slice at the start of a round");
@@ -99,21 +102,27 @@ static void *signaller(void *arg)
 {
     (void)arg;
     long written[MAX_WORKERS] = { 0 };
+    /* a signal that came before a worker knew its id would not be counted */
+    while (__atomic_load_n(&started, __ATOMIC_ACQUIRE) < (int)nworkers)
+        sched_yield();
     for (long i = 0;; i++) {
         size_t busy = 0;
         for (size_t id = 0; id < nworkers; id++) {
             if (__atomic_load_n(&done[id], __ATOMIC_ACQUIRE))
                 continue;
             busy++;
-            int sig = (i + (long)id) % 2 ? SIGRTMIN + 1 : SIGRTMIN;
-            union sigval v = { .sival_int = 1 };
-            int e = pthread_sigqueue(workers[id], sig, v);
-            if (e == 0)
-                sent[id]++;
-            else if (e != EAGAIN) /* EAGAIN: the queue limit, nothing was queued */
-                fail("pthread_sigqueue: %s", strerror(e));
-            if (written[id] < rounds &&
-                written[id] - __atomic_load_n(&tokens_read[id], __ATOMIC_ACQUIRE) < MAX_OUTSTANDING) {
+            long got = __atomic_load_n(&tokens_read[id], __ATOMIC_ACQUIRE);
+            /* a bounded number of signals per round, so the storm paces with the rounds */
+            if (sent[id] < (got + 1) * SIGNALS_PER_ROUND) {
+                int sig = (i + (long)id) % 2 ? SIGRTMIN + 1 : SIGRTMIN;
+                union sigval v = { .sival_int = 1 };
+                int e = pthread_sigqueue(workers[id], sig, v);
+                if (e == 0)
+                    sent[id]++;
+                else if (e != EAGAIN) /* EAGAIN: the queue limit, nothing was queued */
+                    fail("pthread_sigqueue: %s", strerror(e));
+            }
+            if (written[id] < rounds && written[id] - got < MAX_OUTSTANDING) {
                 uint64_t t = token(id, written[id]);
                 if (write(pipes[id][1], &t, sizeof t) != (ssize_t)sizeof t)
                     fail("token write: %s", strerror(errno));
