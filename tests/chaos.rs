@@ -453,7 +453,7 @@ fn sigkill_of_umm_run_mid_fault_storm_leaves_the_command_on_plain_memory() {
 #[test]
 fn attach_detach_cycles_leave_the_daemon_flat() {
     require_root_and_uffd();
-    let cycles = env_count("UMM_ATTACH_CYCLES", 2000).max(10);
+    let cycles = env_count("UMM_ATTACH_CYCLES", 4000).max(10);
     let dir = TestDir::new("attach-cycles");
     let mut d = UmmDaemon::start(&dir);
     let driver = target("attachloop");
