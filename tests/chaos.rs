@@ -157,6 +157,13 @@ fn targets_killed_at_random_points_leave_the_daemon_serving_others_with_nothing_
     assert_no_d_state(&[d.pid()], "the daemon");
     let report = d.stop();
     let ctx = report.pretty();
+    // Kills that landed inside a handshake show up as refused ("gone since it sent its uffd")
+    // or as protocol errors (disconnected mid-handshake): where they land is up to chance.
+    eprintln!(
+        "handshakes cut short: {} refused, {} protocol errors",
+        report.u64("refused"),
+        report.u64("protocol_errors")
+    );
     assert_eq!(
         report.u64("spaces_live"),
         0,
