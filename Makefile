@@ -3,6 +3,7 @@
 #   make test             everything: fmt check, clippy -D warnings, unit + integration tests
 #   make install PREFIX=/usr/local
 #   make bench            benchmarks (see benches/)
+#   make soak             long chaos and fuzz runs (not part of make test)
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -13,7 +14,7 @@ MANDIR   = $(DESTDIR)$(PREFIX)/share/man
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps test-deps test check fmt-check clippy unit bench install uninstall clean
+.PHONY: all build deps test-deps test check fmt-check clippy unit bench soak chaos-soak install uninstall clean
 
 all: build
 
@@ -62,6 +63,17 @@ unit: build test-deps
 	target/release/umm-bench --quick --out target/bench-smoke
 
 test: fmt-check clippy unit
+
+# Long runs, not part of `make test`. chaos-soak: the chaos tests (tests/chaos.rs) with 1000
+# random kills of targets and 10 000 attach/detach cycles against one daemon, and 1000 random
+# kills of restored targets (tests/restore.rs).
+soak: chaos-soak fuzz-soak
+
+chaos-soak: build test-deps
+	UMM_CHAOS_ITERATIONS=1000 UMM_ATTACH_CYCLES=10000 \
+	  $(CARGO) test --release --test chaos -- --test-threads=2
+	UMM_CHAOS_ITERATIONS=1000 \
+	  $(CARGO) test --release --test restore -- --test-threads=2 killing_restored_targets_at_random_moments
 
 # Benchmarks (benches/README.md): umm against the ceiling and the kernel, as root, under 15 minutes
 # on 2 cores. A table per figure on stdout, target/bench/results.json, target/bench/chart.svg.

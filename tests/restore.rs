@@ -596,7 +596,8 @@ fn spawn_server(dir: &TestDir, img: &Path, extra: &[&str]) -> (Proc, PathBuf, Pa
 #[test]
 fn killing_restored_targets_at_random_moments_leaves_the_manager_serving_others() {
     require_root_and_uffd();
-    const ITERATIONS: usize = 110;
+    // `make soak` raises it (UMM_CHAOS_ITERATIONS, as for the track-mode kills of chaos.rs)
+    let iterations = env_count("UMM_CHAOS_ITERATIONS", 110);
     let dir = TestDir::new("restore-kills");
     let built = build_image(&dir, "img");
     // The rate bound keeps every restore mid-fill for a while (~1.4 s for the whole image).
@@ -645,7 +646,7 @@ fn killing_restored_targets_at_random_moments_leaves_the_manager_serving_others(
         rng
     };
     let mut moments = [0usize; 5];
-    for i in 0..ITERATIONS {
+    for i in 0..iterations {
         let children = (i % 4).to_string();
         let mut victim = spawn_restorer(
             &dir,
@@ -700,7 +701,7 @@ fn killing_restored_targets_at_random_moments_leaves_the_manager_serving_others(
         );
     }
     eprintln!(
-        "killed {ITERATIONS} restorers ({handed} after their handoff, the long one included); \
+        "killed {iterations} restorers ({handed} after their handoff, the long one included); \
          moments (at once, after a few ms, at the handoff, mid-fill, children running): \
          {moments:?}"
     );

@@ -43,6 +43,13 @@ pub const C_TARGETS: &[&str] = &[
     "outlive",
     "sparse",
     "richstate",
+    "verify",
+    "storm",
+    "forkloop",
+    "attachloop",
+    "forkmany",
+    "execmt",
+    "sigstorm",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
@@ -807,4 +814,242 @@ pub fn write_file(dir: &TestDir, name: &str, data: &[u8]) -> PathBuf {
     let mut f = fs::File::create(&p).expect("create file");
     f.write_all(data).expect("write file");
     p
+}
+
+// ----- chaos helpers ------------------------------------------------------------------------
+
+/// The state letter of every thread of `pid` (`/proc/PID/task/*/stat`): (tid, state). Empty if
+/// the process is gone.
+pub fn task_states(pid: i32) -> Vec<(i32, char)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let state = text
+            .rfind(')')
+            .and_then(|c| text[c + 1..].split_whitespace().next())
+            .and_then(|s| s.chars().next());
+        if let Some(state) = state {
+            v.push((tid, state));
+        }
+    }
+    v
+}
+
+/// No thread of these processes is stuck in D state (uninterruptible sleep: a task blocked on
+/// a uffd event nobody reads is D forever). A target that is being served is in D for a moment
+/// at every layout event, so a task counts as stuck only if it is D in every sample over ~5 s
+/// (50 samples 100 ms apart; stops early once no task has been D throughout). Gone processes
+/// are fine.
+pub fn assert_no_d_state(pids: &[i32], what: &str) {
+    let d_now = || -> Vec<(i32, i32)> {
+        pids.iter()
+            .flat_map(|&pid| {
+                task_states(pid)
+                    .into_iter()
+                    .filter(|t| t.1 == 'D')
+                    .map(move |t| (pid, t.0))
+            })
+            .collect()
+    };
+    let mut stuck = d_now();
+    for _ in 0..50 {
+        if stuck.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let now = d_now();
+        stuck.retain(|t| now.contains(t));
+    }
+    let detail: Vec<String> = stuck
+        .iter()
+        .map(|(pid, tid)| {
+            let wchan =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")).unwrap_or_default();
+            let comm =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            format!("pid {pid} tid {tid} ({}) wchan {wchan}", comm.trim())
+        })
+        .collect();
+    panic!("{what}: tasks stuck in D state for 5 s (blocked in the kernel, e.g. on an unread uffd event): {detail:#?}");
+}
+
+/// [`assert_no_d_state`] over every process of a process group.
+pub fn assert_group_no_d_state(pgid: i32, what: &str) {
+    let pids: Vec<i32> = group_members(pgid).into_iter().map(|m| m.0).collect();
+    assert_no_d_state(&pids, what);
+}
+
+/// Resident set size of a process in KiB (`VmRSS`), 0 if unknown.
+pub fn rss_kib(pid: i32) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A count from the environment (`UMM_CHAOS_ITERATIONS`, `UMM_ATTACH_CYCLES`, ...): the soak
+/// runs raise them; `make test` uses the defaults.
+pub fn env_count(var: &str, default: usize) -> usize {
+    match std::env::var(var) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={v} is not a count")),
+        Err(_) => default,
+    }
+}
+
+/// Random points for chaos tests: xorshift64, seeded from `UMM_CHAOS_SEED` or the clock. The
+/// seed is printed, so a failing run can be repeated.
+pub struct Chaos {
+    state: u64,
+}
+
+impl Chaos {
+    pub fn new(what: &str) -> Chaos {
+        let seed = match std::env::var("UMM_CHAOS_SEED") {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("UMM_CHAOS_SEED={v} is not a number")),
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1),
+        };
+        eprintln!("{what}: chaos seed {seed} (repeat with UMM_CHAOS_SEED={seed})");
+        Chaos { state: seed | 1 }
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A `umm daemon --socket <dir>/umm.sock --report <dir>/daemon.json` of a test, with the fd
+/// count it settled at after its start.
+pub struct UmmDaemon {
+    pub proc: Proc,
+    pub sock: PathBuf,
+    pub report: PathBuf,
+    pub baseline_fds: usize,
+    baseline_list: Vec<String>,
+}
+
+impl UmmDaemon {
+    pub fn start(dir: &TestDir) -> UmmDaemon {
+        let sock = dir.join("umm.sock");
+        let report = dir.join("daemon.json");
+        let mut cmd = Command::new(umm_bin());
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--report")
+            .arg(&report)
+            .current_dir(dir.path());
+        let mut proc = Proc::spawn(dir, "daemon", cmd);
+        let up = poll_until(600, Duration::from_millis(50), || {
+            sock.exists() || proc.try_wait().is_some()
+        });
+        assert!(
+            up && proc.try_wait().is_none(),
+            "umm daemon did not start listening\n{}",
+            proc.context()
+        );
+        // the fd count once it is steady (initialisation may finish after the bind)
+        let pid = proc.pid;
+        let mut last = fd_count(pid);
+        let mut same = 0;
+        poll_until(200, Duration::from_millis(50), || {
+            let n = fd_count(pid);
+            same = if n == last { same + 1 } else { 0 };
+            last = n;
+            same >= 5
+        });
+        UmmDaemon {
+            baseline_fds: last,
+            baseline_list: fd_list(pid),
+            proc,
+            sock,
+            report,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid
+    }
+
+    /// A command that opts in to this daemon and must be managed (`UMM_REQUIRE=1`).
+    pub fn served(&self, exe: impl AsRef<OsStr>, args: &[&str]) -> Command {
+        let mut c = Command::new(exe);
+        c.args(args)
+            .env("LD_PRELOAD", agent_lib())
+            .env("UMM_SOCKET", &self.sock)
+            .env("UMM_REQUIRE", "1");
+        c
+    }
+
+    pub fn assert_alive(&mut self, after: &str) {
+        if let Some(st) = self.proc.try_wait() {
+            panic!(
+                "umm daemon died after {after} ({})\n{}",
+                describe(&st),
+                self.proc.context()
+            );
+        }
+    }
+
+    /// The daemon's fd count comes back to its baseline (bounded polling: closing is
+    /// asynchronous, exits are noticed by pidfd or by a probe within a second).
+    pub fn assert_fds_back(&mut self, after: &str) {
+        self.assert_alive(after);
+        let pid = self.proc.pid;
+        let want = self.baseline_fds;
+        if !poll_until(300, Duration::from_millis(50), || fd_count(pid) == want) {
+            panic!(
+                "after {after}: the daemon holds {} fds, baseline {want} (leaked or never closed)\n\
+                 now: {:#?}\nbaseline: {:#?}\n{}",
+                fd_count(pid),
+                fd_list(pid),
+                self.baseline_list,
+                self.proc.context()
+            );
+        }
+    }
+
+    /// SIGTERM; the daemon exits 0 and writes its report (shape checked).
+    pub fn stop(mut self) -> Report {
+        self.assert_alive("the test");
+        self.proc.signal(Signal::SIGTERM);
+        let st = self.proc.wait_bounded(Duration::from_secs(60));
+        assert!(
+            st.success(),
+            "umm daemon on SIGTERM: {}\n{}",
+            describe(&st),
+            self.proc.context()
+        );
+        self.proc.assert_group_gone();
+        let report =
+            Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
+        report.check_shape();
+        report
+    }
 }
