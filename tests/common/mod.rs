@@ -43,6 +43,7 @@ pub const C_TARGETS: &[&str] = &[
     "outlive",
     "sparse",
     "richstate",
+    "memhog",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
