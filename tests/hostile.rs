@@ -598,6 +598,17 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     let f = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/truncated"));
     s.write_all(&f[..f.len() - 3]).expect("write");
     drop(s);
+    // (the fd baseline below must not count it)
+    let noticed = poll_until(400, Duration::from_millis(50), || {
+        d.proc
+            .stderr()
+            .contains("disconnected during the handshake")
+    });
+    assert!(
+        noticed,
+        "the truncated frame's close was never noticed\n{}",
+        d.proc.context()
+    );
 
     // Slow-loris peers: each sends all of a maximal frame but its last byte and waits.
     let peers = 120;
@@ -632,6 +643,7 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     // its bookkeeping; 8 MiB of slack for the served target's model and the allocator.
     let per_peer_kib = (4 * (MAX_FRAME as u64 + 4) + 1024) / 1024;
     let bound = rss_before + peers as u64 * per_peer_kib + 8 * 1024;
+    eprintln!("daemon RSS: {rss_before} KiB before, {rss_with_peers} KiB with {peers} slow peers and a served target, bound {bound} KiB");
     assert!(
         rss_with_peers <= bound,
         "daemon RSS {rss_with_peers} KiB with {peers} slow peers, bound {bound} KiB \
@@ -667,32 +679,26 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     assert!(report.u64("pages_served") >= ok.u64("min_served"), "{ctx}");
 }
 
-/// A memory cgroup (v1 `memory` controller, or v2 where it has one) child of this process's
-/// own, removed on drop (its processes must be gone by then).
+/// A cgroup of the v1 `memory` controller (this machine's cgroup v2 has no memory
+/// controller), child of this process's own; removed on drop (its processes gone by then).
 struct MemCgroup {
     dir: PathBuf,
-    v1: bool,
 }
 
 impl MemCgroup {
     fn new(name: &str) -> MemCgroup {
         let own = fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
-        let v1 = own
+        let rel = own
             .lines()
-            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
-        let (base, v1) = match v1 {
-            Some(p) => (
-                PathBuf::from("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
-                true,
-            ),
-            None => {
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .unwrap_or_else(|| {
                 panic!("no cgroup v1 memory controller for this process (/proc/self/cgroup: {own})")
-            }
-        };
+            });
+        let base = PathBuf::from("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'));
         let dir = base.join(format!("umm-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir(&dir);
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        MemCgroup { dir, v1 }
+        MemCgroup { dir }
     }
 
     fn write(&self, file: &str, value: &str) {
