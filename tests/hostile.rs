@@ -787,3 +787,122 @@ fn memory_cgroup_limit_during_a_fill_gives_up_and_fails_open_in_track_mode() {
         "not everything was served by umm: it gave up\n{ctx}"
     );
 }
+
+/// An image of `richstate build SEED` by `umm snapshot` (as in tests/restore.rs).
+fn richstate_image(dir: &TestDir) -> PathBuf {
+    let mut b = Command::new(target("richstate"));
+    b.args(["build", SEED]).current_dir(dir.path());
+    let mut builder = Proc::spawn(dir, "build", b);
+    let ready = poll_until(3000, Duration::from_millis(10), || {
+        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
+    });
+    let out = builder.stdout();
+    assert!(
+        ready,
+        "the builder never became ready\n{}",
+        builder.context()
+    );
+    let pid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("READY pid="))
+        .and_then(|v| v.split_whitespace().next())
+        .expect("READY pid=")
+        .to_string();
+    let ranges: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RANGES "))
+        .expect("RANGES")
+        .split_whitespace()
+        .collect();
+    let img = dir.join("img");
+    let mut s = Command::new(umm_bin());
+    s.arg("snapshot")
+        .arg(&pid)
+        .arg("-o")
+        .arg(&img)
+        .args(&ranges)
+        .current_dir(dir.path());
+    let mut snap = Proc::spawn(dir, "snapshot", s);
+    let st = snap.wait_bounded(LIMIT);
+    assert!(st.success(), "umm snapshot\n{}", snap.context());
+    snap.assert_group_gone();
+    builder.kill();
+    img
+}
+
+const SEED: &str = "0x5eed";
+
+#[test]
+fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_seen() {
+    require_root_and_uffd();
+    let dir = TestDir::new("hostile-memcg-restore");
+    let img = richstate_image(&dir);
+    // The restorer and its children live in a cgroup far too small for the image's data,
+    // with the OOM killer off: the manager's copies (faults and background fill) fail with
+    // ENOMEM. Restore mode must stop the process (fail-stop), never hand out zero pages.
+    let cg = MemCgroup::new("restore");
+    cg.write("memory.limit_in_bytes", &(8 * MIB).to_string());
+    cg.write("memory.oom_control", "1");
+    let script = format!(
+        "echo $$ > '{}' && exec '{}' restore {SEED} '{}'",
+        cg.procs().display(),
+        target("richstate").display(),
+        img.display()
+    );
+    let report = dir.join("restore.json");
+    let mut c = Command::new(umm_bin());
+    c.arg("restore")
+        .arg("--image")
+        .arg(&img)
+        .arg("--report")
+        .arg(&report)
+        .args(["--", "/bin/sh", "-c", &script])
+        .env("UMM_AGENT", agent_lib())
+        .env("RUST_LOG", "info")
+        .env_remove("UMM_SOCKET")
+        .env_remove("LD_PRELOAD")
+        .current_dir(dir.path());
+    let mut p = Proc::spawn(&dir, "restore", c);
+    let st = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    // Let the (killed) restorer's cgroup go before it is removed.
+    cg.write("memory.oom_control", "0");
+    let out = p.stdout();
+    assert!(
+        !st.success(),
+        "umm restore succeeded under an 8 MiB limit\n{}",
+        p.context()
+    );
+    // The restorer's own system calls may fail under its limit (ENOMEM; EFAULT when the
+    // kernel writes into a missing page: the charge comes before the fault reaches the
+    // manager); what must never happen is a page that reads anything but its data.
+    let wrong: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            l.contains("zero page where data belonged")
+                || l.contains("wrong data")
+                || l.contains("stale or foreign data")
+        })
+        .collect();
+    assert!(
+        !out.contains("OK richstate") && wrong.is_empty(),
+        "the restorer was stopped before it could finish or see a wrong page: {wrong:?}\n{}",
+        p.context()
+    );
+    let log = p.stderr();
+    assert!(
+        log.contains("ENOMEM")
+            && (log.contains("killing it: it cannot run without its memory")
+                || log.contains("stopping the restore: the restored processes are killed")),
+        "the copies failed with ENOMEM, then the restore was stopped\n{}",
+        p.context()
+    );
+    let report = Report::load(&report).unwrap_or_else(|e| panic!("{e}\n{}", p.context()));
+    let ctx = format!("{}\n{}", report.pretty(), p.context());
+    assert!(report.u64("abandoned") >= 1, "{ctx}");
+    assert!(report.u64("restore.killed") >= 1, "{ctx}");
+    assert!(
+        report.get("restore.failed").is_some_and(|v| v.is_string()),
+        "{ctx}"
+    );
+}
