@@ -399,6 +399,28 @@ fn agent_lines(p: &Proc) -> Vec<String> {
         .collect()
 }
 
+/// Python, on a connection to the daemon as stdin: make a uffd (user-mode-only: an
+/// unprivileged process can), hand it over in a Hello, print the reply.
+const INHERITED_PEER: &str = "\
+import ctypes, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK | 1)
+assert fd >= 0, ctypes.get_errno()
+s = socket.socket(fileno=0)
+exe = b'/inherited'
+hello = struct.pack('<HHIIH', 1, 1, os.getpid(), 1, len(exe)) + exe
+socket.send_fds(s, [struct.pack('<I', len(hello)) + hello], [fd])
+s.settimeout(60)
+r = b''
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    r += b
+kind, code, n = struct.unpack('<HHH', r[6:12])
+print('NACK' if kind == 0x102 else hex(kind), 'code=%d' % code, r[12:12 + n].decode())
+";
+
 #[test]
 fn allow_uid_admits_exactly_that_uid_and_peercred_refuses_the_rest() {
     require_root_and_uffd();
@@ -472,6 +494,35 @@ fn allow_uid_admits_exactly_that_uid_and_peercred_refuses_the_rest() {
         p.context()
     );
 
+    // uid 65533 with a connection root made (an inherited connected fd): SO_PEERCRED names
+    // root, so the uid check passes, but the uffd it hands over (UFFD_USER_MODE_ONLY, all
+    // it can make) is not the connector's: refused.
+    let conn = UnixStream::connect(&sock).expect("connect as root");
+    let mut c = as_uid(
+        65533,
+        None,
+        None,
+        Path::new(PYTHON),
+        &["-c", INHERITED_PEER],
+    );
+    c.stdin(Stdio::from(OwnedFd::from(conn)))
+        .stdout(Stdio::piped())
+        .process_group(0);
+    let mut helper = Helper(c.spawn().expect("spawn python as uid 65533"));
+    let mut reply = String::new();
+    helper
+        .0
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut reply)
+        .expect("read python's output");
+    assert!(
+        reply.contains("NACK code=3") && reply.contains("another process"),
+        "the uffd of the process holding an inherited connection is refused: {reply}"
+    );
+    drop(helper);
+
     let (report, log) = d.stop();
     let ctx = format!(
         "{}\n--- daemon log ---\n{}",
@@ -483,7 +534,7 @@ fn allow_uid_admits_exactly_that_uid_and_peercred_refuses_the_rest() {
             .any(|l| l.contains("uid 65533") && l.contains("refused: uid 65533 is not allowed")),
         "the daemon logs the refusal\n{ctx}"
     );
-    assert_eq!(report.u64("refused"), 1, "{ctx}");
+    assert_eq!(report.u64("refused"), 2, "{ctx}");
     let forks = ok.u64("children") + ok.u64("grandchildren");
     assert_eq!(report.u64("handoffs"), 1, "uid 65534's target alone\n{ctx}");
     assert!(report.u64("events.fork") >= forks, "{ctx}");
