@@ -627,6 +627,8 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     require_root_and_uffd();
     let dir = TestDir::new("hostile-frames");
     let mut d = Daemon::start(&dir, "daemon", dir.join("umm.sock"), &[]);
+    let pid = d.proc.pid;
+    let fds_idle = fd_count(pid);
 
     // An oversized frame: refused as soon as its length is read.
     let mut s = d.connect();
@@ -649,22 +651,18 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     let f = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/truncated"));
     s.write_all(&f[..f.len() - 3]).expect("write");
     drop(s);
-    // (the fd baseline below must not count it)
-    let noticed = poll_until(400, Duration::from_millis(50), || {
-        d.proc
-            .stderr()
-            .contains("disconnected during the handshake")
-    });
+    // Every one of them is closed by now (bounded wait: closing is asynchronous).
+    let closed = poll_until(400, Duration::from_millis(50), || fd_count(pid) == fds_idle);
     assert!(
-        noticed,
-        "the truncated frame's close was never noticed\n{}",
+        closed,
+        "the daemon still holds {} fds after three bad peers, {fds_idle} before\n{}",
+        fd_count(pid),
         d.proc.context()
     );
 
     // Slow-loris peers: each sends all of a maximal frame but its last byte and waits.
     let peers = 120;
-    let pid = d.proc.pid;
-    let fds_before = fd_count(pid);
+    let fds_before = fds_idle;
     let rss_before = d.rss_kib();
     let mut slow: Vec<UnixStream> = Vec::new();
     let mut partial = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/slow"));
@@ -714,7 +712,8 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
         tail(&log, 20)
     );
     assert!(
-        log.contains("exceeds the maximum") && log.contains("disconnected during the handshake"),
+        log.contains("exceeds the maximum")
+            && (log.contains("disconnected during the handshake") || log.contains("read failed")),
         "log lines for the oversized and the truncated frame\n{ctx}"
     );
     assert_eq!(
