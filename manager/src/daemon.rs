@@ -48,7 +48,9 @@ pub(crate) fn bind(path: &Path, allowed: &[u32]) -> Result<UnixListener, String>
             .mode();
         if mode & 0o002 != 0 && mode & 0o1000 == 0 {
             return Err(format!(
-                "refusing socket {}: its directory {} is world-writable without the sticky bit                  (mode {:o}), so anyone could replace the socket; use a directory only its                  owner can write (umm creates a missing one 0700)",
+                "refusing socket {}: its directory {} is world-writable without the sticky bit \
+                 (mode {:o}), so anyone could replace the socket; use a directory only its \
+                 owner can write (umm creates a missing one 0700)",
                 path.display(),
                 dir.display(),
                 mode & 0o7777
@@ -104,7 +106,8 @@ fn admit(path: &Path, allowed: &[u32], perm: u16) -> Result<(), String> {
     };
     acl::set_access_acl(path, &acl::AccessAcl { owner, users }).map_err(|e| {
         let hint = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            "; its file system has no POSIX ACLs: put the socket on one that has (ext4, xfs,              tmpfs; mount option acl), or drop --allow-uid and grant access yourself"
+            "; its file system has no POSIX ACLs: put the socket on one that has (ext4, xfs, \
+             tmpfs; mount option acl), or drop --allow-uid and grant access yourself"
         } else {
             ""
         };

@@ -223,8 +223,8 @@ impl Manager {
                         });
                         let failing = since.elapsed();
                         if failing < HARD_FAILURE_WINDOW {
-                            // Back off: a quarter of the failing time, 1 to 128 ms (a copy that fails under
-                            // a memory limit runs reclaim first: not something to spin on).
+                            // Back off: a quarter of the failing time, 1 to 128 ms (a copy
+                            // failing under a memory limit runs reclaim first: no spinning).
                             let wait = (failing / 4).clamp(
                                 std::time::Duration::from_millis(1),
                                 std::time::Duration::from_millis(128),
