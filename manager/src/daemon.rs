@@ -1,12 +1,14 @@
 //! `umm daemon --socket PATH`: the same loop, long-running, for any process that opts in.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use nix::sys::signal::Signal;
 
-use umm::sys::fd as sysfd;
+use nix::sys::stat::{umask, Mode};
+
+use umm::sys::{acl, fd as sysfd};
 
 use crate::manager::{self, Manager, Policy};
 use crate::stats::Report;
@@ -29,18 +31,41 @@ pub fn main(args: DaemonArgs) -> i32 {
     }
 }
 
-/// Bind the socket: create its directory (0700, or 0711 when other uids may connect) if missing, refuse a live socket, replace a
-/// stale one.
-pub(crate) fn bind(path: &Path, open_to_all: bool) -> Result<UnixListener, String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            // Other uids need to traverse the directory to reach a socket open to them.
-            let mode = if open_to_all { 0o711 } else { 0o700 };
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+/// Bind the socket so that exactly the allowed peers can reach it: its directory, if umm
+/// creates it, is 0700 and the socket 0600 (owner only); each `--allow-uid` adds a POSIX ACL
+/// entry (search on a created directory, read-write on the socket). A directory that anyone
+/// may write to without the sticky bit is refused (anyone could replace the socket). A live
+/// socket is refused, a stale one replaced. SO_PEERCRED is still checked on every connection.
+pub(crate) fn bind(path: &Path, allowed: &[u32]) -> Result<UnixListener, String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.exists() {
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(format!(
+                "refusing socket {}: its directory {} is world-writable without the sticky bit \
+                 (mode {:o}), so anyone could replace the socket; use a directory only its \
+                 owner can write (umm creates a missing one 0700)",
+                path.display(),
+                dir.display(),
+                mode & 0o7777
+            ));
         }
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        // Other uids need to traverse the directory to reach the socket.
+        admit(dir, allowed, acl::EXECUTE)?;
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -52,19 +77,52 @@ pub(crate) fn bind(path: &Path, open_to_all: bool) -> Result<UnixListener, Strin
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let mode = if open_to_all { 0o666 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    // Owner-only from the start: no window in which others could connect.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    admit(path, allowed, acl::READ | acl::WRITE)?;
     Ok(listener)
+}
+
+/// Give the `allowed` uids `perm` on `path` with an access ACL (nothing to do without any).
+fn admit(path: &Path, allowed: &[u32], perm: u16) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let users: Vec<(u32, u16)> = allowed
+        .iter()
+        .filter(|&&u| u != me)
+        .map(|&u| (u, perm))
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let owner = if path.is_dir() {
+        acl::READ | acl::WRITE | acl::EXECUTE
+    } else {
+        acl::READ | acl::WRITE
+    };
+    acl::set_access_acl(path, &acl::AccessAcl { owner, users }).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            "; its file system has no POSIX ACLs: put the socket on one that has (ext4, xfs, \
+             tmpfs; mount option acl), or drop --allow-uid and grant access yourself"
+        } else {
+            ""
+        };
+        format!(
+            "cannot let uid(s) {allowed:?} reach {} (POSIX ACL): {e}{hint}",
+            path.display()
+        )
+    })
 }
 
 fn daemon(args: DaemonArgs) -> Result<i32, String> {
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }
-    let listener = bind(&args.socket, !args.allow_uid.is_empty())?;
+    let listener = bind(&args.socket, &args.allow_uid)?;
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
     let cfg = args

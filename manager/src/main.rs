@@ -4,6 +4,7 @@ mod coverage;
 mod daemon;
 mod keeper;
 mod manager;
+mod mm_check;
 mod peers;
 mod readahead;
 mod restore;
@@ -169,7 +170,8 @@ struct DaemonArgs {
     #[arg(long)]
     grant_device: bool,
     /// Also accept processes of this uid (repeatable; the daemon's own uid and root always).
-    /// Makes the socket connectable by everyone: the uid check is done on each connection.
+    /// The socket (and a directory umm creates for it) gets a POSIX ACL entry for each such
+    /// uid; the uid is also checked on each connection (SO_PEERCRED).
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
 }

@@ -86,6 +86,8 @@ pub struct PendingFault {
     pub read_at: Instant,
     /// Since when copies for this fault have failed other than with EAGAIN.
     pub failing_since: Option<Instant>,
+    /// A failing fault is not tried again before this (backoff).
+    pub retry_at: Option<Instant>,
 }
 
 /// Why the loop stopped.
@@ -374,6 +376,7 @@ impl Manager {
                     tid,
                     read_at: now,
                     failing_since: None,
+                    retry_at: None,
                 });
                 return;
             }

@@ -152,6 +152,23 @@ impl Manager {
             let Some(peer) = self.peers.get_mut(id) else {
                 return false;
             };
+            // Only a restore manager takes frames longer than MAX_FRAME (Restore's region
+            // lists): everywhere else a peer holds at most one MAX_FRAME frame in memory.
+            if self.cfg.restore.is_none() {
+                if let Ok(Some(size)) = protocol::frame_size(&peer.inbuf) {
+                    if size > MAX_FRAME + 4 {
+                        self.drop_peer(
+                            id,
+                            Some(Reject::Protocol(format!(
+                                "a frame of {} bytes: this manager takes at most {MAX_FRAME} \
+                                 (longer Restore frames go to umm restore)",
+                                size - 4
+                            ))),
+                        );
+                        return false;
+                    }
+                }
+            }
             let (msg, used) = match protocol::decode(&peer.inbuf) {
                 Ok(Some(x)) => x,
                 Ok(None) => return true,
@@ -338,6 +355,7 @@ impl Manager {
             .map_err(|e| Reject::Refused(NackCode::Setup, e.to_string()))?;
         let peer = self.peers.get(id).expect("caller checked");
         let pid = peer.cred.pid;
+        check_peer_mm(&uffd, pid)?;
         let exe = if peer.exe.is_empty() {
             proc::exe(pid)
         } else {
@@ -512,6 +530,12 @@ pub(crate) fn check_uffd(fd: &OwnedFd) -> Result<(), Reject> {
             sysfd::describe(fd.as_fd())
         ),
     ))
+}
+
+/// The uffd must be for the peer's own address space ([`crate::mm_check`]).
+pub(crate) fn check_peer_mm(uffd: &Uffd, pid: u32) -> Result<(), Reject> {
+    crate::mm_check::check_uffd_mm(uffd, pid)
+        .map_err(|e| Reject::Refused(NackCode::BadFd, format!("pid {pid}: {e}")))
 }
 
 /// Send one frame in one go. Replies are small and a peer's socket buffer holds many, so a

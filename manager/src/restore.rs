@@ -162,6 +162,7 @@ impl Manager {
         let uffd = Uffd::from_owned(fd);
         uffd.api(Features::NON_COOPERATIVE)
             .map_err(|e| Reject::Refused(NackCode::Setup, e.to_string()))?;
+        crate::peers::check_peer_mm(&uffd, pid)?;
         let mut layout = Layout::new();
         for region in &wanted {
             let r = region.range();

@@ -116,10 +116,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     // Kept to the end: dropping it removes the private socket and its directory.
     let mut _runtime = None;
     let (listener, socket_path) = match (&args.socket, args.command.is_empty()) {
-        (Some(path), _) => (
-            crate::daemon::bind(path, !args.allow_uid.is_empty())?,
-            path.clone(),
-        ),
+        (Some(path), _) => (crate::daemon::bind(path, &args.allow_uid)?, path.clone()),
         (None, false) => {
             let rt = RuntimeDir::create()?;
             let l = std::os::unix::net::UnixListener::bind(&rt.socket)

@@ -87,16 +87,21 @@ impl Manager {
         for f in std::mem::take(&mut self.parked).into_iter().rev() {
             self.faults.push_front(f);
         }
-        while let Some(f) = self.faults.pop_front() {
-            if let Outcome::Park = self.serve_fault(f) {
+        while let Some(mut f) = self.faults.pop_front() {
+            // `f` is updated in place (failure time, backoff): what is parked is what was
+            // learned, or the failure window would start over on every retry.
+            if let Outcome::Park = self.serve_fault(&mut f) {
                 self.parked.push(f);
             }
         }
     }
 
-    fn serve_fault(&mut self, mut f: PendingFault) -> Outcome {
+    fn serve_fault(&mut self, f: &mut PendingFault) -> Outcome {
         if self.spaces.get(f.space).is_none() {
             return Outcome::Done;
+        }
+        if f.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Outcome::Park;
         }
         let page = page_floor(f.addr);
         if self.spaces.get(f.space).is_some_and(|s| s.pid.is_none()) {
@@ -143,7 +148,7 @@ impl Manager {
                     // Its own trace line: whatever becomes of the fault, every byte copied
                     // is in the trace.
                     let us = f.read_at.elapsed().as_micros() as u64;
-                    self.trace_fault(&f, copied.end - copied.start, us);
+                    self.trace_fault(f, copied.end - copied.start, us);
                     single_page = true;
                     continue;
                 }
@@ -169,7 +174,7 @@ impl Manager {
                         self.stats.eexist += 1;
                         space.layout.mark_present(page..page + PAGE_SIZE);
                         let _ = space.uffd.wake(page, PAGE_SIZE);
-                        self.finish_fault(&f, 0);
+                        self.finish_fault(f, 0);
                         return Outcome::Done;
                     }
                     Errno::EEXIST => {
@@ -216,7 +221,15 @@ impl Manager {
                             log::warn!("{}: {e}; will retry", space.describe(f.space));
                             Instant::now()
                         });
-                        if since.elapsed() < HARD_FAILURE_WINDOW {
+                        let failing = since.elapsed();
+                        if failing < HARD_FAILURE_WINDOW {
+                            // Back off: a quarter of the failing time, 1 to 128 ms (a copy
+                            // failing under a memory limit runs reclaim first: no spinning).
+                            let wait = (failing / 4).clamp(
+                                std::time::Duration::from_millis(1),
+                                std::time::Duration::from_millis(128),
+                            );
+                            f.retry_at = Some(Instant::now() + wait);
                             return Outcome::Park;
                         }
                         self.give_up(f.space, &format!("{e}, for {:?}", HARD_FAILURE_WINDOW));
@@ -245,7 +258,7 @@ impl Manager {
             let us = f.read_at.elapsed().as_micros() as u64;
             self.stats.latency_us.record(us);
             let extra = self.fill_extras(f.space);
-            self.trace_fault(&f, done + extra, us);
+            self.trace_fault(f, done + extra, us);
             // Faults alone can complete a restore (--no-background, or a fast toucher).
             self.complete(f.space);
             return Outcome::Done;

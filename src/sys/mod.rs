@@ -2,6 +2,7 @@
 //! and reading, pidfds, SCM_RIGHTS on unix sockets, process spawning, resource limits.
 //! With [`crate::uffd`], the only home of the library's `unsafe`.
 
+pub mod acl;
 pub mod fd;
 pub mod mmap;
 pub mod proc;

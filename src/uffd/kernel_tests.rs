@@ -262,3 +262,86 @@ fn events_are_read_in_batches_and_decoded() {
     assert!(u.as_raw_fd() >= 0);
     u.unregister(r.addr, r.len as u64).unwrap();
 }
+
+/// A userfaultfd made in another process (a fresh python, its own ASLR layout), received
+/// here over a socketpair; the process waits until `keep` (its stdin) closes.
+fn foreign_uffd() -> (
+    std::os::fd::OwnedFd,
+    std::process::Child,
+    std::os::unix::net::UnixStream,
+) {
+    use std::os::unix::net::UnixStream;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let child = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import ctypes, os, socket\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)\n\
+             assert fd >= 0, ctypes.get_errno()\n\
+             s = socket.socket(fileno=0)\n\
+             socket.send_fds(s, [b'u'], [fd])\n\
+             s.recv(1)\n",
+        )
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            theirs,
+        )))
+        .spawn()
+        .expect("spawn /usr/bin/python3");
+    let mut buf = [0u8; 4];
+    let got = crate::sys::socket::recv_with_fds_blocking(std::os::fd::AsFd::as_fd(&ours), &mut buf)
+        .expect("receive the foreign uffd");
+    assert_eq!(got.fds.len(), 1, "python sent no fd");
+    (got.fds.into_iter().next().unwrap(), child, ours)
+}
+
+/// The check that a handed-over uffd belongs to the peer's mm: UFFDIO_UNREGISTER over a
+/// range succeeds when the uffd's mm has a (userfault-capable) VMA there, registered or not,
+/// and changes nothing when it was not registered; it fails with EINVAL over a hole. A uffd
+/// of another mm therefore fails over our private mappings and succeeds over its own.
+#[test]
+fn unregister_probe_tells_whose_mm_a_uffd_belongs_to() {
+    use nix::errno::Errno;
+    let own = uffd(Features::empty());
+    let r = Region::new(4);
+    r.write(1, 7);
+    // Our mapping, not registered: Ok, and still not registered afterwards (REGISTER works,
+    // the page written before is intact).
+    own.unregister(r.addr, PAGE as u64).unwrap();
+    own.unregister(r.page(1), PAGE as u64).unwrap();
+    assert_eq!(r.read(1, 0), 7);
+    // A hole: EINVAL.
+    let hole = Region::new(1);
+    let hole_addr = hole.addr;
+    drop(hole);
+    let e = own.unregister(hole_addr, PAGE as u64).unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL, "{e}");
+
+    // Before UFFDIO_API every range ioctl is EINVAL: the probe needs the API done first.
+    let (fd, mut child, keep) = foreign_uffd();
+    let foreign = Uffd::from_owned(fd);
+    let e = foreign.unregister(r.addr, PAGE as u64).unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL, "{e}");
+    foreign.api(Features::NON_COOPERATIVE).expect("UFFDIO_API");
+    // Our mapping is not in python's mm: EINVAL.
+    let e = foreign.unregister(r.addr, PAGE as u64).unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL, "{e}");
+    // Python's own stack is.
+    let maps = crate::sys::proc::read_maps(child.id()).unwrap();
+    let stack = maps.iter().find(|m| m.path == "[stack]").expect("[stack]");
+    foreign.unregister(stack.start, PAGE as u64).unwrap();
+    // Our uffd over python's stack address: EINVAL unless our own layout has a VMA there.
+    let ours_there = crate::sys::proc::read_maps(std::process::id())
+        .unwrap()
+        .iter()
+        .any(|m| m.start < stack.start + PAGE as u64 && stack.start < m.end);
+    if !ours_there {
+        let e = own.unregister(stack.start, PAGE as u64).unwrap_err();
+        assert_eq!(e.errno, Errno::EINVAL, "{e}");
+    }
+    // Once the other process is gone: ENOMEM (its mm cannot be pinned), not ESRCH.
+    drop(keep);
+    assert!(child.wait().unwrap().success());
+    let e = foreign.unregister(stack.start, PAGE as u64).unwrap_err();
+    assert_eq!(e.errno, Errno::ENOMEM, "{e}");
+}

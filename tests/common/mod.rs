@@ -50,6 +50,7 @@ pub const C_TARGETS: &[&str] = &[
     "forkmany",
     "execmt",
     "sigstorm",
+    "memhog",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
