@@ -739,11 +739,7 @@ fn killing_restored_targets_at_random_moments_leaves_the_manager_serving_others(
         fd_count(mgr),
         fd_list(mgr)
     );
-    assert!(
-        group_members(mgr).iter().all(|m| m.1 != 'D'),
-        "a process of the manager's group is in D state: {:?}",
-        group_members(mgr)
-    );
+    assert_group_no_d_state(mgr, "the manager's group after the random kills");
 
     server.signal(Signal::SIGTERM);
     let st = server.wait_bounded(Duration::from_secs(30));
