@@ -229,7 +229,7 @@ impl ImageFile {
             path: self.path.clone(),
             entry: index,
             message,
-            err,
+            err: Box::new(err),
         })
     }
 

@@ -106,7 +106,7 @@ pub enum CriuError {
         path: PathBuf,
         entry: usize,
         message: &'static str,
-        err: DecodeError,
+        err: Box<DecodeError>,
     },
     /// The entries decode but do not make sense: overlaps, misalignment, ranges outside the
     /// VMAs, a pages file of the wrong size, an unknown pid, an unsupported feature.
@@ -166,7 +166,7 @@ impl std::error::Error for CriuError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             CriuError::Io { err, .. } => Some(err),
-            CriuError::Decode { err, .. } => Some(err),
+            CriuError::Decode { err, .. } => Some(err.as_ref()),
             _ => None,
         }
     }

@@ -123,6 +123,7 @@ pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
             return Ok(value);
         }
     }
+    // Not reached: the 10th byte either overflows or ends the varint.
     Err(DecodeError::new(start, "varint longer than 10 bytes"))
 }
 
