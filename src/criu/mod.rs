@@ -4,9 +4,10 @@
 //! a malformed, truncated or inconsistent image gives a [`CriuError`] naming the file, the
 //! entry and the field, never a panic.
 //!
-//! Framing (CRIU `criu/include/magic.h`, `criu/image.c`): every file but `pages-N.img` starts
-//! with little-endian u32 magics, then a sequence of entries, each a u32 little-endian length
-//! followed by that many bytes of one protobuf message (decoded by [`wire`], our own decoder).
+//! Framing (magic values from CRIU `criu/include/magic.h`; the layout checked byte by byte on
+//! the fixture): every file but `pages-N.img` starts with little-endian u32 magics, then a
+//! sequence of entries, each a u32 little-endian length followed by that many bytes of one
+//! protobuf message (decoded by [`wire`], our own decoder).
 //! - `inventory.img` has a single magic, `INVENTORY_MAGIC` 0x58313116 (the common magic is
 //!   absent from the inventory by design: it says which image version the others are);
 //! - the others have `IMG_COMMON_MAGIC` 0x54564319 then their type's magic: `PSTREE_MAGIC`
@@ -42,6 +43,11 @@
 //! take no room. So an entry's data offset is the sum of the sizes of the PE_PRESENT entries
 //! before it, and the file's size is the sum of all of them. Verified against the CRIU 4.2
 //! fixture in `tests/fixtures/criu-4.2-memtest/`.
+//!
+//! One pagemap entry may span adjacent VMAs (seen in the fixture), so lazy runs are cut at
+//! VMA boundaries. Refused as unsupported, with a clear error: image version 1, lazy pages in
+//! a parent snapshot or not stored locally (page-server dumps), lazy pages outside private
+//! anonymous VMAs, and unknown pagemap flag bits (a flag could move the data).
 //!
 //! [`ImageDir`] opens a directory, reads the inventory and the tree, and for a pid gives its
 //! VMAs and its lazy page runs ([`TaskMemory`]), each with its byte offset in the pages file
