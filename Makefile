@@ -63,6 +63,7 @@ unit: build test-deps criu-fixture-test
 
 # The CRIU reader checked against real CRIU 4.2 images (src/criu/fixture_tests.rs): its 29 MB
 # pages-*.img are not committed; found in $UMM_CRIU_FIXTURE, /work/shared/fixtures/ or ../shared/.
+# --workspace --lib: the same test binary (same features) as `unit` builds, so no extra compile.
 CRIU_FIXTURE_DIRS = /work/shared/fixtures/criu-4.2-memtest $(CURDIR)/../shared/fixtures/criu-4.2-memtest
 criu-fixture-test: deps
 	@if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
@@ -73,7 +74,7 @@ criu-fixture-test: deps
 	for d in $$dirs; do \
 	  if [ -f "$$d/pages-1.img" ] && [ -f "$$d/pages-2.img" ]; then \
 	    echo "CRIU fixture: $$d"; \
-	    UMM_CRIU_FIXTURE="$$d" $(CARGO) test --release -p umm --lib -- --ignored criu_fixture; \
+	    UMM_CRIU_FIXTURE="$$d" $(CARGO) test --release --workspace --lib -- --ignored criu_fixture; \
 	    exit $$?; \
 	  fi; \
 	done; \
