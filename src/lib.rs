@@ -8,12 +8,14 @@
 //! - [`protocol`]: the agent↔manager wire format;
 //! - [`image`]: memory images (what `umm snapshot` writes and `umm restore` serves);
 //! - [`source`]: where page contents come from;
+//! - [`criu`]: a validating reader of CRIU images (tree, VMAs, lazy page runs, pages file);
 //! - [`restore`]: the restorer's side of a lazy restore (hand a process's uffd to `umm restore`).
 //!
 //! `unsafe` lives only in `uffd` and `sys`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod criu;
 pub mod image;
 pub mod layout;
 pub mod protocol;
