@@ -3,6 +3,8 @@
 #   make test             everything: fmt check, clippy -D warnings, unit + integration tests
 #   make install PREFIX=/usr/local
 #   make bench            benchmarks (see benches/)
+#   make fuzz-smoke       build the fuzz targets (fuzz/) and run each briefly (part of make test)
+#   make fuzz-soak        run every fuzz target, at least 10 minutes in all (for make soak)
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -13,7 +15,8 @@ MANDIR   = $(DESTDIR)$(PREFIX)/share/man
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps test-deps test check fmt-check clippy unit bench install uninstall clean
+.PHONY: all build deps test-deps test check fmt-check clippy unit bench install uninstall clean \
+	fuzz-deps fuzz-build fuzz-smoke fuzz-soak fuzz-run
 
 all: build
 
@@ -51,6 +54,7 @@ test-deps: deps
 
 fmt-check: deps
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -61,7 +65,40 @@ unit: build test-deps
 	$(CARGO) test --release --workspace -- --test-threads=2
 	target/release/umm-bench --quick --out target/bench-smoke
 
-test: fmt-check clippy unit
+test: fmt-check clippy unit fuzz-smoke
+
+# Coverage-guided fuzzing of the decoders (fuzz/README.md): cargo-fuzz on the stable toolchain,
+# without sanitizers (-s none needs no -Z flag), with debug assertions and overflow checks.
+# Each run writes what it learns to fuzz/target/corpus/TARGET (the committed seeds in
+# fuzz/corpus/ stay as they are) and a crashing input to fuzz/artifacts/TARGET/; a crash fails
+# the run.
+FUZZ_TARGETS        = protocol_stream image_manifest image_open proc_maps
+FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_SOAK_SECONDS  ?= 160
+FUZZ_BUILD_FLAGS    = --sanitizer none --debug-assertions
+FUZZ_RUN_FLAGS      = -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
+
+# cargo-fuzz builds from crates.io (a few minutes on 2 cores, once).
+fuzz-deps: deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+fuzz-build: fuzz-deps
+	cd fuzz && $(CARGO) fuzz build $(FUZZ_BUILD_FLAGS)
+
+fuzz-smoke: fuzz-build
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
+
+fuzz-soak: fuzz-build
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECONDS=$(FUZZ_SOAK_SECONDS)
+
+fuzz-run:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  (cd fuzz && $(CARGO) fuzz run $(FUZZ_BUILD_FLAGS) $$t target/corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) $(FUZZ_RUN_FLAGS)) \
+	    || { echo "fuzz: $$t FAILED (input in fuzz/artifacts/$$t/)"; exit 1; }; \
+	done
 
 # Benchmarks (benches/README.md): umm against the ceiling and the kernel, as root, under 15 minutes
 # on 2 cores. A table per figure on stdout, target/bench/results.json, target/bench/chart.svg.
