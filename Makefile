@@ -73,8 +73,8 @@ test: fmt-check clippy unit fuzz-smoke
 # fuzz/corpus/ stay as they are) and a crashing input to fuzz/artifacts/TARGET/; a crash fails
 # the run.
 FUZZ_TARGETS        = protocol_stream image_manifest image_open proc_maps
-FUZZ_SMOKE_SECONDS ?= 20
-FUZZ_SOAK_SECONDS  ?= 160
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SOAK_SECONDS  ?= 155
 FUZZ_BUILD_FLAGS    = --sanitizer none --debug-assertions
 FUZZ_RUN_FLAGS      = -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
 
@@ -91,13 +91,19 @@ fuzz-smoke: fuzz-build
 fuzz-soak: fuzz-build
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECONDS=$(FUZZ_SOAK_SECONDS)
 
+# libFuzzer's progress lines go to fuzz/target/TARGET.log; a failure prints its tail.
 fuzz-run:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/target/corpus/$$t; \
-	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
-	  (cd fuzz && $(CARGO) fuzz run $(FUZZ_BUILD_FLAGS) $$t target/corpus/$$t corpus/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) $(FUZZ_RUN_FLAGS)) \
-	    || { echo "fuzz: $$t FAILED (input in fuzz/artifacts/$$t/)"; exit 1; }; \
+	  log=fuzz/target/$$t.log; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
+	  if (cd fuzz && $(CARGO) fuzz run $(FUZZ_BUILD_FLAGS) $$t target/corpus/$$t corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) $(FUZZ_RUN_FLAGS)) >$$log 2>&1; then \
+	    grep -E '^(Done|stat::number_of_executed_units)' $$log | head -1; \
+	  else \
+	    tail -n 60 $$log; \
+	    echo "fuzz: $$t FAILED: crashing input in fuzz/artifacts/$$t/"; exit 1; \
+	  fi; \
 	done
 
 # Benchmarks (benches/README.md): umm against the ceiling and the kernel, as root, under 15 minutes

@@ -32,20 +32,32 @@ const RESIZE_SUMS: u8 = 1 << 7;
 /// Largest data file generated for a manifest (larger ones are left short: a size error).
 const MAX_GENERATED: u64 = 1 << 20;
 
-/// One directory per fuzzing process, rewritten for every input (tmpfs when there is one).
-fn scratch_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("umm-fuzz-image-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("scratch directory");
-        dir
-    })
+/// One directory per fuzzing process (tmpfs when there is one), made for every input and
+/// removed after it: libFuzzer ends the process with exit(), so nothing would clean up later.
+/// An input that fails a check leaves it behind, for a look.
+struct ScratchDir(&'static Path);
+
+impl ScratchDir {
+    fn new() -> ScratchDir {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            let base = Path::new("/dev/shm");
+            let base = if base.is_dir() {
+                base.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            };
+            base.join(format!("umm-fuzz-image-{}", std::process::id()))
+        });
+        fs::create_dir_all(dir).expect("scratch directory");
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.0);
+    }
 }
 
 /// `checksums.bin` for `data`, as umm-image(5) describes it.
@@ -136,7 +148,8 @@ fuzz_target!(|data: &[u8]| {
         resize(&mut sums, tweak);
     }
 
-    let dir = scratch_dir();
+    let scratch = ScratchDir::new();
+    let dir = scratch.0;
     write_or_remove(&dir.join(MANIFEST_FILE), Some(manifest_text));
     write_or_remove(
         &dir.join(DATA_FILE),
