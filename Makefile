@@ -1,6 +1,7 @@
 # umm — build, test, install.
 #   make                  build release binaries (installs missing build tools first)
-#   make test             everything: fmt check, clippy -D warnings, unit + integration tests
+#   make test             everything: fmt check, clippy -D warnings, unit + integration tests,
+#                         fuzz-smoke
 #   make install PREFIX=/usr/local
 #   make bench            benchmarks (see benches/)
 #   make fuzz-smoke       build the fuzz targets (fuzz/) and run each briefly (part of make test)
@@ -128,3 +129,4 @@ uninstall:
 
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target
