@@ -1,9 +1,12 @@
 # umm — build, test, install.
 #   make                  build release binaries (installs missing build tools first)
-#   make test             everything: fmt check, clippy -D warnings, unit + integration tests
+#   make test             everything: fmt check, clippy -D warnings, unit + integration tests,
+#                         fuzz-smoke
 #   make install PREFIX=/usr/local
 #   make bench            benchmarks (see benches/)
 #   make soak             long chaos and fuzz runs (not part of make test)
+#   make fuzz-smoke       build the fuzz targets (fuzz/) and run each briefly (part of make test)
+#   make fuzz-soak        run every fuzz target, at least 10 minutes in all (for make soak)
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -14,7 +17,8 @@ MANDIR   = $(DESTDIR)$(PREFIX)/share/man
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps test-deps test check fmt-check clippy unit criu-fixture-test bench soak chaos-soak install uninstall clean
+.PHONY: all build deps test-deps test check fmt-check clippy unit criu-fixture-test bench soak \
+	chaos-soak install uninstall clean fuzz-deps fuzz-build fuzz-smoke fuzz-soak fuzz-run
 
 all: build
 
@@ -52,6 +56,7 @@ test-deps: deps
 
 fmt-check: deps
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -84,7 +89,46 @@ criu-fixture-test: deps
 	fi; \
 	echo "SKIPPED: CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
 
-test: fmt-check clippy unit
+test: fmt-check clippy unit fuzz-smoke
+
+# Coverage-guided fuzzing of the decoders (fuzz/README.md): cargo-fuzz on the stable toolchain,
+# without sanitizers (-s none needs no -Z flag), with debug assertions and overflow checks.
+# Each run writes what it learns to fuzz/target/corpus/TARGET (the committed seeds in
+# fuzz/corpus/ stay as they are) and a crashing input to fuzz/artifacts/TARGET/; a crash fails
+# the run.
+FUZZ_TARGETS        = protocol_stream image_manifest image_open proc_maps
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SOAK_SECONDS  ?= 155
+FUZZ_BUILD_FLAGS    = --sanitizer none --debug-assertions
+FUZZ_RUN_FLAGS      = -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
+
+# cargo-fuzz builds from crates.io (a few minutes on 2 cores, once).
+fuzz-deps: deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+fuzz-build: fuzz-deps
+	cd fuzz && $(CARGO) fuzz build $(FUZZ_BUILD_FLAGS)
+
+fuzz-smoke: fuzz-build
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS)
+
+fuzz-soak: fuzz-build
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECONDS=$(FUZZ_SOAK_SECONDS)
+
+# libFuzzer's progress lines go to fuzz/target/TARGET.log; a failure prints its tail.
+fuzz-run:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t; \
+	  log=fuzz/target/$$t.log; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
+	  if (cd fuzz && $(CARGO) fuzz run $(FUZZ_BUILD_FLAGS) $$t target/corpus/$$t corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) $(FUZZ_RUN_FLAGS)) >$$log 2>&1; then \
+	    grep -E '^(Done|stat::number_of_executed_units)' $$log | head -1; \
+	  else \
+	    tail -n 60 $$log; \
+	    echo "fuzz: $$t FAILED: crashing input in fuzz/artifacts/$$t/"; exit 1; \
+	  fi; \
+	done
 
 # Long runs, not part of `make test`. chaos-soak: the chaos tests (tests/chaos.rs) with 1000
 # random kills of targets and 10 000 attach/detach cycles against one daemon, and 1000 random
@@ -119,3 +163,4 @@ uninstall:
 
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target

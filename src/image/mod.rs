@@ -138,6 +138,31 @@ pub struct Manifest {
     pub regions: Vec<Region>,
 }
 
+impl Manifest {
+    /// Parse and validate the bytes of a `manifest.json` exactly as [`Image::open`] does
+    /// (`path` only names the file in errors). An extra public item beside the contract: the
+    /// fuzz targets (`fuzz/`) and tools that inspect a manifest without the data use it.
+    /// Bytes above [`MAX_MANIFEST_BYTES`] are refused unread.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Manifest, ImageError> {
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ImageError::Manifest {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} bytes, above the limit of {MAX_MANIFEST_BYTES}",
+                    bytes.len()
+                ),
+            });
+        }
+        manifest::parse(path, bytes)
+    }
+
+    /// The JSON text [`ImageWriter::finish`] writes for this manifest (it parses back to an
+    /// equal manifest). An extra public item beside the contract, like [`Manifest::parse`].
+    pub fn to_json(&self) -> String {
+        manifest::to_json(self)
+    }
+}
+
 /// What is wrong with an image (each names the file and the detail).
 #[derive(Debug)]
 pub enum ImageError {

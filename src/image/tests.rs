@@ -345,6 +345,21 @@ fn checksum_file_holds_crc32c_of_each_chunk() {
 }
 
 #[test]
+fn public_manifest_parse_reads_what_the_writer_wrote_and_to_json_writes_it_again() {
+    let t = TempDir::new("public-parse");
+    let s = write_sample(t.path());
+    let text = fs::read(t.sub(MANIFEST_FILE)).unwrap();
+    let m = Manifest::parse(Path::new("m.json"), &text).unwrap();
+    assert_eq!(m, s.manifest);
+    assert_eq!(m.to_json().as_bytes(), &text[..]);
+    let e = Manifest::parse(Path::new("m.json"), b"{\"format\":\"umm-image\"}").unwrap_err();
+    assert!(
+        matches!(e, ImageError::Manifest { .. }),
+        "a manifest without its fields: {e}"
+    );
+}
+
+#[test]
 fn manifest_is_the_documented_json() {
     let t = TempDir::new("json");
     write_sample(t.path());

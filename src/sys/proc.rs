@@ -208,7 +208,8 @@ pub fn coverage(pid: u32) -> io::Result<Coverage> {
     Ok(parse_smaps_coverage(&text))
 }
 
-fn parse_smaps_coverage(text: &str) -> Coverage {
+/// [`coverage`] on the text of an `smaps` file (public for the fuzz targets in `fuzz/`).
+pub fn parse_smaps_coverage(text: &str) -> Coverage {
     let mut cov = Coverage::default();
     let mut anon = 0u64;
     for line in text.lines() {
@@ -218,12 +219,13 @@ fn parse_smaps_coverage(text: &str) -> Coverage {
                 .next()
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
-                * 1024;
+                // Saturating: no kernel prints such sizes, but text is text (found by fuzzing).
+                .saturating_mul(1024);
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             // VmFlags is the last line of each VMA's block.
-            cov.anon_bytes += anon;
+            cov.anon_bytes = cov.anon_bytes.saturating_add(anon);
             if flags.split_whitespace().any(|f| f == "um") {
-                cov.registered_anon_bytes += anon;
+                cov.registered_anon_bytes = cov.registered_anon_bytes.saturating_add(anon);
             }
             anon = 0;
         }
@@ -298,6 +300,22 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(c.anon_bytes, 128 * 1024);
         assert_eq!(c.registered_anon_bytes, 100 * 1024);
         assert!((c.ratio().unwrap() - 100.0 / 128.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn smaps_sizes_beyond_u64_bytes_saturate_instead_of_overflowing() {
+        // fuzz/corpus/proc_maps/regression-smaps-kb-overflow: the kB -> bytes product overflowed.
+        assert_eq!(
+            parse_smaps_coverage("Anonymous:72708213108211000").anon_bytes,
+            0,
+            "no VmFlags line: the block is not counted"
+        );
+        let smaps = "Anonymous: 72708213108211000 kB\nVmFlags: um\n\
+                     Anonymous: 18014398509481983 kB\nVmFlags: um\n";
+        let c = parse_smaps_coverage(smaps);
+        assert_eq!(c.anon_bytes, u64::MAX);
+        assert_eq!(c.registered_anon_bytes, u64::MAX);
+        assert_eq!(c.ratio(), Some(1.0));
     }
 
     #[test]
@@ -550,7 +568,8 @@ pub fn vm_flags(pid: u32) -> io::Result<std::collections::BTreeMap<u64, Vec<Stri
     Ok(parse_vm_flags(&text))
 }
 
-fn parse_vm_flags(text: &str) -> std::collections::BTreeMap<u64, Vec<String>> {
+/// [`vm_flags`] on the text of an `smaps` file (public for the fuzz targets in `fuzz/`).
+pub fn parse_vm_flags(text: &str) -> std::collections::BTreeMap<u64, Vec<String>> {
     let mut out = std::collections::BTreeMap::new();
     let mut current = None;
     for line in text.lines() {
