@@ -11,6 +11,10 @@
 //!
 //! Limit: a process forked from the peer (without exec since) shares its layout and passes;
 //! its memory is the peer's own at the fork, under the peer's control anyway.
+//!
+//! Only for fresh uffds (the agent's and `umm::restore::handoff`'s register nothing before the
+//! handoff): over a range registered with this very uffd the probe would unregister that page.
+//! A handoff of a uffd with registrations (CRIU's lazy-pages protocol) needs another check.
 
 use std::io;
 
