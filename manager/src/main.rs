@@ -3,8 +3,10 @@
 mod coverage;
 mod daemon;
 mod keeper;
+mod lazy_pages;
 mod manager;
 mod mm_check;
+mod page_source;
 mod peers;
 mod readahead;
 mod restore;
@@ -49,6 +51,9 @@ enum Command {
     /// Serve lazy restores from a memory image: restored processes run at once while their
     /// memory is filled behind them, faults first.
     Restore(RestoreArgs),
+    /// Serve the lazy pages of a CRIU restore: a drop-in for `criu lazy-pages` (run it, then
+    /// `criu restore --lazy-pages` with the same images directory).
+    LazyPages(lazy_pages::LazyPagesArgs),
     /// Write a memory image of a live process (its private anonymous memory).
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// The fail-stop keeper of a restore (started by umm restore itself).
@@ -219,12 +224,22 @@ fn init_logging() {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::LazyPages(a) = &cli.command {
+        // CRIU's -v: more detail, unless RUST_LOG chose already.
+        if let (Some(level), None) = (
+            lazy_pages::log_filter(a.verbose),
+            std::env::var_os("RUST_LOG"),
+        ) {
+            std::env::set_var("RUST_LOG", level);
+        }
+    }
     init_logging();
     let code = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Daemon(args) => daemon::main(args),
         Command::Snapshot(args) => snapshot_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
+        Command::LazyPages(args) => lazy_pages::main(args),
         Command::Keeper { fd, cgroup } => keeper::main(fd, cgroup),
     };
     std::process::exit(code);

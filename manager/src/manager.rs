@@ -143,6 +143,8 @@ pub struct Manager {
     pub(crate) coverage: Option<crate::coverage::CoverageSampler>,
     /// Lazy-restore state (keeper, background fill, fail-stop).
     pub(crate) restore: crate::restore::RestoreBook,
+    /// `umm lazy-pages`: CRIU's handoff connection and the tasks it handed over.
+    pub(crate) criu: Option<crate::lazy_pages::Handoff>,
     last_probe: Instant,
     last_full_probe: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
@@ -207,6 +209,7 @@ impl Manager {
             command: None,
             command_status: None,
             restore: Default::default(),
+            criu: None,
             coverage: crate::coverage::CoverageSampler::start(cfg_coverage_interval)
                 .map_err(|e| log::warn!("no coverage sampling: {e}"))
                 .ok(),
@@ -272,6 +275,12 @@ impl Manager {
             }
             let restoring = self.spaces.iter().any(|(_, s)| s.restore.is_some());
             let done = match self.command {
+                // `umm lazy-pages`: once CRIU said the tree is restored and nothing is
+                // unfinished, or everything was stopped.
+                _ if self.criu.is_some() => {
+                    (self.criu.as_ref().is_some_and(|c| c.finished()) && !restoring)
+                        || self.restore.stopped_all
+                }
                 // With a command: once it exited and nothing it handed over is unfinished
                 // (it may have handed nothing over at all).
                 Some(_) => self.command_status.is_some() && !restoring,
@@ -301,6 +310,7 @@ impl Manager {
                     self.to_drain.push(id);
                 }
             }
+            Some(Token::Handoff) => self.on_handoff_readable(),
             Some(Token::Pidfd(t)) => {
                 if let Some(id) = self.spaces.resolve(t) {
                     self.on_process_exit(id);
@@ -523,6 +533,9 @@ impl Manager {
             return;
         };
         log::debug!("{}: closed ({why})", space.describe(id));
+        if let Some(c) = &mut self.criu {
+            c.space_closed(id, &space, why);
+        }
         let _ = self.epoll.delete(space.uffd.as_fd());
         if let Some(p) = &space.pidfd {
             let _ = self.epoll.delete(p.as_fd());

@@ -23,6 +23,7 @@ use umm::PAGE_SIZE;
 
 use crate::manager::{event_for, Manager};
 use crate::peers::Reject;
+use crate::page_source::PageSource;
 use crate::serve::SourceError;
 use crate::slab::{Id, Token};
 use crate::space::{FaultAround, Origin, Space};
@@ -30,7 +31,8 @@ use crate::space::{FaultAround, Origin, Space};
 /// What `umm restore` serves and how.
 #[derive(Clone)]
 pub struct RestoreConfig {
-    pub image: Arc<Image>,
+    /// `umm restore`'s image (None for `umm lazy-pages`: each task brings its own source).
+    pub image: Option<Arc<Image>>,
     /// The image directory, canonical: a Restore must name this one.
     pub image_dir: PathBuf,
     /// Fill in the background (else faults only).
@@ -61,34 +63,38 @@ impl std::fmt::Debug for RestoreConfig {
 
 /// Per address space of a restore.
 pub struct RestoreState {
-    pub image: Arc<Image>,
+    pub source: PageSource,
     pub started: Instant,
     pub first_fault_served: Option<Duration>,
     /// Background fill position (address order).
     pub cursor: u64,
     /// Prefetch addresses still to try, in order.
     pub prefetch: VecDeque<u64>,
+    /// Bytes the background fill copied into this space (the rest came with faults).
+    pub filled: u64,
 }
 
 impl RestoreState {
-    pub fn new(image: Arc<Image>, prefetch: &[u64]) -> RestoreState {
+    pub fn new(source: PageSource, prefetch: &[u64]) -> RestoreState {
         RestoreState {
-            image,
+            source,
             started: Instant::now(),
             first_fault_served: None,
             cursor: 0,
             prefetch: prefetch.iter().copied().collect(),
+            filled: 0,
         }
     }
 
     /// A FORK child inherits every obligation still open: the same image, from the start.
     pub fn for_child(&self) -> RestoreState {
         RestoreState {
-            image: self.image.clone(),
+            source: self.source.clone(),
             started: self.started,
             first_fault_served: self.first_fault_served,
             cursor: 0,
             prefetch: self.prefetch.clone(),
+            filled: 0,
         }
     }
 }
@@ -145,6 +151,12 @@ impl Manager {
                 "this manager does not serve restores (use umm restore --image DIR)".into(),
             ));
         };
+        let Some(rc_image) = rc.image.clone() else {
+            return Err(Reject::Refused(
+                NackCode::Other,
+                "this manager serves CRIU's lazy pages, not umm images".into(),
+            ));
+        };
         let named = std::fs::canonicalize(image)
             .map_err(|e| Reject::Refused(NackCode::Other, format!("image {image}: {e}")))?;
         if named != rc.image_dir {
@@ -157,7 +169,7 @@ impl Manager {
             ));
         }
         crate::peers::check_uffd(&fd)?;
-        let wanted = check_regions(&rc.image, regions, pid)
+        let wanted = check_regions(&rc_image, regions, pid)
             .map_err(|e| Reject::Refused(NackCode::Other, format!("pid {pid}: {e}")))?;
         let uffd = Uffd::from_owned(fd);
         uffd.api(Features::NON_COOPERATIVE)
@@ -195,7 +207,7 @@ impl Manager {
             FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
         );
         space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
-        space.restore = Some(RestoreState::new(rc.image.clone(), &rc.prefetch));
+        space.restore = Some(RestoreState::new(PageSource::Umm(rc_image.clone()), &rc.prefetch));
         let id = self.spaces.insert(space);
         self.set_pid(id, pid);
         let s = self.spaces.get(id).expect("just inserted");
@@ -491,6 +503,7 @@ impl Manager {
                 s.retry_at = None;
                 if let Some(r) = &mut s.restore {
                     r.cursor = run.range.start + done;
+                    r.filled += done;
                 }
             }
             self.count_served(pick, done);

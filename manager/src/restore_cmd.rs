@@ -160,7 +160,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     };
     let mut cfg = args.common.config(policy, false);
     cfg.restore = Some(RestoreConfig {
-        image: Arc::new(image),
+        image: Some(Arc::new(image)),
         image_dir,
         background: !args.no_background,
         fill_rate: args.fill_rate.filter(|&r| r > 0),
@@ -174,7 +174,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     mgr.restore.keeper = Some(keeper);
     mgr.restore.keep_running = args.keep_running;
     if !args.no_background {
-        let image = mgr.cfg.restore.as_ref().map(|r| r.image.clone());
+        let image = mgr.cfg.restore.as_ref().and_then(|r| r.image.clone());
         if let Some(image) = image {
             match crate::readahead::ReadAhead::start(image) {
                 Ok(ra) => mgr.restore.readahead = Some(ra),

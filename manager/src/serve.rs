@@ -56,6 +56,8 @@ struct Plan {
 pub(crate) enum SourceError {
     /// The image refused (a chunk failing its checksum, a range outside the data file).
     Image(umm::image::ImageError),
+    /// A CRIU pages file refused (a range outside the file).
+    Criu(umm::criu::CriuError),
     /// A page that must come from a source, in a space that has none (a bug).
     NoSource(u64),
 }
@@ -64,6 +66,7 @@ impl std::fmt::Display for SourceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SourceError::Image(e) => write!(f, "{e}"),
+            SourceError::Criu(e) => write!(f, "{e}"),
             SourceError::NoSource(addr) => write!(
                 f,
                 "page {addr:#x} must come from an image, and its address space has none"
@@ -277,10 +280,10 @@ impl Manager {
             return Ok(Ok(0));
         };
         let len = run.range.end - run.range.start;
-        let image = space.restore.as_ref().map(|r| &r.image);
-        match (run.state, run.source, image) {
-            (PageState::Missing | PageState::Present, Some(offset), Some(image)) => {
-                let bytes = image.data(offset, len).map_err(SourceError::Image)?;
+        let source = space.restore.as_ref().map(|r| &r.source);
+        match (run.state, run.source, source) {
+            (PageState::Missing | PageState::Present, Some(offset), Some(source)) => {
+                let bytes = source.data(offset, len)?;
                 let result = space.uffd.copy(run.range.start, bytes, CopyMode::default());
                 // What was read for copies leaves the manager's mapping (its resident memory
                 // must not grow to the image's size), in batches: each MADV_DONTNEED is a TLB
@@ -290,7 +293,7 @@ impl Manager {
                 // needed again come back from the page cache.
                 let mapped = self.image_mapped.get() + len.max(DROP_GRANULE);
                 if mapped >= DROP_EVERY {
-                    image.advise_dontneed(0, image.manifest().data_len);
+                    source.drop_mapping();
                     self.image_mapped.set(0);
                 } else {
                     self.image_mapped.set(mapped);

@@ -117,6 +117,8 @@ pub enum Token {
     Peer(Id),
     Uffd(Id),
     Pidfd(Id),
+    /// `umm lazy-pages`: the connection from `criu restore` handing over the tasks' uffds.
+    Handoff,
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -131,6 +133,7 @@ impl Token {
             Token::Peer(id) => (4, Some(id)),
             Token::Uffd(id) => (5, Some(id)),
             Token::Pidfd(id) => (6, Some(id)),
+            Token::Handoff => (7, None),
         };
         let id_bits = id.map_or(0, |id| {
             ((id.generation as u64 & GEN_MASK) << 32) | id.index as u64
@@ -152,6 +155,7 @@ impl Token {
             4 => Token::Peer(id),
             5 => Token::Uffd(id),
             6 => Token::Pidfd(id),
+            7 => Token::Handoff,
             _ => return None,
         })
     }

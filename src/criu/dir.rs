@@ -279,6 +279,14 @@ impl PagesFile {
         }
     }
 
+    /// Drop `[offset, offset + len)` from this process's page tables (the data stays the
+    /// file's): a server's resident memory must not grow to the size of what it served.
+    pub fn advise_dontneed(&self, offset: u64, len: u64) {
+        let _ = self
+            .map
+            .advise(offset, len, crate::sys::mmap::Advice::DontNeed);
+    }
+
     /// The data of a lazy run.
     pub fn run_data(&self, run: &LazyRun) -> Result<&[u8], CriuError> {
         self.data(run.pages_offset, run.len)

@@ -49,6 +49,17 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// Make `fd` this process's stderr (a log file): what is written to stderr from now on goes
+/// there. `fd` itself stays open and owned by the caller.
+pub fn redirect_stderr(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: dup2 onto fd 2 only replaces the stderr slot of the fd table; nothing in Rust
+    // owns fd 2 as an OwnedFd, and `fd` is a live borrowed descriptor.
+    if unsafe { libc::dup2(fd.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Number of open fds of this process (leak checks).
 pub fn count_open_fds() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?
