@@ -51,6 +51,7 @@ pub const C_TARGETS: &[&str] = &[
     "execmt",
     "sigstorm",
     "memhog",
+    "criu_restorer",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).

@@ -1,0 +1,293 @@
+//! `umm lazy-pages` against a restorer doing CRIU's side of `criu restore --lazy-pages`
+//! (tests/targets/criu_restorer.c) on the CRIU 4.2 fixture (tests/fixtures/criu-4.2-memtest/).
+//!
+//! The fixture's pages files (29 MB) are not committed: these tests are #[ignore] and run by
+//! `make lazy-pages-test` (part of `make test`), which finds them like `criu-fixture-test`
+//! ($UMM_CRIU_FIXTURE, /work/shared/fixtures/, ../shared/fixtures/) and otherwise prints a
+//! SKIPPED line, counted as skipped, never as passed. The protocol tests need only the
+//! committed metadata and run everywhere.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const PARENT: u32 = 26975;
+const CHILD: u32 = 26977;
+const MIB: u64 = 1 << 20;
+
+fn committed_fixture() -> PathBuf {
+    root().join("tests/fixtures/criu-4.2-memtest")
+}
+
+/// The full fixture, with its pages files.
+fn full_fixture() -> PathBuf {
+    let dir = std::env::var_os("UMM_CRIU_FIXTURE")
+        .map(PathBuf::from)
+        .expect("UMM_CRIU_FIXTURE is not set: run these tests with `make lazy-pages-test`");
+    assert!(
+        dir.join("pages-1.img").is_file() && dir.join("pages-2.img").is_file(),
+        "UMM_CRIU_FIXTURE={} has no pages-1.img and pages-2.img",
+        dir.display()
+    );
+    dir
+}
+
+/// The restorer's TASK argument: the memtest areas (see src/criu/fixture_tests.rs) and the
+/// task's lazy VMAs, from the images.
+fn task_spec(images: &umm::criu::ImageDir, pid: u32) -> String {
+    let (ppid, vma_start, main_len, seed) = match pid {
+        PARENT => (0, 0x7f94_f420_0000u64, 16 * MIB, 1),
+        _ => (PARENT, 0x7f94_f4e0_0000, 4 * MIB, 2),
+    };
+    let mem = images.task_memory(pid).expect("task memory");
+    let mut vmas: Vec<usize> = mem.lazy_runs.iter().map(|r| r.vma).collect();
+    vmas.dedup();
+    let vmas: Vec<String> = vmas
+        .iter()
+        .map(|&v| format!("{:#x}-{:#x}", mem.mm.vmas[v].start, mem.mm.vmas[v].end))
+        .collect();
+    format!(
+        "{pid}:{ppid}:{seed}:{:#x}:{main_len}:{vma_start:#x}:{}:{}",
+        vma_start + 4 * MIB,
+        4 * MIB,
+        vmas.join("/")
+    )
+}
+
+/// Lazy bytes of `pid` inside the VMAs the restorer reported as mapped.
+fn lazy_in_mapped(images: &umm::criu::ImageDir, pid: u32, stdout: &str) -> u64 {
+    let mapped: Vec<(u64, u64)> = stdout
+        .lines()
+        .filter(|l| l.starts_with(&format!("MAPPED pid={pid} ")))
+        .map(|l| {
+            let f = |k: &str| {
+                let v = l.split(&format!("{k}=0x")).nth(1).unwrap();
+                u64::from_str_radix(v.split_whitespace().next().unwrap(), 16).unwrap()
+            };
+            (f("start"), f("end"))
+        })
+        .collect();
+    let mem = images.task_memory(pid).unwrap();
+    mem.lazy_runs
+        .iter()
+        .filter(|r| mapped.iter().any(|&(s, e)| s <= r.start && r.end() <= e))
+        .map(|r| r.len)
+        .sum()
+}
+
+fn lazy_pages_cmd(images: &Path, work: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(umm_bin());
+    cmd.arg("lazy-pages")
+        .arg("-D")
+        .arg(images)
+        .arg("-W")
+        .arg(work)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn wait_for_socket(path: &Path, umm: &mut Proc) {
+    let up = poll_until(1000, Duration::from_millis(10), || path.exists());
+    assert!(up, "no {} after 10 s\n{}", path.display(), umm.context());
+}
+
+/// The summary line of `pid`: (lazy pages, by faults, by the fill).
+fn summary(stderr: &str, pid: u32) -> (String, u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("umm: lazy-pages: pid {pid}")))
+        .unwrap_or_else(|| panic!("no summary line for pid {pid} in:\n{stderr}"));
+    let num = |before: &str| -> u64 {
+        let head = line.split(before).next().unwrap();
+        head.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    (
+        line.to_string(),
+        num(" lazy pages"),
+        num(" by faults"),
+        num(" by the fill"),
+    )
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn criu_restorer_tree_is_served_from_the_pages_files() {
+    require_root_and_uffd();
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let dir = TestDir::new("lazy-pages-serve");
+    let report = dir.join("report.json");
+    let mut umm = Proc::spawn(
+        &dir,
+        "umm",
+        lazy_pages_cmd(
+            &fixture,
+            dir.path(),
+            &["--report", report.to_str().unwrap()],
+        ),
+    );
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, &mut umm);
+    let mut restorer = Command::new(target("criu_restorer"));
+    restorer
+        .arg(&sock)
+        .arg(task_spec(&images, PARENT))
+        .arg(task_spec(&images, CHILD));
+    let mut r = Proc::spawn(&dir, "restorer", restorer);
+    let st = r.wait_bounded(Duration::from_secs(120));
+    let ust = umm.wait_bounded(Duration::from_secs(60));
+    let ctx = format!("{}\n{}", r.context(), umm.context());
+    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
+    assert!(ust.success(), "umm lazy-pages failed: {}\n{ctx}", describe(&ust));
+    let out = r.stdout();
+    for pid in [PARENT, CHILD] {
+        let ok = out
+            .lines()
+            .find(|l| l.starts_with(&format!("OK criu_task pid={pid} ")))
+            .unwrap_or_else(|| panic!("no OK line for {pid}\n{ctx}"));
+        let ok = OkLine::find(ok, "criu_task").unwrap();
+        for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
+            assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
+        }
+        // Every lazy page in a mapped VMA was served to the task (image data by a fault or
+        // the fill; or zeros after the MADV_DONTNEED and the refill), and the memtest area
+        // was mapped.
+        let expected = lazy_in_mapped(&images, pid, &out) / 4096;
+        let (line, lazy, faults, fill) = summary(&umm.stderr(), pid);
+        assert!(line.contains("restore complete"), "{line}\n{ctx}");
+        assert_eq!(lazy, images.task_memory(pid).unwrap().lazy_bytes() / 4096);
+        assert!(expected >= ok.u64("main_pages"), "{line}\n{ctx}");
+        assert!(faults + fill >= expected, "{line}: expected >= {expected}\n{ctx}");
+        assert!(fill > 0, "the background fill did nothing: {line}\n{ctx}");
+    }
+    let rep = Report::load(&report).unwrap();
+    assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
+    assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    assert!(rep.u64("events.remove") >= 2, "{}", rep.pretty());
+    assert!(rep.u64("fork_pages_served") > 0, "{}", rep.pretty());
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn killing_umm_lazy_pages_mid_restore_kills_the_restored_tasks() {
+    require_root_and_uffd();
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let dir = TestDir::new("lazy-pages-kill");
+    // No fill: the pages stay missing until umm dies.
+    let mut umm = Proc::spawn(
+        &dir,
+        "umm",
+        lazy_pages_cmd(&fixture, dir.path(), &["--no-background"]),
+    );
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, &mut umm);
+    let mut restorer = Command::new(target("criu_restorer"));
+    restorer
+        .arg(&sock)
+        .arg("--hold")
+        .arg(task_spec(&images, PARENT))
+        .arg(task_spec(&images, CHILD));
+    let mut r = Proc::spawn(&dir, "restorer", restorer);
+    let handed = poll_until(3000, Duration::from_millis(10), || {
+        r.stdout().matches("HANDED").count() == 2
+    });
+    assert!(handed, "tasks not handed over\n{}", r.context());
+    umm.signal(Signal::SIGKILL);
+    umm.wait_bounded(Duration::from_secs(10));
+    // The keeper kills both tasks (they sleep for 120 s otherwise).
+    let st = r.wait_bounded(Duration::from_secs(60));
+    let out = r.stdout();
+    assert!(!st.success(), "{}", r.context());
+    assert!(
+        out.contains("EXIT init child=") && out.contains("signal=9"),
+        "the root task was not killed\n{}",
+        r.context()
+    );
+    r.assert_group_gone();
+}
+
+/// umm lazy-pages on the committed metadata (no pages files needed for protocol errors).
+fn start_on_metadata(dir: &TestDir) -> (Proc, PathBuf) {
+    let mut umm = Proc::spawn(
+        dir,
+        "umm",
+        lazy_pages_cmd(&committed_fixture(), dir.path(), &[]),
+    );
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, &mut umm);
+    (umm, sock)
+}
+
+fn expect_failure(umm: &mut Proc, what: &str) {
+    let st = umm.wait_bounded(Duration::from_secs(30));
+    assert!(!st.success(), "{}", umm.context());
+    assert!(
+        umm.stderr().contains(what),
+        "no '{what}' in the errors\n{}",
+        umm.context()
+    );
+}
+
+#[test]
+fn garbage_instead_of_a_pid_is_a_clear_error() {
+    require_root_and_uffd();
+    let dir = TestDir::new("lazy-pages-garbage");
+    let (mut umm, sock) = start_on_metadata(&dir);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&0i32.to_ne_bytes()).unwrap();
+    expect_failure(&mut umm, "0 is not a pid");
+}
+
+#[test]
+fn connection_closed_without_rstf_is_a_clear_error() {
+    require_root_and_uffd();
+    let dir = TestDir::new("lazy-pages-no-rstf");
+    let (mut umm, sock) = start_on_metadata(&dir);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    // A zombie (no fd), then nothing: criu restore died.
+    s.write_all(&(-(CHILD as i32)).to_ne_bytes()).unwrap();
+    drop(s);
+    expect_failure(&mut umm, "before the restore-finished mark (RSTF)");
+}
+
+#[test]
+fn unknown_pid_and_non_uffd_fd_are_refused() {
+    require_root_and_uffd();
+    for (pid, what) in [
+        (4242i32, "pid 4242 is not in the images' process tree"),
+        (PARENT as i32, "not a userfaultfd"),
+    ] {
+        let dir = TestDir::new("lazy-pages-bad-fd");
+        let (mut umm, sock) = start_on_metadata(&dir);
+        let s = UnixStream::connect(&sock).unwrap();
+        let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+        umm::sys::socket::send_with_fds_blocking(s.as_fd(), &pid.to_ne_bytes(), &[]).unwrap();
+        umm::sys::socket::send_with_fds_blocking(s.as_fd(), b"*", &[pipe_r.as_fd()]).unwrap();
+        expect_failure(&mut umm, what);
+    }
+}
+
+#[test]
+fn a_restore_that_finishes_with_only_zombies_exits_cleanly() {
+    require_root_and_uffd();
+    let dir = TestDir::new("lazy-pages-zombies");
+    let (mut umm, sock) = start_on_metadata(&dir);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&(-(CHILD as i32)).to_ne_bytes()).unwrap();
+    s.write_all(&0x5253_5446u32.to_ne_bytes()).unwrap();
+    let st = umm.wait_bounded(Duration::from_secs(30));
+    assert!(st.success(), "{}", umm.context());
+    assert!(umm.stderr().contains("1 zombie(s)"), "{}", umm.context());
+}
