@@ -158,6 +158,8 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
         for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
             assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
         }
+        // The task saw umm complete its restore (every range unregistered) before exiting.
+        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
         // Every lazy page in a mapped VMA was served to the task (image data by a fault or
         // the fill; or zeros after the MADV_DONTNEED and the refill), and the memtest area
         // was mapped.

@@ -194,6 +194,8 @@ static int map_and_hand_over(struct task *t)
     return 0;
 }
 
+static int wait_unregistered(void);
+
 static int verify_task(struct task *t)
 {
     const uint64_t *m = (const uint64_t *)t->main_start;
@@ -234,10 +236,38 @@ static int verify_task(struct task *t)
     if (waitpid(g, &st, 0) != g)
         fail("waitpid grandchild: %s", strerror(errno));
     int gc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    int unregistered = wait_unregistered();
     say("OK criu_task pid=%d main_bad=%ld scratch_bad=%ld zero_bad=%ld grandchild=%d "
-        "main_pages=%zu checksum=%016lx\n",
-        t->pid, main_bad, scratch_bad, zero_bad, gc, mn * 8 / PAGE, sum);
-    return main_bad || scratch_bad || zero_bad || gc;
+        "unregistered=%d main_pages=%zu checksum=%016lx\n",
+        t->pid, main_bad, scratch_bad, zero_bad, gc, unregistered, mn * 8 / PAGE, sum);
+    return main_bad || scratch_bad || zero_bad || gc || !unregistered;
+}
+
+/* Whether any VMA of this process is still registered with a userfaultfd ("um" in smaps). */
+static int still_registered(void)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f)
+        fail("/proc/self/smaps: %s", strerror(errno));
+    char line[1024];
+    int found = 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmFlags:", 8) && strstr(line, " um"))
+            found = 1;
+    fclose(f);
+    return found;
+}
+
+/* Wait for the daemon to complete this task's restore (it then unregisters every range, so
+ * the task never exits with pages unserved); bounded, so a broken daemon gives a failure. */
+static int wait_unregistered(void)
+{
+    for (int i = 0; i < 6000; i++) {
+        if (!still_registered())
+            return 1;
+        usleep(10000);
+    }
+    return 0;
 }
 
 /* Wait for every child; 0 only if each exited 0. */
