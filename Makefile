@@ -17,7 +17,8 @@ MANDIR   = $(DESTDIR)$(PREFIX)/share/man
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps test-deps test check fmt-check clippy unit criu-fixture-test bench soak \
+.PHONY: all build deps test-deps test check fmt-check clippy unit criu-fixture-test \
+	lazy-pages-test bench soak \
 	chaos-soak install uninstall clean fuzz-deps fuzz-build fuzz-smoke fuzz-soak fuzz-run
 
 all: build
@@ -63,7 +64,7 @@ clippy: deps
 
 # Unit and integration tests. The integration tests drive target/release/umm and the agent, so
 # the release build comes first; tests share its artifacts (--release).
-unit: build test-deps criu-fixture-test
+unit: build test-deps criu-fixture-test lazy-pages-test
 	$(CARGO) test --release --workspace -- --test-threads=2
 	target/release/umm-bench --quick --out target/bench-smoke
 
@@ -88,6 +89,28 @@ criu-fixture-test: deps
 	  echo "UMM_CRIU_FIXTURE=$$UMM_CRIU_FIXTURE has no pages-1.img and pages-2.img" >&2; exit 1; \
 	fi; \
 	echo "SKIPPED: CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
+
+# umm lazy-pages serving the same fixture to tests/targets/criu_restorer.c (CRIU's side of
+# `criu restore --lazy-pages`), and fail-stop (tests/lazy_pages.rs, the #[ignore]d tests; the
+# protocol tests there run in `unit`). About 10 s.
+lazy-pages-test: build test-deps
+	@if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
+	  dirs="$$UMM_CRIU_FIXTURE"; \
+	else \
+	  dirs="$(CRIU_FIXTURE_DIRS)"; \
+	fi; \
+	for d in $$dirs; do \
+	  if [ -f "$$d/pages-1.img" ] && [ -f "$$d/pages-2.img" ]; then \
+	    echo "CRIU fixture: $$d"; \
+	    UMM_CRIU_FIXTURE="$$d" $(CARGO) test --release --test lazy_pages -- --ignored \
+	      --test-threads=2; \
+	    exit $$?; \
+	  fi; \
+	done; \
+	if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
+	  echo "UMM_CRIU_FIXTURE=$$UMM_CRIU_FIXTURE has no pages-1.img and pages-2.img" >&2; exit 1; \
+	fi; \
+	echo "SKIPPED: lazy-pages-test: CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
 
 test: fmt-check clippy unit fuzz-smoke
 

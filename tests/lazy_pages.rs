@@ -147,7 +147,11 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
     let ust = umm.wait_bounded(Duration::from_secs(60));
     let ctx = format!("{}\n{}", r.context(), umm.context());
     assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
-    assert!(ust.success(), "umm lazy-pages failed: {}\n{ctx}", describe(&ust));
+    assert!(
+        ust.success(),
+        "umm lazy-pages failed: {}\n{ctx}",
+        describe(&ust)
+    );
     let out = r.stdout();
     for pid in [PARENT, CHILD] {
         let ok = out
@@ -168,7 +172,10 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
         assert!(line.contains("restore complete"), "{line}\n{ctx}");
         assert_eq!(lazy, images.task_memory(pid).unwrap().lazy_bytes() / 4096);
         assert!(expected >= ok.u64("main_pages"), "{line}\n{ctx}");
-        assert!(faults + fill >= expected, "{line}: expected >= {expected}\n{ctx}");
+        assert!(
+            faults + fill >= expected,
+            "{line}: expected >= {expected}\n{ctx}"
+        );
         assert!(fill > 0, "the background fill did nothing: {line}\n{ctx}");
     }
     let rep = Report::load(&report).unwrap();

@@ -589,8 +589,14 @@ mod tests {
             while let Some(m) = p.next_msg() {
                 out.push(m.unwrap());
             }
-            assert!(matches!(out[0], HandoffMsg::Task { pid: 26975, .. }), "cut {cut}");
-            assert!(matches!(out[1], HandoffMsg::Zombie { pid: 26977 }), "cut {cut}");
+            assert!(
+                matches!(out[0], HandoffMsg::Task { pid: 26975, .. }),
+                "cut {cut}"
+            );
+            assert!(
+                matches!(out[1], HandoffMsg::Zombie { pid: 26977 }),
+                "cut {cut}"
+            );
             assert!(matches!(out[2], HandoffMsg::Finished), "cut {cut}");
             assert_eq!(out.len(), 3);
         }

@@ -22,8 +22,8 @@ use umm::uffd::{Features, RegisterMode, Uffd};
 use umm::PAGE_SIZE;
 
 use crate::manager::{event_for, Manager};
-use crate::peers::Reject;
 use crate::page_source::PageSource;
+use crate::peers::Reject;
 use crate::serve::SourceError;
 use crate::slab::{Id, Token};
 use crate::space::{FaultAround, Origin, Space};
@@ -207,7 +207,10 @@ impl Manager {
             FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
         );
         space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
-        space.restore = Some(RestoreState::new(PageSource::Umm(rc_image.clone()), &rc.prefetch));
+        space.restore = Some(RestoreState::new(
+            PageSource::Umm(rc_image.clone()),
+            &rc.prefetch,
+        ));
         let id = self.spaces.insert(space);
         self.set_pid(id, pid);
         let s = self.spaces.get(id).expect("just inserted");
