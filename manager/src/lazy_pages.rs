@@ -566,28 +566,19 @@ mod tests {
         bytes.extend((-26977i32).to_ne_bytes());
         bytes.extend(RESTORE_FINISHED.to_ne_bytes());
         for cut in 0..bytes.len() {
+            // The fd travels with the dummy byte (byte 4), in whichever part holds it.
+            let (first_fds, second_fds) = if cut > 4 {
+                (vec![fd()], Vec::new())
+            } else {
+                (Vec::new(), vec![fd()])
+            };
             let mut p = HandoffParser::default();
             let mut out = Vec::new();
-            p.push(&bytes[..cut], Vec::new());
-            while let Some(m) = p.next_msg() {
-                out.push(m.unwrap());
-            }
-            // The fd arrives with the dummy byte (byte 4).
-            let fds = if cut <= 4 { vec![fd()] } else { Vec::new() };
-            if cut > 4 {
-                // Cut after the dummy byte: its fd came with it.
-                p = HandoffParser::default();
-                out.clear();
-                p.push(&bytes[..cut], vec![fd()]);
+            for (part, fds) in [(&bytes[..cut], first_fds), (&bytes[cut..], second_fds)] {
+                p.push(part, fds);
                 while let Some(m) = p.next_msg() {
-                    out.push(m.unwrap());
+                    out.push(m.unwrap_or_else(|e| panic!("cut {cut}: {e}")));
                 }
-                p.push(&bytes[cut..], Vec::new());
-            } else {
-                p.push(&bytes[cut..], fds);
-            }
-            while let Some(m) = p.next_msg() {
-                out.push(m.unwrap());
             }
             assert!(
                 matches!(out[0], HandoffMsg::Task { pid: 26975, .. }),
