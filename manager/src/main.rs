@@ -8,6 +8,7 @@ mod man_check;
 mod manager;
 mod mm_check;
 mod peers;
+mod preflight;
 mod readahead;
 mod restore;
 mod restore_cmd;
