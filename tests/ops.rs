@@ -170,10 +170,16 @@ fn socket_activated_daemon_serves_the_passed_socket_and_leaves_it_alone() {
     // Inherited across exec like systemd passes it; the shell moves it to fd 3.
     fcntl(listener.as_fd(), FcntlArg::F_SETFD(FdFlag::empty())).expect("clear CLOEXEC");
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // (The listener may already be fd 3 when this test runs alone.)
+    let move_to_3 = if fd == 3 {
+        String::new()
+    } else {
+        format!("exec 3<&{fd} {fd}<&-;")
+    };
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(format!(
-            "exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" daemon \
+            "{move_to_3} LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" daemon \
              --socket \"$1\" --report \"$2\""
         ))
         .arg(umm_bin())
@@ -307,4 +313,36 @@ fn unprivileged_run_and_daemon_say_they_need_root() {
         !dir.join("u").exists(),
         "nothing is created before the check"
     );
+}
+
+#[test]
+fn socket_activation_with_no_socket_at_fd_3_is_refused_in_one_line() {
+    require_root_and_uffd();
+    let dir = TestDir::new("ops-bad-activation");
+    for (setup, want) in [
+        (
+            "exec 3</dev/null; LISTEN_FDS=1",
+            "fd 3 is not a listening unix socket",
+        ),
+        ("LISTEN_FDS=0", "passes no socket"),
+    ] {
+        let out = output({
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!(
+                    "{setup} LISTEN_PID=$$ exec \"$0\" daemon --socket \"$1\""
+                ))
+                .arg(umm_bin())
+                .arg(dir.join("unused.sock"));
+            c
+        });
+        assert_eq!(out.status.code(), Some(1), "{setup}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{setup}: {}", text(&out));
+        assert!(stderr.contains(want), "{setup}: {stderr}");
+        assert!(
+            !dir.join("unused.sock").exists(),
+            "{setup}: fell back to --socket"
+        );
+    }
 }
