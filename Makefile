@@ -2,7 +2,7 @@
 #   make                  build release binaries (installs missing build tools first)
 #   make test             everything: fmt check, clippy -D warnings, unit + integration tests,
 #                         fuzz-smoke
-#   make install PREFIX=/usr/local
+#   make install PREFIX=/usr/local   (binary, agent, man pages, systemd units)
 #   make bench            benchmarks (see benches/)
 #   make soak             long chaos and fuzz runs (not part of make test)
 #   make fuzz-smoke       build the fuzz targets (fuzz/) and run each briefly (part of make test)
@@ -14,6 +14,7 @@ CARGO   ?= cargo
 BINDIR   = $(DESTDIR)$(PREFIX)/bin
 LIBDIR   = $(DESTDIR)$(PREFIX)/lib/umm
 MANDIR   = $(DESTDIR)$(PREFIX)/share/man
+UNITDIR  = $(DESTDIR)$(PREFIX)/lib/systemd/system
 
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -43,12 +44,14 @@ deps:
 	  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt; }
 
 # What the tests drive besides umm: python3 (a real interpreter), setpriv (an unprivileged
-# target), coreutils (sort, sha256sum).
+# target), coreutils (sort, sha256sum), systemd-analyze (verifies dist/ units; systemd need not
+# run).
 test-deps: deps
 	@missing=""; \
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v sha256sum >/dev/null 2>&1 || missing="$$missing coreutils"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -177,11 +180,15 @@ install: build
 	install -m 0644 man/umm-agent.7 $(MANDIR)/man7/umm-agent.7
 	install -m 0644 man/umm-protocol.5 $(MANDIR)/man5/umm-protocol.5
 	install -m 0644 man/umm-image.5 $(MANDIR)/man5/umm-image.5
+	install -d $(UNITDIR)
+	sed 's#/usr/local/bin/umm#$(PREFIX)/bin/umm#' dist/umm.service > $(UNITDIR)/umm.service
+	chmod 0644 $(UNITDIR)/umm.service
+	install -m 0644 dist/umm.socket $(UNITDIR)/umm.socket
 
 uninstall:
 	rm -f $(BINDIR)/umm $(LIBDIR)/libumm_agent.so $(MANDIR)/man1/umm.1 \
 	  $(MANDIR)/man7/umm-agent.7 $(MANDIR)/man5/umm-protocol.5 \
-	  $(MANDIR)/man5/umm-image.5
+	  $(MANDIR)/man5/umm-image.5 $(UNITDIR)/umm.service $(UNITDIR)/umm.socket
 	-rmdir $(LIBDIR)
 
 clean:

@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 
 use nix::sys::stat::{umask, Mode};
 
-use umm::sys::{acl, fd as sysfd};
+use umm::sys::{acl, activation, fd as sysfd};
 
 use crate::manager::{self, Manager, Policy};
 use crate::stats::Report;
@@ -61,7 +61,14 @@ pub(crate) fn bind(path: &Path, allowed: &[u32]) -> Result<UnixListener, String>
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot create the directory {} for the socket {}: {e}; choose another \
+                     --socket, or create the directory",
+                    dir.display(),
+                    path.display()
+                )
+            })?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
         // Other uids need to traverse the directory to reach the socket.
@@ -81,7 +88,12 @@ pub(crate) fn bind(path: &Path, allowed: &[u32]) -> Result<UnixListener, String>
     let old = umask(Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     umask(old);
-    let listener = bound.map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let listener = bound.map_err(|e| {
+        format!(
+            "cannot listen on {}: {e}; choose another --socket",
+            path.display()
+        )
+    })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     admit(path, allowed, acl::READ | acl::WRITE)?;
@@ -118,11 +130,45 @@ fn admit(path: &Path, allowed: &[u32], perm: u16) -> Result<(), String> {
     })
 }
 
+/// The listening socket: the one systemd passed (socket activation), else `--socket` bound
+/// here. The bool says whether umm created the socket file (then it removes it at exit; a
+/// passed socket belongs to the service manager: never chmod'ed, ACL'ed or unlinked).
+fn listen(args: &DaemonArgs) -> Result<(UnixListener, bool), String> {
+    match activation::take_listen_fds()? {
+        Some(passed) => {
+            let path = passed
+                .path
+                .as_ref()
+                .map_or("an unnamed socket".to_string(), |p| p.display().to_string());
+            log::info!("socket activation: listening on {path} (passed by the service manager)");
+            if passed.ignored > 0 {
+                log::warn!(
+                    "socket activation passed {} more sockets; umm listens on the first only",
+                    passed.ignored
+                );
+            }
+            if !args.allow_uid.is_empty() {
+                log::info!(
+                    "socket activation: --allow-uid is checked per connection; who may reach \
+                     {path} is up to the .socket unit (SocketMode=, SocketUser=, SocketGroup=)"
+                );
+            }
+            Ok((passed.listener, false))
+        }
+        None => {
+            let listener = bind(&args.socket, &args.allow_uid)?;
+            log::info!("listening on {}", args.socket.display());
+            Ok((listener, true))
+        }
+    }
+}
+
 fn daemon(args: DaemonArgs) -> Result<i32, String> {
+    crate::preflight::can_serve()?;
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }
-    let listener = bind(&args.socket, &args.allow_uid)?;
+    let (listener, owns_socket) = listen(&args)?;
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
     let cfg = args
@@ -130,11 +176,13 @@ fn daemon(args: DaemonArgs) -> Result<i32, String> {
         .config(Policy::Uids(args.allow_uid.clone()), args.grant_device);
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
-    log::info!("listening on {}", args.socket.display());
+
     let result = mgr.run();
     let live = mgr.live_spaces();
     mgr.finish();
-    let _ = std::fs::remove_file(&args.socket);
+    if owns_socket {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     let report = mgr.stats().report(live, None);
     if let Some(path) = &args.common.report {
         write_report(path, &report);

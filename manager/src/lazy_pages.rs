@@ -219,6 +219,7 @@ pub fn log_filter(verbose: u8) -> Option<&'static str> {
 }
 
 fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
+    crate::preflight::can_serve()?;
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }

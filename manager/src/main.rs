@@ -4,10 +4,13 @@ mod coverage;
 mod daemon;
 mod keeper;
 mod lazy_pages;
+#[cfg(test)]
+mod man_check;
 mod manager;
 mod mm_check;
 mod page_source;
 mod peers;
+mod preflight;
 mod readahead;
 mod restore;
 mod restore_cmd;
@@ -18,13 +21,14 @@ mod snapshot_cmd;
 mod space;
 mod stats;
 mod trace;
+mod version;
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,6 +60,12 @@ enum Command {
     LazyPages(lazy_pages::LazyPagesArgs),
     /// Write a memory image of a live process (its private anonymous memory).
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Print a shell completion script (e.g. `source <(umm completions bash)`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The fail-stop keeper of a restore (started by umm restore itself).
     #[command(name = "__keeper", hide = true)]
     Keeper {
@@ -222,8 +232,18 @@ fn init_logging() {
         .init();
 }
 
+/// `Cli::parse()`, with `--version` showing the kernel probe (run only when asked for).
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--version") {
+        cmd = cmd.long_version(&*Box::leak(version::long_version().into_boxed_str()));
+    }
+    Cli::from_arg_matches_mut(&mut cmd.get_matches())
+        .unwrap_or_else(|e| e.format(&mut Cli::command()).exit())
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if let Command::LazyPages(a) = &cli.command {
         // CRIU's -v: more detail, unless RUST_LOG chose already.
         if let (Some(level), None) = (
@@ -240,6 +260,10 @@ fn main() {
         Command::Snapshot(args) => snapshot_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
+            0
+        }
         Command::Keeper { fd, cgroup } => keeper::main(fd, cgroup),
     };
     std::process::exit(code);

@@ -98,10 +98,16 @@ impl Drop for RestoreCgroup {
 }
 
 fn restore(args: RestoreArgs) -> Result<i32, String> {
+    crate::preflight::can_serve()?;
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }
-    let image = Image::open(&args.image).map_err(|e| format!("{e}"))?;
+    let image = Image::open(&args.image).map_err(|e| {
+        format!(
+            "cannot restore from {}: {e} (--image takes a directory written by umm snapshot)",
+            args.image.display()
+        )
+    })?;
     if args.verify {
         image.verify_all().map_err(|e| format!("{e}"))?;
     }

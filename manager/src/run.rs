@@ -103,6 +103,7 @@ pub fn main(args: RunArgs) -> i32 {
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
+    crate::preflight::can_serve()?;
     let agent = find_agent(args.agent.clone())?;
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");

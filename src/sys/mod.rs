@@ -3,6 +3,7 @@
 //! With [`crate::uffd`], the only home of the library's `unsafe`.
 
 pub mod acl;
+pub mod activation;
 pub mod fd;
 pub mod mmap;
 pub mod proc;

@@ -133,6 +133,34 @@ impl Ioctls {
     pub fn wake(self) -> bool {
         self.has(super::abi::NR_WAKE)
     }
+
+    /// Names of the ioctls in the mask (`UFFDIO_` left off), unknown bits as `#N`.
+    pub fn names(self) -> Vec<String> {
+        use super::abi::*;
+        const NAMES: [(u64, &str); 10] = [
+            (NR_API, "API"),
+            (NR_REGISTER, "REGISTER"),
+            (NR_UNREGISTER, "UNREGISTER"),
+            (NR_WAKE, "WAKE"),
+            (NR_COPY, "COPY"),
+            (NR_ZEROPAGE, "ZEROPAGE"),
+            (NR_MOVE, "MOVE"),
+            (NR_WRITEPROTECT, "WRITEPROTECT"),
+            (NR_CONTINUE, "CONTINUE"),
+            (NR_POISON, "POISON"),
+        ];
+        let mut out: Vec<String> = NAMES
+            .iter()
+            .filter(|(nr, _)| self.has(*nr))
+            .map(|(_, name)| name.to_string())
+            .collect();
+        for nr in 0..64 {
+            if self.has(nr) && !NAMES.iter().any(|(n, _)| *n == nr) {
+                out.push(format!("#{nr}"));
+            }
+        }
+        out
+    }
 }
 
 /// Modes of `UFFDIO_REGISTER`.
@@ -160,6 +188,12 @@ mod tests {
     fn all_seventeen_features_are_named() {
         assert_eq!(Features(0x1ffff).names().len(), 17);
         assert_eq!(Features(1 << 20).names(), vec!["0x100000".to_string()]);
+    }
+
+    #[test]
+    fn ioctl_names_follow_the_bit_numbers() {
+        let mask = Ioctls((1 << 0x3f) | (1 << 0x03) | (1 << 40));
+        assert_eq!(mask.names(), vec!["API", "COPY", "#40"]);
     }
 
     #[test]

@@ -345,3 +345,30 @@ fn unregister_probe_tells_whose_mm_a_uffd_belongs_to() {
     let e = foreign.unregister(stack.start, PAGE as u64).unwrap_err();
     assert_eq!(e.errno, Errno::ENOMEM, "{e}");
 }
+
+#[test]
+fn kernel_probe_reports_the_features_and_the_range_ioctls_registration_grants() {
+    require_root_and_uffd();
+    let probe = Uffd::probe_kernel().expect("probe");
+    assert_eq!(
+        probe.via,
+        super::ProbeVia::Syscall,
+        "root opens uffds directly"
+    );
+    // The same answer as the throwaway probe the manager uses to explain API errors.
+    assert_eq!(probe.api, Uffd::probe_features().unwrap());
+    assert!(probe.api.available.contains(Features::NON_COOPERATIVE));
+    // What a registered anonymous range grants: the manager's copy path needs these.
+    let ioctls = probe.range_ioctls;
+    assert!(
+        ioctls.copy() && ioctls.zeropage() && ioctls.wake(),
+        "{ioctls:?}"
+    );
+    // WP was asked for only because the kernel offers it, so it must be granted.
+    if probe.api.available.contains(Features::PAGEFAULT_FLAG_WP) {
+        assert!(
+            ioctls.names().iter().any(|n| n == "WRITEPROTECT"),
+            "{ioctls:?}"
+        );
+    }
+}

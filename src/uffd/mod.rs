@@ -281,6 +281,48 @@ impl Uffd {
         probe.0.api_raw(0).map_err(|e| UffdError::new(Op::Api, e))
     }
 
+    /// What this kernel's userfaultfd offers, for `umm --version`, asked with a throwaway
+    /// uffd that serves nothing. Works without privileges where the kernel allows any uffd:
+    /// when neither `userfaultfd(2)` nor `/dev/userfaultfd` gives a full one, a
+    /// `UFFD_USER_MODE_ONLY` uffd answers the same question (`UFFDIO_API` reports what the
+    /// kernel has, whoever asks). The range ioctls come from registering one fresh,
+    /// never-touched anonymous page of this process and unregistering it at once.
+    pub fn probe_kernel() -> Result<KernelProbe, UffdError> {
+        let (uffd, via) = match Self::open() {
+            Ok((u, OpenedVia::Syscall)) => (u.0, ProbeVia::Syscall),
+            Ok((u, OpenedVia::DevUserfaultfd)) => (u.0, ProbeVia::DevUserfaultfd),
+            Err(first) => match Self::open_user_mode_only() {
+                Ok(u) => (u, ProbeVia::UserModeOnly),
+                Err(_) => return Err(first),
+            },
+        };
+        let api = uffd.api_raw(0).map_err(|e| UffdError::new(Op::Api, e))?;
+        let mut mode = RegisterMode::MISSING;
+        if api.available.contains(Features::PAGEFAULT_FLAG_WP) {
+            mode = mode | RegisterMode::WP;
+        }
+        let range_ioctls = probe_register(&uffd, mode)?;
+        Ok(KernelProbe {
+            via,
+            api,
+            range_ioctls,
+        })
+    }
+
+    /// `userfaultfd(UFFD_USER_MODE_ONLY|O_CLOEXEC|O_NONBLOCK)`: only for [`Self::probe_kernel`]
+    /// (such a uffd must never serve memory: kernel-mode accesses would get EFAULT).
+    fn open_user_mode_only() -> Result<Uffd, UffdError> {
+        // SAFETY: userfaultfd(2) takes a flags int and returns a new fd or -1.
+        let r = unsafe { libc::syscall(libc::SYS_userfaultfd, OPEN_FLAGS | UFFD_USER_MODE_ONLY) };
+        if r < 0 {
+            return Err(UffdError::new(Op::Open, Errno::last()));
+        }
+        // SAFETY: a fresh fd from the kernel, owned by nobody else.
+        Ok(Uffd {
+            fd: unsafe { OwnedFd::from_raw_fd(r as RawFd) },
+        })
+    }
+
     fn api_raw(&self, features: u64) -> Result<ApiInfo, Errno> {
         let mut arg = UffdioApi {
             api: UFFD_API,
@@ -503,6 +545,52 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
         fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     }
     Ok(())
+}
+
+/// How [`Uffd::probe_kernel`] got its throwaway uffd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVia {
+    Syscall,
+    DevUserfaultfd,
+    /// Only a `UFFD_USER_MODE_ONLY` uffd was allowed (an unprivileged caller).
+    UserModeOnly,
+}
+
+/// What the kernel's userfaultfd offers (see [`Uffd::probe_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelProbe {
+    pub via: ProbeVia,
+    /// Features and the `UFFDIO_API` ioctl mask.
+    pub api: ApiInfo,
+    /// The ioctls `UFFDIO_REGISTER` grants on a private anonymous range (MISSING mode, plus
+    /// WP when the kernel has it).
+    pub range_ioctls: Ioctls,
+}
+
+/// Register one fresh anonymous page of this process with `uffd` (no events enabled, so
+/// nothing is ever read), note the ioctls granted, unregister it. The page is never touched,
+/// so no fault can reach a uffd that nobody reads.
+fn probe_register(uffd: &Uffd, mode: RegisterMode) -> Result<Ioctls, UffdError> {
+    let len = crate::PAGE_SIZE as usize;
+    // SAFETY: a new private anonymous mapping that nothing else refers to; it is only
+    // registered, unregistered and unmapped, never read or written.
+    let page = unsafe {
+        nix::sys::mman::mmap_anonymous(
+            None,
+            std::num::NonZeroUsize::new(len).expect("page size"),
+            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+            nix::sys::mman::MapFlags::MAP_PRIVATE,
+        )
+    }
+    .map_err(|e| UffdError::new(Op::Register, e))?;
+    let addr = page.as_ptr() as u64;
+    let granted = uffd.register(addr, len as u64, mode);
+    if granted.is_ok() {
+        let _ = uffd.unregister(addr, len as u64);
+    }
+    // SAFETY: unmapping the page mapped above, once; no reference to it exists.
+    let _ = unsafe { nix::sys::mman::munmap(page, len) };
+    granted
 }
 
 /// A userfaultfd for the calling process's own memory, as opened here. It is meant to be
