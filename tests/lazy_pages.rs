@@ -132,7 +132,14 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
         lazy_pages_cmd(
             &fixture,
             dir.path(),
-            &["--report", report.to_str().unwrap()],
+            // A fill of ~3 s: the tasks fork and drop pages while it runs, so FORK and
+            // REMOVE events are seen (at full speed the fill can finish first).
+            &[
+                "--report",
+                report.to_str().unwrap(),
+                "--fill-rate",
+                "8000000",
+            ],
         ),
     );
     let sock = dir.join("lazy-pages.socket");
