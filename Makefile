@@ -75,45 +75,29 @@ unit: build test-deps criu-fixture-test lazy-pages-test
 # pages-*.img are not committed; found in $UMM_CRIU_FIXTURE, /work/shared/fixtures/ or ../shared/.
 # --workspace --lib: the same test binary (same features) as `unit` builds, so no extra compile.
 CRIU_FIXTURE_DIRS = /work/shared/fixtures/criu-4.2-memtest $(CURDIR)/../shared/fixtures/criu-4.2-memtest
-criu-fixture-test: deps
-	@if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
-	  dirs="$$UMM_CRIU_FIXTURE"; \
-	else \
-	  dirs="$(CRIU_FIXTURE_DIRS)"; \
-	fi; \
+# $(call with_criu_fixture,NAME,COMMAND): COMMAND with UMM_CRIU_FIXTURE set to the first of
+# those directories that holds the pages files; without one, NAME's SKIPPED line (an explicit
+# UMM_CRIU_FIXTURE without them is an error).
+with_criu_fixture = \
+	if [ -n "$$UMM_CRIU_FIXTURE" ]; then dirs="$$UMM_CRIU_FIXTURE"; else dirs="$(CRIU_FIXTURE_DIRS)"; fi; \
 	for d in $$dirs; do \
 	  if [ -f "$$d/pages-1.img" ] && [ -f "$$d/pages-2.img" ]; then \
-	    echo "CRIU fixture: $$d"; \
-	    UMM_CRIU_FIXTURE="$$d" $(CARGO) test --release --workspace --lib -- --ignored criu_fixture; \
-	    exit $$?; \
+	    echo "CRIU fixture: $$d"; UMM_CRIU_FIXTURE="$$d" $(2); exit $$?; \
 	  fi; \
 	done; \
 	if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
 	  echo "UMM_CRIU_FIXTURE=$$UMM_CRIU_FIXTURE has no pages-1.img and pages-2.img" >&2; exit 1; \
 	fi; \
-	echo "SKIPPED: CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
+	echo "SKIPPED: $(1): CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
+
+criu-fixture-test: deps
+	@$(call with_criu_fixture,criu-fixture-test,$(CARGO) test --release --workspace --lib -- --ignored criu_fixture)
 
 # umm lazy-pages serving the same fixture to tests/targets/criu_restorer.c (CRIU's side of
 # `criu restore --lazy-pages`), and fail-stop (tests/lazy_pages.rs, the #[ignore]d tests; the
 # protocol tests there run in `unit`). About 10 s.
 lazy-pages-test: build test-deps
-	@if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
-	  dirs="$$UMM_CRIU_FIXTURE"; \
-	else \
-	  dirs="$(CRIU_FIXTURE_DIRS)"; \
-	fi; \
-	for d in $$dirs; do \
-	  if [ -f "$$d/pages-1.img" ] && [ -f "$$d/pages-2.img" ]; then \
-	    echo "CRIU fixture: $$d"; \
-	    UMM_CRIU_FIXTURE="$$d" $(CARGO) test --release --test lazy_pages -- --ignored \
-	      --test-threads=2; \
-	    exit $$?; \
-	  fi; \
-	done; \
-	if [ -n "$$UMM_CRIU_FIXTURE" ]; then \
-	  echo "UMM_CRIU_FIXTURE=$$UMM_CRIU_FIXTURE has no pages-1.img and pages-2.img" >&2; exit 1; \
-	fi; \
-	echo "SKIPPED: lazy-pages-test: CRIU fixture pages not found (set UMM_CRIU_FIXTURE)"
+	@$(call with_criu_fixture,lazy-pages-test,$(CARGO) test --release --test lazy_pages -- --ignored --test-threads=2)
 
 test: fmt-check clippy unit fuzz-smoke
 
