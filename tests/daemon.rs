@@ -11,11 +11,8 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
 use common::*;
@@ -50,129 +47,10 @@ fn hello(pid: u32, flags: u32, exe: &str) -> Vec<u8> {
     v
 }
 
-struct Daemon {
-    proc: Proc,
-    sock: PathBuf,
-    report: PathBuf,
-    baseline: usize,
-    baseline_fds: Vec<String>,
-}
-
-impl Daemon {
-    fn start(dir: &TestDir) -> Daemon {
-        let sock = dir.join("umm.sock");
-        let report = dir.join("d.json");
-        let mut cmd = Command::new(umm_bin());
-        cmd.arg("daemon")
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--report")
-            .arg(&report);
-        cmd.current_dir(dir.path());
-        let mut proc = Proc::spawn(dir, "daemon", cmd);
-        let up = poll_until(600, Duration::from_millis(50), || {
-            sock.exists() || proc.try_wait().is_some()
-        });
-        if let Some(st) = proc.try_wait() {
-            panic!(
-                "umm daemon exited at start ({})\n{}",
-                describe(&st),
-                proc.context()
-            );
-        }
-        assert!(
-            up,
-            "umm daemon did not create {} within 30 s\n{}",
-            sock.display(),
-            proc.context()
-        );
-        // baseline once the fd count is steady (initialisation may finish after the bind)
-        let pid = proc.pid;
-        let mut last = fd_count(pid);
-        let mut same = 0;
-        poll_until(200, Duration::from_millis(50), || {
-            let n = fd_count(pid);
-            same = if n == last { same + 1 } else { 0 };
-            last = n;
-            same >= 5
-        });
-        Daemon {
-            baseline: last,
-            baseline_fds: fd_list(pid),
-            proc,
-            sock,
-            report,
-        }
-    }
-
-    fn assert_alive(&mut self, after: &str) {
-        if let Some(st) = self.proc.try_wait() {
-            panic!(
-                "umm daemon died after {after} ({})\n{}",
-                describe(&st),
-                self.proc.context()
-            );
-        }
-    }
-
-    /// The daemon's fd count comes back to the baseline (bounded polling).
-    fn assert_fds_back(&mut self, after: &str) {
-        self.assert_alive(after);
-        let pid = self.proc.pid;
-        let want = self.baseline;
-        if !poll_until(300, Duration::from_millis(50), || fd_count(pid) == want) {
-            panic!(
-                "after {after}: the daemon holds {} fds, baseline {want} (leaked or never closed)\n\
-                 now: {:#?}\nbaseline: {:#?}\n{}",
-                fd_count(pid),
-                fd_list(pid),
-                self.baseline_fds,
-                self.proc.context()
-            );
-        }
-    }
-
-    /// A target command that opts in to this daemon and must be managed.
-    fn served(&self, name: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(target(name));
-        c.args(args)
-            .env("LD_PRELOAD", agent_lib())
-            .env("UMM_SOCKET", &self.sock)
-            .env("UMM_REQUIRE", "1");
-        c
-    }
-
-    fn connect(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.sock)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()));
-        s.set_read_timeout(Some(DROP_WAIT))
-            .expect("set_read_timeout");
-        s
-    }
-
-    /// SIGTERM; the daemon exits 0 and writes its report.
-    fn stop(mut self) -> Report {
-        self.assert_alive("the test");
-        self.proc.signal(Signal::SIGTERM);
-        let st = self.proc.wait_bounded(Duration::from_secs(60));
-        assert!(
-            st.success(),
-            "umm daemon on SIGTERM: {}\n{}",
-            describe(&st),
-            self.proc.context()
-        );
-        self.proc.assert_group_gone();
-        let report =
-            Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
-        report.check_shape();
-        report
-    }
-}
-
 /// Run a served target to completion; it must exit 0 and print its OK line with every checked
 /// region registered. Returns its OK line.
-fn run_served(dir: &TestDir, d: &Daemon, label: &str, name: &str, args: &[&str]) -> OkLine {
-    let mut p = Proc::spawn(dir, label, d.served(name, args));
+fn run_served(dir: &TestDir, d: &UmmDaemon, label: &str, name: &str, args: &[&str]) -> OkLine {
+    let mut p = Proc::spawn(dir, label, d.served(target(name), args));
     finish_served(&mut p, name)
 }
 
@@ -228,14 +106,18 @@ fn expect_dropped(mut s: UnixStream, what: &str) {
 fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     require_root_and_uffd();
     let dir = TestDir::new("daemon");
-    let mut d = Daemon::start(&dir);
+    let mut d = UmmDaemon::start(&dir);
     let mut min_served = 0;
     let mut targets = 0u64; // programs that handed a uffd over
     let mut processes = 0u64;
 
     // two unrelated targets at once
-    let mut a = Proc::spawn(&dir, "threads", d.served("threads", &["16", "64"]));
-    let mut b = Proc::spawn(&dir, "forkstorm", d.served("forkstorm", &["32", "8"]));
+    let mut a = Proc::spawn(&dir, "threads", d.served(target("threads"), &["16", "64"]));
+    let mut b = Proc::spawn(
+        &dir,
+        "forkstorm",
+        d.served(target("forkstorm"), &["32", "8"]),
+    );
     let ok_a = finish_served(&mut a, "threads");
     let ok_b = finish_served(&mut b, "forkstorm");
     min_served += ok_a.u64("min_served") + ok_b.u64("min_served");
@@ -244,7 +126,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     processes += 2 + forks;
     d.assert_fds_back("two targets at once");
 
-    let fresh = |d: &mut Daemon, after: &str| {
+    let fresh = |d: &mut UmmDaemon, after: &str| {
         d.assert_fds_back(after);
         let ok = run_served(
             &dir,
@@ -258,14 +140,14 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     };
 
     // 1. garbage bytes (the first four read as an absurd frame length)
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     s.write_all(b"\xde\xad\xbe\xefthis is not a umm frame at all \x00\x01\x02\xff")
         .expect("write garbage");
     expect_dropped(s, "garbage bytes");
     min_served += fresh(&mut d, "garbage");
 
     // 2. a well-formed Hello with a wrong protocol version
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     let f = frame(
         0x7777,
         KIND_HELLO,
@@ -276,7 +158,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     min_served += fresh(&mut d, "wrong version");
 
     // 3. Hello claiming an attached uffd, with a pipe attached instead
-    let s = d.connect();
+    let s = d.connect(DROP_WAIT);
     let (pr, _pw) = nix::unistd::pipe().expect("pipe");
     let f = frame(
         VERSION,
@@ -294,7 +176,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     min_served += fresh(&mut d, "non-uffd fd");
 
     // 4. a peer that disconnects in the middle of a frame
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     let f = frame(
         VERSION,
         KIND_HELLO,
@@ -309,7 +191,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
     let mut k = Proc::spawn(
         &dir,
         "samepage-killed",
-        d.served("samepage", &["32", "0", "64"]),
+        d.served(target("samepage"), &["32", "0", "64"]),
     );
     let running = poll_until(1200, Duration::from_millis(50), || {
         k.stdout().contains("RUNNING samepage") || k.try_wait().is_some()
@@ -364,7 +246,7 @@ fn daemon_serves_unrelated_targets_and_survives_bad_peers() {
 fn daemon_exits_zero_on_sigterm_when_idle() {
     require_root_and_uffd();
     let dir = TestDir::new("daemon-idle");
-    let d = Daemon::start(&dir);
+    let d = UmmDaemon::start(&dir);
     let report = d.stop();
     let ctx = report.pretty();
     assert_eq!(report.u64("handoffs"), 0, "{ctx}");
@@ -378,12 +260,12 @@ fn daemon_stopping_leaves_running_targets_on_plain_memory() {
     // a target that was being served goes on with its data intact.
     require_root_and_uffd();
     let dir = TestDir::new("daemon-outlive");
-    let d = Daemon::start(&dir);
+    let d = UmmDaemon::start(&dir);
     let go = dir.join("go");
     let mut t = Proc::spawn(
         &dir,
         "outlive",
-        d.served("outlive", &[go.to_str().expect("utf-8 path")]),
+        d.served(target("outlive"), &[go.to_str().expect("utf-8 path")]),
     );
     let phase1 = poll_until(1200, Duration::from_millis(50), || {
         t.stdout().contains("PHASE1") || t.try_wait().is_some()

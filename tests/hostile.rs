@@ -58,13 +58,7 @@ fn hello(flags: u32, exe: &str) -> Vec<u8> {
     v
 }
 
-/// A daemon of this test, its own process group, killed on drop.
-struct Daemon {
-    proc: Proc,
-    sock: PathBuf,
-    report: PathBuf,
-}
-
+/// `umm daemon --socket SOCK --report REPORT EXTRA...` (for a start that must fail).
 fn daemon_command(dir: &TestDir, sock: &Path, report: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(umm_bin());
     cmd.arg("daemon")
@@ -76,81 +70,6 @@ fn daemon_command(dir: &TestDir, sock: &Path, report: &Path, extra: &[&str]) -> 
         .env("RUST_LOG", "info")
         .current_dir(dir.path());
     cmd
-}
-
-impl Daemon {
-    fn start(dir: &TestDir, label: &str, sock: PathBuf, extra: &[&str]) -> Daemon {
-        let report = dir.join(format!("{label}.json"));
-        let mut proc = Proc::spawn(dir, label, daemon_command(dir, &sock, &report, extra));
-        let up = poll_until(600, Duration::from_millis(50), || {
-            proc.stderr().contains("listening on") || proc.try_wait().is_some()
-        });
-        if let Some(st) = proc.try_wait() {
-            panic!(
-                "umm daemon exited at start ({})\n{}",
-                describe(&st),
-                proc.context()
-            );
-        }
-        assert!(up, "umm daemon did not start\n{}", proc.context());
-        Daemon { proc, sock, report }
-    }
-
-    fn assert_alive(&mut self, after: &str) {
-        if let Some(st) = self.proc.try_wait() {
-            panic!(
-                "umm daemon died after {after} ({})\n{}",
-                describe(&st),
-                self.proc.context()
-            );
-        }
-    }
-
-    /// A target that opts in to this daemon (`UMM_REQUIRE=1`: it exits 1 if not managed).
-    fn served(&self, exe: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(exe);
-        c.args(args)
-            .env("LD_PRELOAD", agent_lib())
-            .env("UMM_SOCKET", &self.sock)
-            .env("UMM_REQUIRE", "1");
-        c
-    }
-
-    fn connect(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.sock)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()));
-        s.set_read_timeout(Some(DROP_WAIT))
-            .expect("set_read_timeout");
-        s
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.proc.pid)).expect("daemon status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-
-    /// SIGTERM; the daemon exits 0 and writes its report.
-    fn stop(mut self) -> (Report, String) {
-        self.assert_alive("the test");
-        self.proc.signal(Signal::SIGTERM);
-        let st = self.proc.wait_bounded(Duration::from_secs(60));
-        assert!(
-            st.success(),
-            "umm daemon on SIGTERM: {}\n{}",
-            describe(&st),
-            self.proc.context()
-        );
-        self.proc.assert_group_gone();
-        let report =
-            Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
-        report.check_shape();
-        (report, self.proc.stderr())
-    }
 }
 
 /// Run a target to completion; it must exit 0 and print its OK line.
@@ -264,11 +183,11 @@ fn registered_vmas(pid: u32) -> usize {
 fn a_uffd_made_in_another_process_is_refused_and_others_are_still_served() {
     require_root_and_uffd();
     let dir = TestDir::new("hostile-foreign");
-    let d = Daemon::start(&dir, "daemon", dir.join("umm.sock"), &[]);
+    let d = UmmDaemon::start_with(&dir, "daemon", dir.join("umm.sock"), &[]);
 
     let (fd, helper, _keep) = foreign_uffd();
     let helper_pid = helper.0.id();
-    let s = d.connect();
+    let s = d.connect(DROP_WAIT);
     let f = frame(KIND_HELLO, &hello(HELLO_HAS_UFFD, "/bin/foreign-uffd"));
     let n = umm::sys::socket::send_with_fds_blocking(s.as_fd(), &f, &[fd.as_fd()])
         .expect("send Hello with the foreign uffd");
@@ -289,12 +208,12 @@ fn a_uffd_made_in_another_process_is_refused_and_others_are_still_served() {
         &dir,
         "registered",
         "registered",
-        d.served(&target("registered"), &[]),
+        d.served(target("registered"), &[]),
     );
     assert_all_registered(&ok, &p);
     drop(helper);
 
-    let (report, log) = d.stop();
+    let (report, log) = d.stop_with_log();
     let ctx = format!(
         "{}\n--- daemon log ---\n{}",
         report.pretty(),
@@ -428,7 +347,7 @@ fn allow_uid_admits_exactly_that_uid_and_peercred_refuses_the_rest() {
     let dir = TestDir::new("hostile-uids");
     let exes = public_targets(&dir, &["forkstorm"]);
     let sock = dir.join("run/umm.sock");
-    let d = Daemon::start(
+    let d = UmmDaemon::start_with(
         &dir,
         "daemon",
         sock.clone(),
@@ -523,7 +442,7 @@ fn allow_uid_admits_exactly_that_uid_and_peercred_refuses_the_rest() {
     );
     drop(helper);
 
-    let (report, log) = d.stop();
+    let (report, log) = d.stop_with_log();
     let ctx = format!(
         "{}\n--- daemon log ---\n{}",
         report.pretty(),
@@ -551,7 +470,7 @@ fn without_grant_device_an_unprivileged_target_runs_on_plain_memory() {
     let dir = TestDir::new("hostile-nogrant");
     let exes = public_targets(&dir, &["forkstorm"]);
     let sock = dir.join("run/umm.sock");
-    let d = Daemon::start(&dir, "daemon", sock.clone(), &["--allow-uid", "65534"]);
+    let d = UmmDaemon::start_with(&dir, "daemon", sock.clone(), &["--allow-uid", "65534"]);
     let args = ["32", "8"];
     let (native, _) = run_to_ok(
         &dir,
@@ -568,7 +487,7 @@ fn without_grant_device_an_unprivileged_target_runs_on_plain_memory() {
         lines.len() == 1 && lines[0].contains("--grant-device") && lines[0].contains("unmanaged"),
         "one line says it runs unmanaged, and why: {lines:?}"
     );
-    let (report, log) = d.stop();
+    let (report, log) = d.stop_with_log();
     let ctx = format!(
         "{}\n--- daemon log ---\n{}",
         report.pretty(),
@@ -610,28 +529,28 @@ fn socket_directories_anyone_may_write_are_refused_unless_sticky() {
     let sticky = dir.join("sticky");
     fs::create_dir(&sticky).expect("mkdir");
     fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).expect("chmod 1777");
-    let d = Daemon::start(&dir, "sticky", sticky.join("umm.sock"), &[]);
+    let d = UmmDaemon::start_with(&dir, "sticky", sticky.join("umm.sock"), &[]);
     assert_eq!(mode(&d.sock), 0o600);
     assert_eq!(acl_users(&d.sock), vec![]);
-    d.stop();
+    d.stop_with_log();
 
     // A directory umm creates is 0700.
-    let d = Daemon::start(&dir, "created", dir.join("new/run/umm.sock"), &[]);
+    let d = UmmDaemon::start_with(&dir, "created", dir.join("new/run/umm.sock"), &[]);
     assert_eq!(mode(&dir.join("new/run")), 0o700);
     assert_eq!(mode(&d.sock), 0o600);
-    d.stop();
+    d.stop_with_log();
 }
 
 #[test]
 fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded() {
     require_root_and_uffd();
     let dir = TestDir::new("hostile-frames");
-    let mut d = Daemon::start(&dir, "daemon", dir.join("umm.sock"), &[]);
+    let mut d = UmmDaemon::start_with(&dir, "daemon", dir.join("umm.sock"), &[]);
     let pid = d.proc.pid;
     let fds_idle = fd_count(pid);
 
     // An oversized frame: refused as soon as its length is read.
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     let mut big = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/big"));
     big[..4].copy_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
     s.write_all(&big).expect("write");
@@ -639,7 +558,7 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     assert!(nack.1.contains("exceeds the maximum"), "{nack:?}");
 
     // A Restore-sized frame to a daemon that serves no restores: refused the same way.
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     let mut restore = frame(KIND_RESTORE, &[]);
     restore[..4].copy_from_slice(&60_000u32.to_le_bytes());
     s.write_all(&restore).expect("write");
@@ -647,7 +566,7 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     assert!(nack.1.contains("at most"), "{nack:?}");
 
     // A truncated frame, then close.
-    let mut s = d.connect();
+    let mut s = d.connect(DROP_WAIT);
     let f = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/truncated"));
     s.write_all(&f[..f.len() - 3]).expect("write");
     drop(s);
@@ -663,13 +582,13 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     // Slow-loris peers: each sends all of a maximal frame but its last byte and waits.
     let peers = 120;
     let fds_before = fds_idle;
-    let rss_before = d.rss_kib();
+    let rss_before = rss_kib(d.pid());
     let mut slow: Vec<UnixStream> = Vec::new();
     let mut partial = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/slow"));
     partial[..4].copy_from_slice(&(MAX_FRAME as u32).to_le_bytes());
     partial.resize(MAX_FRAME + 4 - 1, b'x');
     for _ in 0..peers {
-        let mut s = d.connect();
+        let mut s = d.connect(DROP_WAIT);
         s.write_all(&partial).expect("write a partial frame");
         slow.push(s);
     }
@@ -683,11 +602,11 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
         &dir,
         "registered",
         "registered",
-        d.served(&target("registered"), &[]),
+        d.served(target("registered"), &[]),
     );
     assert_all_registered(&ok, &p);
     d.assert_alive("slow peers");
-    let rss_with_peers = d.rss_kib();
+    let rss_with_peers = rss_kib(d.pid());
     // Each peer's buffer holds at most one frame (the read buffer may double it once), plus
     // its bookkeeping; 8 MiB of slack for the served target's model and the allocator.
     let per_peer_kib = (4 * (MAX_FRAME as u64 + 4) + 1024) / 1024;
@@ -705,7 +624,7 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
         assert!(nack.1.contains("handshake not finished"), "{nack:?}");
     }
 
-    let (report, log) = d.stop();
+    let (report, log) = d.stop_with_log();
     let ctx = format!(
         "{}\n--- daemon log ---\n{}",
         report.pretty(),

@@ -20,6 +20,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -946,8 +947,8 @@ impl Chaos {
     }
 }
 
-/// A `umm daemon --socket <dir>/umm.sock --report <dir>/daemon.json` of a test, with the fd
-/// count it settled at after its start.
+/// A `umm daemon` of a test (`RUST_LOG=info`, its own process group), with the fd count it
+/// settled at after its start.
 pub struct UmmDaemon {
     pub proc: Proc,
     pub sock: PathBuf,
@@ -957,17 +958,24 @@ pub struct UmmDaemon {
 }
 
 impl UmmDaemon {
+    /// `umm daemon --socket <dir>/umm.sock --report <dir>/daemon.json`.
     pub fn start(dir: &TestDir) -> UmmDaemon {
-        let sock = dir.join("umm.sock");
-        let report = dir.join("daemon.json");
+        UmmDaemon::start_with(dir, "daemon", dir.join("umm.sock"), &[])
+    }
+
+    /// `umm daemon --socket SOCK --report <dir>/LABEL.json EXTRA...`, once it listens.
+    pub fn start_with(dir: &TestDir, label: &str, sock: PathBuf, extra: &[&str]) -> UmmDaemon {
+        let report = dir.join(format!("{label}.json"));
         let mut cmd = Command::new(umm_bin());
         cmd.arg("daemon")
             .arg("--socket")
             .arg(&sock)
             .arg("--report")
             .arg(&report)
+            .args(extra)
+            .env("RUST_LOG", "info")
             .current_dir(dir.path());
-        let mut proc = Proc::spawn(dir, "daemon", cmd);
+        let mut proc = Proc::spawn(dir, label, cmd);
         let up = poll_until(600, Duration::from_millis(50), || {
             sock.exists() || proc.try_wait().is_some()
         });
@@ -1037,8 +1045,22 @@ impl UmmDaemon {
         }
     }
 
+    /// A raw connection to the daemon's socket, reads bounded by `read_timeout`.
+    pub fn connect(&self, read_timeout: Duration) -> UnixStream {
+        let s = UnixStream::connect(&self.sock)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()));
+        s.set_read_timeout(Some(read_timeout))
+            .expect("set_read_timeout");
+        s
+    }
+
     /// SIGTERM; the daemon exits 0 and writes its report (shape checked).
-    pub fn stop(mut self) -> Report {
+    pub fn stop(self) -> Report {
+        self.stop_with_log().0
+    }
+
+    /// As `stop`, with the daemon's standard error (its log).
+    pub fn stop_with_log(mut self) -> (Report, String) {
         self.assert_alive("the test");
         self.proc.signal(Signal::SIGTERM);
         let st = self.proc.wait_bounded(Duration::from_secs(60));
@@ -1052,6 +1074,6 @@ impl UmmDaemon {
         let report =
             Report::load(&self.report).unwrap_or_else(|e| panic!("{e}\n{}", self.proc.context()));
         report.check_shape();
-        report
+        (report, self.proc.stderr())
     }
 }
