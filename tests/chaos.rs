@@ -215,42 +215,18 @@ fn a_thousand_forked_children_alive_at_once_are_all_served() {
     );
 }
 
-/// Native reference, then under `umm run`: same checksum, all registered, min_served served.
-fn native_then_managed(test: &str, name: &str, args: &[&str]) -> (UmmRun, OkLine) {
-    require_root_and_uffd();
-    let dir = TestDir::new(test);
-    let mut cmd = vec![target(name).to_string_lossy().into_owned()];
-    cmd.extend(args.iter().map(|s| s.to_string()));
-    let native = run_native(&dir, &format!("{name}-native"), &cmd, &[], LIMIT).ok_line(name);
-    let run = umm_run(&dir, name, &cmd, &[], LIMIT);
-    run.assert_success();
-    let ok = run.ok_line(name);
-    assert_eq!(
-        ok.checksum(),
-        native.checksum(),
-        "{name}: checksum under umm differs from the native run\n{}",
-        run.context()
-    );
-    run.assert_all_registered(&ok);
-    run.assert_ge(
-        "pages_served",
-        ok.u64("min_served"),
-        "pages first touched while missing in registered regions can only have been filled by \
-         the manager",
-    );
-    (run, ok)
-}
-
 #[test]
 fn sixty_four_threads_fault_different_pages_at_once() {
-    let (run, ok) = native_then_managed("threads64", "threads", &["64", "128"]);
+    let (_dir, _native, run, ok) =
+        native_and_managed("threads64", "threads", &["64", "128"], LIMIT);
     assert_eq!(ok.u64("threads"), 64);
     run.assert_ge("faults", 64, "64 threads first-touched their own slices");
 }
 
 #[test]
 fn sixty_four_threads_fault_the_same_pages_at_once() {
-    let (run, ok) = native_then_managed("samepage64", "samepage", &["64", "40", "32"]);
+    let (_dir, _native, run, ok) =
+        native_and_managed("samepage64", "samepage", &["64", "40", "32"], LIMIT);
     assert_eq!(ok.u64("threads"), 64);
     assert_eq!(ok.u64("rounds"), 40);
     run.assert_ge(
@@ -267,7 +243,8 @@ fn sixty_four_threads_fault_the_same_pages_at_once() {
 
 #[test]
 fn queued_signals_at_faulting_threads_are_all_handled_and_every_page_is_right() {
-    let (run, ok) = native_then_managed("sigstorm", "sigstorm", &["16", "200", "16"]);
+    let (_dir, _native, run, ok) =
+        native_and_managed("sigstorm", "sigstorm", &["16", "200", "16"], LIMIT);
     // All signals were accounted for by the target itself (handled == sent, per thread);
     // here: both kinds were sent at all.
     assert!(

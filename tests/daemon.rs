@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -78,21 +78,8 @@ fn finish_served(p: &mut Proc, name: &str) -> OkLine {
 
 /// Read what the daemon answers a bad peer until it drops the connection. Any answer must be a
 /// Nack frame; the connection must be closed within DROP_WAIT.
-fn expect_dropped(mut s: UnixStream, what: &str) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the daemon kept the bad peer connected for {DROP_WAIT:?} (got {got:02x?})")
-            }
-            Err(e) => panic!("{what}: read: {e}"),
-        }
-    }
+fn expect_dropped(s: UnixStream, what: &str) {
+    let got = read_until_closed(s, what);
     if got.len() >= 8 {
         let kind = u16::from_le_bytes([got[6], got[7]]);
         assert_eq!(

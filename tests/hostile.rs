@@ -10,7 +10,7 @@
 mod common;
 
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -100,21 +100,8 @@ fn assert_all_registered(ok: &OkLine, p: &Proc) {
 
 /// What the daemon answers a bad peer until it drops the connection (read within
 /// DROP_WAIT). Returns the Nack's (code, reason) if it sent one; anything else fails.
-fn read_until_dropped(mut s: UnixStream, what: &str) -> Option<(u16, String)> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{what}: the daemon kept the bad peer connected for {DROP_WAIT:?}")
-            }
-            Err(e) => panic!("{what}: read: {e}"),
-        }
-    }
+fn read_until_dropped(s: UnixStream, what: &str) -> Option<(u16, String)> {
+    let got = read_until_closed(s, what);
     if got.len() < 12 {
         return None;
     }

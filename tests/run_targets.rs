@@ -19,42 +19,9 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// Native reference run, then the same command under umm. Returns (native OK line, run, OK line).
-fn native_and_managed(test: &str, name: &str, args: &[&str]) -> (TestDir, OkLine, UmmRun, OkLine) {
-    require_root_and_uffd();
-    let dir = TestDir::new(test);
-    let exe = target(name);
-    let mut cmd = vec![exe.to_string_lossy().into_owned()];
-    cmd.extend(args.iter().map(|s| s.to_string()));
-    let native = run_native(&dir, &format!("{name}-native"), &cmd, &[], LIMIT).ok_line(name);
-    let run = umm_run(&dir, name, &cmd, &[], LIMIT);
-    run.assert_success();
-    let ok = run.ok_line(name);
-    assert_eq!(
-        ok.checksum(),
-        native.checksum(),
-        "{name}: checksum under umm differs from the native run\n{}",
-        run.context()
-    );
-    assert_eq!(
-        native.registered().0,
-        0,
-        "{name}: natively nothing can be registered"
-    );
-    run.assert_all_registered(&ok);
-    run.assert_ge("handoffs", 1, "the target's agent handed its uffd over");
-    run.assert_ge(
-        "pages_served",
-        ok.u64("min_served"),
-        "pages first touched while missing in registered regions (min_served) can only have been \
-         filled by the manager",
-    );
-    (dir, native, run, ok)
-}
-
 #[test]
 fn interposed_mmap_regions_are_registered_before_first_touch_and_served() {
-    let (_dir, native, run, ok) = native_and_managed("registered", "registered", &[]);
+    let (_dir, native, run, ok) = native_and_managed("registered", "registered", &[], LIMIT);
     // negative control: natively every region reads as unregistered
     assert!(
         native.str("regions").split(',').all(|r| r.ends_with(":0")),
@@ -82,7 +49,7 @@ fn interposed_mmap_regions_are_registered_before_first_touch_and_served() {
 
 #[test]
 fn threads_fault_disjoint_and_shared_pages_of_one_mmap() {
-    let (_dir, _native, run, ok) = native_and_managed("threads", "threads", &["16", "96"]);
+    let (_dir, _native, run, ok) = native_and_managed("threads", "threads", &["16", "96"], LIMIT);
     assert_eq!(ok.u64("threads"), 16);
     let region = ok.u64("region_pages") * PAGE;
     assert!(ok.u64("min_served") * PAGE >= 96 * MIB);
@@ -100,7 +67,8 @@ fn threads_fault_disjoint_and_shared_pages_of_one_mmap() {
 
 #[test]
 fn fork_storm_children_get_inherited_and_missing_pages() {
-    let (_dir, _native, run, ok) = native_and_managed("forkstorm", "forkstorm", &["128", "32"]);
+    let (_dir, _native, run, ok) =
+        native_and_managed("forkstorm", "forkstorm", &["128", "32"], LIMIT);
     let children = ok.u64("children");
     let grand = ok.u64("grandchildren");
     assert_eq!(children, 128);
@@ -129,7 +97,7 @@ fn fork_storm_children_get_inherited_and_missing_pages() {
 
 #[test]
 fn layout_storm_remove_reads_zero_never_stale() {
-    let (_dir, _native, run, ok) = native_and_managed("layoutstorm", "layoutstorm", &["8"]);
+    let (_dir, _native, run, ok) = native_and_managed("layoutstorm", "layoutstorm", &["8"], LIMIT);
     let rounds = ok.u64("rounds");
     assert_eq!(rounds, 8);
     let remaps = ok.u64("remaps");
@@ -158,7 +126,8 @@ fn layout_storm_remove_reads_zero_never_stale() {
 
 #[test]
 fn threads_faulting_same_pages_all_wake() {
-    let (_dir, _native, run, ok) = native_and_managed("samepage", "samepage", &["32", "100", "64"]);
+    let (_dir, _native, run, ok) =
+        native_and_managed("samepage", "samepage", &["32", "100", "64"], LIMIT);
     let rounds = ok.u64("rounds");
     assert_eq!(rounds, 100);
     assert_eq!(ok.u64("min_served"), rounds * ok.u64("pages"));
@@ -179,7 +148,7 @@ fn threads_faulting_same_pages_all_wake() {
 
 #[test]
 fn read_syscall_into_untouched_memory_faults_through_umm() {
-    let (_dir, _native, run, ok) = native_and_managed("readinto", "readinto", &[]);
+    let (_dir, _native, run, ok) = native_and_managed("readinto", "readinto", &[], LIMIT);
     // registered at the end of the program = registered while the kernel copied into the
     // ranges: those copy_to_user faults could only be resolved by the manager
     // parent: r1, r2, r6; child: r6 and r7, a mapping the child made itself (registered

@@ -1077,3 +1077,63 @@ impl UmmDaemon {
         (report, self.proc.stderr())
     }
 }
+
+/// Native reference run of C target `name`, then the same command under `umm run`: same
+/// checksum, nothing registered natively, everything registered under umm, a handoff, and at
+/// least `min_served` pages served. Returns (dir, native OK line, run, OK line).
+pub fn native_and_managed(
+    test: &str,
+    name: &str,
+    args: &[&str],
+    limit: Duration,
+) -> (TestDir, OkLine, UmmRun, OkLine) {
+    require_root_and_uffd();
+    let dir = TestDir::new(test);
+    let exe = target(name);
+    let mut cmd = vec![exe.to_string_lossy().into_owned()];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    let native = run_native(&dir, &format!("{name}-native"), &cmd, &[], limit).ok_line(name);
+    let run = umm_run(&dir, name, &cmd, &[], limit);
+    run.assert_success();
+    let ok = run.ok_line(name);
+    assert_eq!(
+        ok.checksum(),
+        native.checksum(),
+        "{name}: checksum under umm differs from the native run\n{}",
+        run.context()
+    );
+    assert_eq!(
+        native.registered().0,
+        0,
+        "{name}: natively nothing can be registered"
+    );
+    run.assert_all_registered(&ok);
+    run.assert_ge("handoffs", 1, "the target's agent handed its uffd over");
+    run.assert_ge(
+        "pages_served",
+        ok.u64("min_served"),
+        "pages first touched while missing in registered regions (min_served) can only have been \
+         filled by the manager",
+    );
+    (dir, native, run, ok)
+}
+
+/// Everything a peer of the manager reads until the manager closes the connection; panics if
+/// it is still open after the socket's read timeout (`UmmDaemon::connect`).
+pub fn read_until_closed(mut s: UnixStream, what: &str) -> Vec<u8> {
+    use std::io::{ErrorKind, Read};
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("{what}: the manager kept the peer connected (got {got:02x?})")
+            }
+            Err(e) => panic!("{what}: read: {e}"),
+        }
+    }
+}
