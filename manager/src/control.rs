@@ -94,17 +94,14 @@ pub struct RateWindow {
 
 impl RateWindow {
     pub fn sample(&mut self, now: Instant, faults: u64, served: u64, background: u64) {
-        match self.last {
-            Some((at, f, s, b)) => {
-                let dt = now.duration_since(at).as_secs_f64();
-                if dt < 1.0 {
-                    return;
-                }
-                self.faults_per_s = faults.saturating_sub(f) as f64 / dt;
-                self.served_bytes_per_s = served.saturating_sub(s) as f64 / dt;
-                self.background_bytes_per_s = background.saturating_sub(b) as f64 / dt;
+        if let Some((at, f, s, b)) = self.last {
+            let dt = now.duration_since(at).as_secs_f64();
+            if dt < 1.0 {
+                return;
             }
-            None => {}
+            self.faults_per_s = faults.saturating_sub(f) as f64 / dt;
+            self.served_bytes_per_s = served.saturating_sub(s) as f64 / dt;
+            self.background_bytes_per_s = background.saturating_sub(b) as f64 / dt;
         }
         self.last = Some((now, faults, served, background));
     }
