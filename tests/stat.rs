@@ -182,7 +182,7 @@ fn prometheus_checker_rejects_what_scrapers_reject() {
 fn stat_answers_while_the_manager_serves_a_fault_storm() {
     require_root_and_uffd();
     let dir = TestDir::new("stat-load");
-    let mut d = UmmDaemon::start(&dir);
+    let d = UmmDaemon::start(&dir);
     let ctl = control_path(&d);
     let go = dir.join("go");
     let mut storm = Proc::spawn(

@@ -349,7 +349,7 @@ mod tests {
                 .count() as u64;
             assert_eq!(h.count_below(limit), want, "below {limit}");
         }
-        assert_eq!(h.sum(), 7114);
+        assert_eq!(h.sum(), 8118);
     }
 
     #[test]
