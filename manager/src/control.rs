@@ -62,6 +62,9 @@ struct Conn {
     /// The answer, once the request was read, and how much of it is written.
     output: Option<(Vec<u8>, usize)>,
     opened: Instant,
+    /// A peer of another uid: its request is read (closing a unix socket with unread data
+    /// resets it, and the peer would lose the line) and answered with this error.
+    refused: Option<String>,
 }
 
 /// What a complete request asks for.
@@ -236,6 +239,7 @@ impl Manager {
                     None => return,
                 }
             };
+            let mut refused = None;
             if let Stream::Unix(s) = &accepted {
                 // Root or the manager's own uid only: the answer describes every managed
                 // process.
@@ -249,13 +253,10 @@ impl Manager {
                             c.pid,
                             c.uid
                         );
-                        let _ = s.set_nonblocking(true);
-                        let mut s = s;
-                        let _ = s.write(
-                            format!("error: uid {} may not use this control socket\n", c.uid)
-                                .as_bytes(),
-                        );
-                        continue;
+                        refused = Some(format!(
+                            "error: uid {} may not use this control socket\n",
+                            c.uid
+                        ));
                     }
                     Err(e) => {
                         ctl.refused += 1;
@@ -284,6 +285,7 @@ impl Manager {
                 input: Vec::new(),
                 output: None,
                 opened: Instant::now(),
+                refused,
             });
             let conn = ctl.conns.get(id).expect("just inserted");
             if let Err(e) = self
@@ -342,7 +344,10 @@ impl Manager {
         let Some(request) = request else {
             return; // more to come
         };
-        let answer = self.answer(&request, http);
+        let answer = match conn.refused.take() {
+            Some(error) => error.into_bytes(),
+            None => self.answer(&request, http),
+        };
         if let Some(conn) = self.control.as_mut().and_then(|c| c.conns.get_mut(id)) {
             conn.output = Some((answer, 0));
         }
