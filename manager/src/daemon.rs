@@ -21,6 +21,13 @@ pub fn write_report(path: &Path, report: &Report) {
     }
 }
 
+/// The daemon's control socket when `--control` is not given: beside the agents' socket.
+pub fn default_control_path(socket: &Path) -> std::path::PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".ctl");
+    p.into()
+}
+
 pub fn main(args: DaemonArgs) -> i32 {
     match daemon(args) {
         Ok(code) => code,
@@ -176,6 +183,21 @@ fn daemon(args: DaemonArgs) -> Result<i32, String> {
         .config(Policy::Uids(args.allow_uid.clone()), args.grant_device);
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
+    let control_path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control_path(&args.socket));
+    let (control, _control_file) = crate::control::open(Some(&control_path), args.metrics)
+        .inspect_err(|_| {
+            if owns_socket {
+                let _ = std::fs::remove_file(&args.socket);
+            }
+        })?;
+    if let Some(c) = control {
+        mgr.attach_control(c)
+            .map_err(|e| format!("cannot serve the control socket: {e}"))?;
+        log::info!("control socket on {}", control_path.display());
+    }
 
     let result = mgr.run();
     let live = mgr.live_spaces();

@@ -1,9 +1,11 @@
 //! `umm` — a non-cooperative userfaultfd memory manager.
 
+mod control;
 mod coverage;
 mod daemon;
 mod keeper;
 mod lazy_pages;
+mod live;
 #[cfg(test)]
 mod man_check;
 mod manager;
@@ -19,6 +21,7 @@ mod serve;
 mod slab;
 mod snapshot_cmd;
 mod space;
+mod stat_cmd;
 mod stats;
 mod trace;
 mod version;
@@ -58,6 +61,8 @@ enum Command {
     /// Serve the lazy pages of a CRIU restore: a drop-in for `criu lazy-pages` (run it, then
     /// `criu restore --lazy-pages` with the same images directory).
     LazyPages(lazy_pages::LazyPagesArgs),
+    /// Show a running manager's live status (through its control socket).
+    Stat(stat_cmd::StatArgs),
     /// Write a memory image of a live process (its private anonymous memory).
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Print a shell completion script (e.g. `source <(umm completions bash)`).
@@ -118,6 +123,9 @@ struct RestoreArgs {
     /// killed: they cannot run without their memory).
     #[arg(long)]
     keep_running: bool,
+    /// Answer `umm stat` on this unix socket (root and umm's own uid only; off by default).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// No summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -164,6 +172,9 @@ struct RunArgs {
     /// as ones that switched to another uid).
     #[arg(long)]
     no_grant: bool,
+    /// Answer `umm stat` on this unix socket (root and umm's own uid only; off by default).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// No summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -189,6 +200,14 @@ struct DaemonArgs {
     /// uid; the uid is also checked on each connection (SO_PEERCRED).
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
+    /// The control socket `umm stat` asks (root and the daemon's uid only; --allow-uid does
+    /// not apply) [default: the --socket path with `.ctl` appended].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Also serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics; no
+    /// authentication: keep it on 127.0.0.1 or a trusted network).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_window(s: &str) -> Result<u64, String> {
@@ -258,6 +277,7 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Daemon(args) => daemon::main(args),
         Command::Snapshot(args) => snapshot_cmd::main(args),
+        Command::Stat(args) => stat_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
         Command::Completions { shell } => {

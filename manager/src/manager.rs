@@ -145,6 +145,8 @@ pub struct Manager {
     pub(crate) restore: crate::restore::RestoreBook,
     /// `umm lazy-pages`: CRIU's handoff connection and the tasks it handed over.
     pub(crate) criu: Option<crate::lazy_pages::Handoff>,
+    /// `--control` / `--metrics`: live status answered from this loop.
+    pub(crate) control: Option<crate::control::Control>,
     last_probe: Instant,
     last_full_probe: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
@@ -210,6 +212,7 @@ impl Manager {
             command_status: None,
             restore: Default::default(),
             criu: None,
+            control: None,
             coverage: crate::coverage::CoverageSampler::start(cfg_coverage_interval)
                 .map_err(|e| log::warn!("no coverage sampling: {e}"))
                 .ok(),
@@ -311,6 +314,13 @@ impl Manager {
                 }
             }
             Some(Token::Handoff) => self.on_handoff_readable(),
+            Some(Token::ControlListener) => self.accept_control(false),
+            Some(Token::MetricsListener) => self.accept_control(true),
+            Some(Token::ControlConn(t)) => {
+                if let Some(id) = self.control.as_ref().and_then(|c| c.resolve(t)) {
+                    self.on_control_conn(id);
+                }
+            }
             Some(Token::Pidfd(t)) => {
                 if let Some(id) = self.spaces.resolve(t) {
                     self.on_process_exit(id);
@@ -640,6 +650,7 @@ impl Manager {
             }
         }
         self.rescan_due(now);
+        self.control_tick(now);
         let handed_over = self.stats.handoffs != self.handoffs_at_last_coverage;
         self.handoffs_at_last_coverage = self.stats.handoffs;
         self.sample_coverage(handed_over);

@@ -178,6 +178,11 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
     mgr.restore.keeper = Some(keeper);
+    let (control, _control_file) = crate::control::open(args.control.as_deref(), None)?;
+    if let Some(c) = control {
+        mgr.attach_control(c)
+            .map_err(|e| format!("cannot serve the control socket: {e}"))?;
+    }
     mgr.restore.keep_running = args.keep_running;
     if !args.no_background {
         let image = mgr.cfg.restore.as_ref().and_then(|r| r.image.clone());

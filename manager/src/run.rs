@@ -131,6 +131,11 @@ fn run(args: RunArgs) -> Result<i32, String> {
     let cfg = args.common.config(Policy::Tree, is_root && !args.no_grant);
     let mut mgr = Manager::new(listener, cfg, Some(signals))
         .map_err(|e| format!("cannot start the manager: {e}"))?;
+    let (control, _control_file) = crate::control::open(args.control.as_deref(), None)?;
+    if let Some(c) = control {
+        mgr.attach_control(c)
+            .map_err(|e| format!("cannot serve the control socket: {e}"))?;
+    }
 
     let mut preload = OsString::from(agent.as_os_str());
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {

@@ -119,6 +119,12 @@ pub enum Token {
     Pidfd(Id),
     /// `umm lazy-pages`: the connection from `criu restore` handing over the tasks' uffds.
     Handoff,
+    /// `--control`: the control socket's listener.
+    ControlListener,
+    /// `umm daemon --metrics`: the HTTP listener.
+    MetricsListener,
+    /// A connection to either of those.
+    ControlConn(Id),
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -134,6 +140,9 @@ impl Token {
             Token::Uffd(id) => (5, Some(id)),
             Token::Pidfd(id) => (6, Some(id)),
             Token::Handoff => (7, None),
+            Token::ControlListener => (8, None),
+            Token::MetricsListener => (9, None),
+            Token::ControlConn(id) => (10, Some(id)),
         };
         let id_bits = id.map_or(0, |id| {
             ((id.generation as u64 & GEN_MASK) << 32) | id.index as u64
@@ -156,6 +165,9 @@ impl Token {
             5 => Token::Uffd(id),
             6 => Token::Pidfd(id),
             7 => Token::Handoff,
+            8 => Token::ControlListener,
+            9 => Token::MetricsListener,
+            10 => Token::ControlConn(id),
             _ => return None,
         })
     }
@@ -200,6 +212,9 @@ mod tests {
             Token::Signals,
             Token::Uffd(id),
             Token::Peer(id),
+            Token::ControlListener,
+            Token::MetricsListener,
+            Token::ControlConn(id),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

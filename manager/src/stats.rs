@@ -8,6 +8,7 @@ use serde::Serialize;
 pub struct Histogram {
     buckets: Vec<u64>,
     count: u64,
+    sum: u64,
     max: u64,
 }
 
@@ -19,6 +20,7 @@ impl Default for Histogram {
         Histogram {
             buckets: vec![0; (64 * SUB) as usize],
             count: 0,
+            sum: 0,
             max: 0,
         }
     }
@@ -49,7 +51,24 @@ impl Histogram {
     pub fn record(&mut self, v: u64) {
         self.buckets[Self::bucket_of(v)] += 1;
         self.count += 1;
+        self.sum = self.sum.saturating_add(v);
         self.max = self.max.max(v);
+    }
+
+    /// The sum of every recorded value (for a Prometheus histogram's `_sum`).
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    /// How many recorded values are below `limit`. Exact when `limit` is a power of two (a
+    /// bucket edge: buckets never straddle one).
+    pub fn count_below(&self, limit: u64) -> u64 {
+        self.buckets
+            .iter()
+            .enumerate()
+            .take_while(|&(b, _)| Self::bucket_high(b) < limit)
+            .map(|(_, &n)| n)
+            .sum()
     }
 
     pub fn count(&self) -> u64 {
@@ -314,6 +333,23 @@ mod tests {
                 assert!(Histogram::bucket_high(b - 1) < v, "{v}");
             }
         }
+    }
+
+    #[test]
+    fn count_below_a_power_of_two_is_exact() {
+        let mut h = Histogram::default();
+        for v in [0u64, 1, 3, 4, 7, 8, 15, 16, 17, 1000, 1023, 1024, 5000] {
+            h.record(v);
+        }
+        for k in 0..16 {
+            let limit = 1u64 << k;
+            let want = [0u64, 1, 3, 4, 7, 8, 15, 16, 17, 1000, 1023, 1024, 5000]
+                .iter()
+                .filter(|&&v| v < limit)
+                .count() as u64;
+            assert_eq!(h.count_below(limit), want, "below {limit}");
+        }
+        assert_eq!(h.sum(), 8118);
     }
 
     #[test]
