@@ -218,11 +218,18 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
         ],
         &dump_log,
     );
-    // Reap memtest; its pids must be free again for the restore.
+    // Reap memtest. Its pids must be free again for the restore: not even a zombie of its
+    // session (pgid = sid = its pid) may be left, or the kernel keeps the pid number in use.
     let mut child = child;
     let _ = child.wait();
-    let freed = poll_until(1000, Duration::from_millis(10), || workload.all_gone());
-    assert!(freed, "memtest still alive after the dump");
+    let freed = poll_until(3000, Duration::from_millis(10), || {
+        group_members(parent).is_empty() && !Path::new(&format!("/proc/{child_pid}")).exists()
+    });
+    assert!(
+        freed,
+        "memtest's processes still there after the dump: {:?}",
+        group_members(parent)
+    );
     let before_restore = log().len();
 
     let report = dir.join("report.json");
@@ -312,7 +319,8 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     let rep = Report::load(&report).unwrap();
     let handoffs = rep.u64("restore.handoffs");
     assert!(handoffs >= 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.completed"), handoffs, "{}", rep.pretty());
+    // Forked children of a task count as completed restores too.
+    assert!(rep.u64("restore.completed") >= handoffs, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
     assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
     assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
