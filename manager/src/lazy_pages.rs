@@ -4,14 +4,18 @@
 //! `lazy-pages.socket` in its work directory and, for each restored task, sends an `int` pid
 //! (native endian) then, unless the pid is negative (a zombie), the task's uffd by SCM_RIGHTS
 //! attached to one dummy byte. When the whole tree is restored it sends the `u32` 0x52535446
-//! ("RSTF"). Each uffd has been through UFFDIO_API (EVENT_FORK/REMAP/UNMAP/REMOVE) and has every
-//! lazy private anonymous VMA registered (MISSING); the task then closes its own copy.
+//! ("RSTF"). Each uffd has been through UFFDIO_API (EVENT_FORK/REMAP/UNMAP/REMOVE); the lazy
+//! private anonymous VMAs are registered (MISSING) only later, by CRIU's restorer, after it
+//! moved them to their addresses (criu/pie/restorer.c, vma_remap); the task then closes its own
+//! copy. By RSTF every task is past that point (CRIU sends it after the tasks' last stage).
 //!
 //! So here: no UFFDIO_API (it succeeds only once per uffd) and no mm check (its probe would
 //! unregister a page of a registered VMA). Each task becomes a restore space of the manager,
 //! its layout built from its lazy runs, its pages copied from the mmap'd `pages-N.img`; the
-//! restore machinery does the rest (faults first, background fill from the first handoff,
-//! fork/remap/remove/unmap, the keeper's fail-stop, UNREGISTER then close at completion).
+//! restore machinery does the rest (faults first, fork/remap/remove/unmap, the keeper's
+//! fail-stop, UNREGISTER then close at completion). The background fill and completion are held
+//! until RSTF: before it a task's VMAs may not be registered yet (a fill would find nothing to
+//! fill and complete the task too early, leaving its later faults unanswered).
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -422,6 +426,7 @@ impl Manager {
                             "criu restore finished restoring the tree ({} task(s) handed over)",
                             h.tasks.len()
                         );
+                        self.release_held_tasks();
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -430,6 +435,24 @@ impl Manager {
                     return self.handoff_failed(&e);
                 }
             }
+        }
+    }
+
+    /// RSTF: every task's lazy VMAs are registered now; start their fill (and complete those
+    /// with nothing missing).
+    fn release_held_tasks(&mut self) {
+        let Some(h) = &self.criu else { return };
+        let ids: Vec<Id> = h
+            .tasks
+            .iter()
+            .filter(|t| t.end.is_none())
+            .map(|t| t.space)
+            .collect();
+        for id in ids {
+            if let Some(r) = self.spaces.get_mut(id).and_then(|s| s.restore.as_mut()) {
+                r.held = false;
+            }
+            self.complete(id);
         }
     }
 
@@ -508,7 +531,9 @@ impl Manager {
         space.same_pidns = live.is_some_and(|l| {
             proc::pid_namespace(&l.to_string()).ok() == self.own_pidns && l == pid
         });
-        space.restore = Some(RestoreState::new(PageSource::Criu(Arc::new(pages)), &[]));
+        let mut restore = RestoreState::new(PageSource::Criu(Arc::new(pages)), &[]);
+        restore.held = true;
+        space.restore = Some(restore);
         let id = self.spaces.insert(space);
         match live {
             Some(l) => self.set_pid(id, l),
@@ -544,8 +569,6 @@ impl Manager {
                 end: None,
             });
         }
-        // A task without lazy pages is complete at once.
-        self.complete(id);
         Ok(())
     }
 }

@@ -72,6 +72,11 @@ pub struct RestoreState {
     pub prefetch: VecDeque<u64>,
     /// Bytes the background fill copied into this space (the rest came with faults).
     pub filled: u64,
+    /// The kernel's registration is not in place yet: no background fill and no completion
+    /// until released. `criu restore` hands a uffd over before its restorer moves the VMAs
+    /// to their addresses and registers them (criu/pie/restorer.c); a fill then finds no
+    /// registered VMA and, dropping those runs, would leave the task's faults unserved.
+    pub held: bool,
 }
 
 impl RestoreState {
@@ -83,6 +88,7 @@ impl RestoreState {
             cursor: 0,
             prefetch: prefetch.iter().copied().collect(),
             filled: 0,
+            held: false,
         }
     }
 
@@ -95,6 +101,7 @@ impl RestoreState {
             cursor: 0,
             prefetch: self.prefetch.clone(),
             filled: 0,
+            held: false,
         }
     }
 }
@@ -127,6 +134,11 @@ pub struct RestoreBook {
 /// them: a fault waits behind one piece (~25 µs at the copy speed seen here), not a whole
 /// chunk (~400 µs for 2 MiB), while copies stay large enough to run at full speed.
 const FILL_PIECE: u64 = 128 * 1024;
+
+/// A space the background fill may work on: restoring, and not held.
+fn fillable(s: &Space) -> bool {
+    s.restore.as_ref().is_some_and(|r| !r.held)
+}
 
 /// How far ahead of the background fill the read-ahead helper reads.
 const READ_AHEAD: u64 = 16 << 20;
@@ -386,7 +398,7 @@ impl Manager {
             if book.tokens < chunk as f64 {
                 let wait = (chunk as f64 - book.tokens) / rate as f64;
                 book.next_allowed = Some(now + Duration::from_secs_f64(wait));
-                return self.spaces.iter().any(|(_, s)| s.restore.is_some());
+                return self.spaces.iter().any(|(_, s)| fillable(s));
             }
             book.next_allowed = None;
         }
@@ -397,7 +409,7 @@ impl Manager {
             .filter(|&id| {
                 self.spaces
                     .get(id)
-                    .is_some_and(|s| s.restore.is_some() && s.retry_at.is_none_or(|at| at <= now))
+                    .is_some_and(|s| fillable(s) && s.retry_at.is_none_or(|at| at <= now))
             })
             .collect();
         if restoring.is_empty() {
@@ -407,7 +419,7 @@ impl Manager {
         self.restore.next = self.restore.next.wrapping_add(1);
         let Some(run) = self.next_fill_run(pick, chunk) else {
             self.complete(pick);
-            return self.spaces.iter().any(|(_, s)| s.restore.is_some());
+            return self.spaces.iter().any(|(_, s)| fillable(s));
         };
         // Copy the run in pieces, looking for faults and events between them, so a fault
         // does not wait behind a whole (2 MiB) chunk: smaller pieces while faults are coming,
@@ -616,7 +628,7 @@ impl Manager {
         let Some(s) = self.spaces.get(id) else {
             return;
         };
-        if s.restore.is_none() || s.layout.bytes_by_state().0 != 0 {
+        if s.restore.as_ref().is_none_or(|r| r.held) || s.layout.bytes_by_state().0 != 0 {
             return;
         }
         // Every range registered with this uffd, the model's and any the kernel extended

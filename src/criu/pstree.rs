@@ -14,7 +14,7 @@ pub struct PstreeEntry {
     pub ppid: u32,
     pub pgid: u32,
     pub sid: u32,
-    /// Thread ids, the main thread (`pid`) among them.
+    /// Thread ids, the main thread (`pid`) among them; `[0]` for a zombie.
     pub threads: Vec<u32>,
 }
 
@@ -85,6 +85,11 @@ impl Pstree {
             }
             if !seen.insert(e.pid) {
                 return Err(format!("entry {i}: pid {} appears twice", e.pid));
+            }
+            // A zombie: CRIU (4.2, seen in a real dump) never reads a dead task's thread
+            // ids and writes the one thread as 0.
+            if e.threads == [0] {
+                continue;
             }
             if !e.threads.is_empty() && !e.threads.contains(&e.pid) {
                 return Err(format!(

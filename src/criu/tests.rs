@@ -372,6 +372,29 @@ fn pstree_reads_a_tree() {
 }
 
 #[test]
+fn pstree_accepts_a_zombie_whose_thread_id_is_0() {
+    // What CRIU 4.2 wrote for a grandchild of memtest that had exited but was not reaped.
+    let zombie = |threads: &[u64]| {
+        let mut m = Msg::new()
+            .varint(1, 11)
+            .varint(2, 10)
+            .varint(3, 10)
+            .varint(4, 10);
+        for &t in threads {
+            m = m.varint(5, t);
+        }
+        m
+    };
+    let t = pstree_of(&[pstree_entry(10, 0), zombie(&[0])]).unwrap();
+    assert_eq!(t.get(11).unwrap().threads, [0]);
+    // Only the single 0 of a zombie: 0 among real thread ids stays an error.
+    for bad in [&[0, 0][..], &[11, 0]] {
+        let e = pstree_of(&[pstree_entry(10, 0), zombie(bad)]);
+        assert!(e.is_err(), "{bad:?}: {e:?}");
+    }
+}
+
+#[test]
 fn pstree_validation_refuses_bad_trees() {
     let cases: Vec<(Vec<Msg>, &str)> = vec![
         (vec![], "no tasks"),

@@ -9,8 +9,10 @@
  * and set_tid (a child task from its parent task, before either maps anything). Each task
  * maps its lazy VMAs at their addresses (MAP_FIXED_NOREPLACE; a VMA that is not free is
  * skipped, reported as "SKIPPED ..."), opens a userfaultfd, does UFFDIO_API with
- * EVENT_FORK/REMAP/REMOVE/UNMAP, registers the VMAs (MISSING), sends its pid (an int) and then
- * the uffd by SCM_RIGHTS on one dummy byte, and closes its uffd. Once every task sent, the
+ * EVENT_FORK/REMAP/REMOVE/UNMAP, sends its pid (an int) and then the uffd by SCM_RIGHTS on one
+ * dummy byte, and only then, as CRIU 4.2's restorer does (criu/pie/restorer.c: vma_remap, then
+ * enable_uffd), registers the VMAs (MISSING), after a pause that lets a daemon that fills too
+ * early find nothing registered; then it closes its uffd. Once every task registered, the
  * restorer sends the u32 0x52535446 (RSTF) and closes the connection.
  *
  * Then each task, with its pages still missing: forks a grandchild that verifies the first
@@ -149,8 +151,8 @@ static void send_handoff(int pid, int uffd)
     memcpy(CMSG_DATA(cm), &uffd, sizeof(int));
     if (sendmsg(sk, &msg, 0) != 1)
         fail("sending the uffd of pid %d: %s", pid, strerror(errno));
-    if (write(lock_pipe[1], "x", 1) != 1 || write(done_pipe[1], "x", 1) != 1)
-        fail("pipes: %s", strerror(errno));
+    if (write(lock_pipe[1], "x", 1) != 1)
+        fail("lock pipe: %s", strerror(errno));
 }
 
 static int map_and_hand_over(struct task *t)
@@ -178,6 +180,10 @@ static int map_and_hand_over(struct task *t)
                                          UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP};
     if (ioctl(uffd, UFFDIO_API, &api))
         fail("UFFDIO_API: %s", strerror(errno));
+    send_handoff(getpid(), uffd);
+    /* The daemon has the uffd and nothing is registered yet (CRIU's restorer is still moving
+     * the VMAs into place): a fill now must not count these pages as done. */
+    usleep(200 * 1000);
     for (int i = 0; i < t->nvmas; i++) {
         if (!mapped[i])
             continue;
@@ -187,10 +193,11 @@ static int map_and_hand_over(struct task *t)
         if (ioctl(uffd, UFFDIO_REGISTER, &reg))
             fail("UFFDIO_REGISTER %#lx-%#lx: %s", t->vma[i][0], t->vma[i][1], strerror(errno));
     }
-    send_handoff(getpid(), uffd);
     /* As CRIU's restored tasks: the daemon holds the only copy from now on. */
     close(uffd);
     close(sk);
+    if (write(done_pipe[1], "x", 1) != 1)
+        fail("done pipe: %s", strerror(errno));
     return 0;
 }
 
@@ -345,7 +352,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < ntasks; i++) {
         char c;
         if (read(done_pipe[0], &c, 1) != 1)
-            fail("a task died before its handoff");
+            fail("a task died before its handoff and registration");
     }
     uint32_t fin = RSTF;
     if (send(sk, &fin, sizeof fin, 0) != sizeof fin)
