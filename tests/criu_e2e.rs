@@ -319,8 +319,10 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     let rep = Report::load(&report).unwrap();
     let handoffs = rep.u64("restore.handoffs");
     assert!(handoffs >= 2, "{}", rep.pretty());
-    // Forked children of a task count as completed restores too.
-    assert!(rep.u64("restore.completed") >= handoffs, "{}", rep.pretty());
+    // The two live tasks completed (their summaries say so); a zombie caught at dump time may
+    // be handed over too (as -pid, nothing to fill), so completions are not compared with
+    // handoffs.
+    assert!(rep.u64("restore.completed") >= 2, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
     assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
     assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
