@@ -15,37 +15,12 @@ use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
+use common::wire::*;
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
 /// How long a bad peer may stay connected before we call it "not dropped" (bounded wait).
 const DROP_WAIT: Duration = Duration::from_secs(20);
-
-const VERSION: u16 = 1;
-const KIND_HELLO: u16 = 0x0001;
-const KIND_NACK: u16 = 0x0102;
-const HELLO_HAS_UFFD: u32 = 1;
-const HELLO_WANT_GRANT: u32 = 2;
-
-/// frame := len:u32le body;  body := version:u16le kind:u16le payload
-fn frame(version: u16, kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + payload.len());
-    v.extend_from_slice(&(4 + payload.len() as u32).to_le_bytes());
-    v.extend_from_slice(&version.to_le_bytes());
-    v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Hello payload: pid:u32 flags:u32 exe_len:u16 exe
-fn hello(pid: u32, flags: u32, exe: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&pid.to_le_bytes());
-    v.extend_from_slice(&flags.to_le_bytes());
-    v.extend_from_slice(&(exe.len() as u16).to_le_bytes());
-    v.extend_from_slice(exe.as_bytes());
-    v
-}
 
 /// Run a served target to completion; it must exit 0 and print its OK line with every checked
 /// region registered. Returns its OK line.

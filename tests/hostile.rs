@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use common::wire::*;
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -28,35 +29,8 @@ const LIMIT: Duration = Duration::from_secs(180);
 /// deadline is 10 s; this only turns a hang into a failure).
 const DROP_WAIT: Duration = Duration::from_secs(40);
 
-const VERSION: u16 = 1;
-const KIND_HELLO: u16 = 0x0001;
-const KIND_RESTORE: u16 = 0x0004;
-const KIND_NACK: u16 = 0x0102;
-const HELLO_HAS_UFFD: u32 = 1;
-const HELLO_WANT_GRANT: u32 = 2;
-const NACK_BAD_FD: u16 = 3;
 /// umm::protocol::MAX_FRAME: the largest frame a daemon (not a restore) accepts.
 const MAX_FRAME: usize = umm::protocol::MAX_FRAME;
-
-/// frame := len:u32le body;  body := version:u16le kind:u16le payload
-fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + payload.len());
-    v.extend_from_slice(&(4 + payload.len() as u32).to_le_bytes());
-    v.extend_from_slice(&VERSION.to_le_bytes());
-    v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Hello payload: pid:u32 flags:u32 exe_len:u16 exe
-fn hello(flags: u32, exe: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&std::process::id().to_le_bytes());
-    v.extend_from_slice(&flags.to_le_bytes());
-    v.extend_from_slice(&(exe.len() as u16).to_le_bytes());
-    v.extend_from_slice(exe.as_bytes());
-    v
-}
 
 /// `umm daemon --socket SOCK --report REPORT EXTRA...` (for a start that must fail).
 fn daemon_command(dir: &TestDir, sock: &Path, report: &Path, extra: &[&str]) -> Command {
@@ -175,7 +149,11 @@ fn a_uffd_made_in_another_process_is_refused_and_others_are_still_served() {
     let (fd, helper, _keep) = foreign_uffd();
     let helper_pid = helper.0.id();
     let s = d.connect(DROP_WAIT);
-    let f = frame(KIND_HELLO, &hello(HELLO_HAS_UFFD, "/bin/foreign-uffd"));
+    let f = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_HAS_UFFD, "/bin/foreign-uffd"),
+    );
     let n = umm::sys::socket::send_with_fds_blocking(s.as_fd(), &f, &[fd.as_fd()])
         .expect("send Hello with the foreign uffd");
     assert_eq!(n, f.len());
@@ -538,7 +516,11 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
 
     // An oversized frame: refused as soon as its length is read.
     let mut s = d.connect(DROP_WAIT);
-    let mut big = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/big"));
+    let mut big = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_WANT_GRANT, "/bin/big"),
+    );
     big[..4].copy_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
     s.write_all(&big).expect("write");
     let nack = read_until_dropped(s, "an oversized frame").expect("a Nack");
@@ -546,7 +528,7 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
 
     // A Restore-sized frame to a daemon that serves no restores: refused the same way.
     let mut s = d.connect(DROP_WAIT);
-    let mut restore = frame(KIND_RESTORE, &[]);
+    let mut restore = frame(VERSION, KIND_RESTORE, &[]);
     restore[..4].copy_from_slice(&60_000u32.to_le_bytes());
     s.write_all(&restore).expect("write");
     let nack = read_until_dropped(s, "a restore frame").expect("a Nack");
@@ -554,7 +536,11 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
 
     // A truncated frame, then close.
     let mut s = d.connect(DROP_WAIT);
-    let f = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/truncated"));
+    let f = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_WANT_GRANT, "/bin/truncated"),
+    );
     s.write_all(&f[..f.len() - 3]).expect("write");
     drop(s);
     // Every one of them is closed by now (bounded wait: closing is asynchronous).
@@ -571,7 +557,11 @@ fn bad_frames_and_many_slow_peers_never_block_the_loop_and_memory_stays_bounded(
     let fds_before = fds_idle;
     let rss_before = rss_kib(d.pid());
     let mut slow: Vec<UnixStream> = Vec::new();
-    let mut partial = frame(KIND_HELLO, &hello(HELLO_WANT_GRANT, "/bin/slow"));
+    let mut partial = frame(
+        VERSION,
+        KIND_HELLO,
+        &hello(std::process::id(), HELLO_WANT_GRANT, "/bin/slow"),
+    );
     partial[..4].copy_from_slice(&(MAX_FRAME as u32).to_le_bytes());
     partial.resize(MAX_FRAME + 4 - 1, b'x');
     for _ in 0..peers {
@@ -796,7 +786,22 @@ fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_se
     // The restorer and its children live in a cgroup far too small for the image's data,
     // with the OOM killer off: the manager's copies (faults and background fill) fail with
     // ENOMEM. Restore mode must stop the process (fail-stop), never hand out zero pages.
-    let cg = MemCgroup::new("restore");
+    // On a loaded machine the restorer can fail under the limit on its own first (its own
+    // allocations and the kernel's writes into its missing pages are charged before the
+    // manager sees a fault): such an attempt (checked for wrong pages all the same) proves
+    // nothing about the manager's ENOMEM path and is repeated, a few times at most.
+    for attempt in 1..=4 {
+        if memcg_restore_attempt(&dir, &img, attempt) {
+            return;
+        }
+        eprintln!("attempt {attempt}: no copy met the limit (the restorer failed first); again");
+    }
+    panic!("in 4 attempts no copy of the manager met the 8 MiB limit");
+}
+
+/// One restore under the 8 MiB limit; false if no copy of the manager failed with ENOMEM.
+fn memcg_restore_attempt(dir: &TestDir, img: &Path, attempt: u32) -> bool {
+    let cg = MemCgroup::new(&format!("restore{attempt}"));
     cg.write("memory.limit_in_bytes", &(8 * MIB).to_string());
     cg.write("memory.oom_control", "1");
     let script = format!(
@@ -805,11 +810,11 @@ fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_se
         target("richstate").display(),
         img.display()
     );
-    let report = dir.join("restore.json");
+    let report = dir.join(format!("restore{attempt}.json"));
     let mut c = Command::new(umm_bin());
     c.arg("restore")
         .arg("--image")
-        .arg(&img)
+        .arg(img)
         .arg("--report")
         .arg(&report)
         .args(["--", "/bin/sh", "-c", &script])
@@ -818,7 +823,7 @@ fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_se
         .env_remove("UMM_SOCKET")
         .env_remove("LD_PRELOAD")
         .current_dir(dir.path());
-    let mut p = Proc::spawn(&dir, "restore", c);
+    let mut p = Proc::spawn(dir, &format!("restore{attempt}"), c);
     let st = p.wait_bounded(LIMIT);
     p.assert_group_gone();
     // Let the (killed) restorer's cgroup go before it is removed.
@@ -846,6 +851,10 @@ fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_se
         p.context()
     );
     let log = p.stderr();
+    if !log.contains("ENOMEM") {
+        // No copy of the manager's met the limit: the restorer failed on its own first.
+        return false;
+    }
     assert!(
         log.contains("ENOMEM")
             && (log.contains("killing it: it cannot run without its memory")
@@ -861,4 +870,5 @@ fn memory_cgroup_limit_during_a_restore_stops_the_restore_and_no_zero_page_is_se
         report.get("restore.failed").is_some_and(|v| v.is_string()),
         "{ctx}"
     );
+    true
 }

@@ -15,6 +15,8 @@
 //! `--trace <dir>/<label>.trace.jsonl` to every `umm run` (keep the dir to read it).
 #![allow(dead_code)]
 
+pub mod wire;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
