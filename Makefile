@@ -3,6 +3,8 @@
 #   make test             everything: fmt check, clippy -D warnings, unit + integration tests,
 #                         fuzz-smoke
 #   make install PREFIX=/usr/local   (binary, agent, man pages, systemd units)
+#   make deb              target/deb/umm_VERSION_ARCH.deb (dpkg-deb from a staged install)
+#   make deb-test         install that package with dpkg -i, check it, remove it (as root)
 #   make bench            benchmarks (see benches/)
 #   make soak             long chaos and fuzz runs (not part of make test)
 #   make fuzz-smoke       build the fuzz targets (fuzz/) and run each briefly (part of make test)
@@ -20,7 +22,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all build deps test-deps test check fmt-check clippy unit criu-fixture-test \
 	lazy-pages-test criu-e2e-test bench soak \
-	chaos-soak install uninstall clean fuzz-deps fuzz-build fuzz-smoke fuzz-soak fuzz-run
+	chaos-soak install uninstall deb deb-test clean fuzz-deps fuzz-build fuzz-smoke fuzz-soak fuzz-run
 
 all: build
 
@@ -187,6 +189,47 @@ uninstall:
 	  $(MANDIR)/man7/umm-agent.7 $(MANDIR)/man5/umm-protocol.5 \
 	  $(MANDIR)/man5/umm-image.5 $(UNITDIR)/umm.service $(UNITDIR)/umm.socket
 	-rmdir $(LIBDIR)
+
+# A Debian package of what `make install PREFIX=/usr` installs, built with dpkg-deb from a
+# staged tree (no cargo-deb needed). Package `umm`; libc6 is its only run-time dependency.
+DEB_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+DEB_ARCH    = $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB_STAGE   = target/deb/stage
+DEB_FILE    = target/deb/umm_$(DEB_VERSION)_$(DEB_ARCH).deb
+deb: build
+	rm -rf $(DEB_STAGE)
+	$(MAKE) --no-print-directory install PREFIX=/usr DESTDIR=$(CURDIR)/$(DEB_STAGE)
+	gzip -9n $(DEB_STAGE)/usr/share/man/man*/*.[0-9]
+	install -d $(DEB_STAGE)/DEBIAN
+	printf '%s\n' 'Package: umm' 'Version: $(DEB_VERSION)' 'Architecture: $(DEB_ARCH)' \
+	  'Maintainer: umm developers <umm@localhost>' 'Section: admin' 'Priority: optional' \
+	  'Depends: libc6' \
+	  "Installed-Size: $$(du -sk $(DEB_STAGE)/usr | cut -f1)" \
+	  'Description: non-cooperative userfaultfd memory manager' \
+	  ' umm serves the anonymous memory of other processes through userfaultfd:' \
+	  ' umm run, umm daemon (with systemd units), lazy restores of memory images.' \
+	  > $(DEB_STAGE)/DEBIAN/control
+	dpkg-deb --root-owner-group --build $(DEB_STAGE) $(DEB_FILE)
+	@echo "built $(DEB_FILE)"
+
+# Installs the package into this system (root), checks it, removes it; refuses to run when a
+# package `umm` is installed already (it would replace it). About 5 s after `make deb`.
+deb-test: deb
+	@if dpkg-query -W -f='$${Status}' umm 2>/dev/null | grep -q 'install ok'; then \
+	  echo "deb-test: a package umm is installed already; not touching it" >&2; exit 1; fi
+	dpkg -i $(DEB_FILE)
+	@set -e; trap 'dpkg -r umm >/dev/null 2>&1 || true' EXIT; \
+	  /usr/bin/umm --version | head -1 | grep -q '^umm $(DEB_VERSION)'; \
+	  test -x /usr/lib/umm/libumm_agent.so; \
+	  test -f /usr/lib/systemd/system/umm.service; test -f /usr/lib/systemd/system/umm.socket; \
+	  if command -v man >/dev/null 2>&1; then man -w umm | grep -q '^/usr/share/man/man1/umm.1'; \
+	  else test -f /usr/share/man/man1/umm.1.gz; fi; \
+	  for f in $$(dpkg -L umm | grep -v '/$$'); do [ -d "$$f" ] || test -e "$$f"; done; \
+	  dpkg -L umm | grep -v -e '^/\.$$' > target/deb/files; \
+	  dpkg -r umm; trap - EXIT; \
+	  left=""; for f in $$(cat target/deb/files); do [ -d "$$f" ] || ! test -e "$$f" || left="$$left $$f"; done; \
+	  if [ -n "$$left" ]; then echo "deb-test: left after dpkg -r:$$left" >&2; exit 1; fi; \
+	  echo "deb-test: installed, checked (umm --version, man -w umm, agent, units), removed: OK"
 
 clean:
 	$(CARGO) clean

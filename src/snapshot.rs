@@ -82,6 +82,8 @@ pub struct Options<'a> {
     pub stop_timeout: Duration,
     /// Polled between batches: `true` aborts the snapshot (cleanly: detach, remove the image).
     pub interrupted: Option<&'a dyn Fn() -> bool>,
+    /// Called after each copied batch with the bytes copied so far (a progress display).
+    pub progress: Option<&'a dyn Fn(u64)>,
 }
 
 impl<'a> Options<'a> {
@@ -93,6 +95,7 @@ impl<'a> Options<'a> {
             after: After::Resume,
             stop_timeout: Duration::from_secs(10),
             interrupted: None,
+            progress: None,
         }
     }
 }
@@ -607,6 +610,9 @@ impl<'m> Copier<'m> {
                 if room == 0 || self.segs.len() == IOV_MAX {
                     check_interrupted(opts)?;
                     self.flush(writer, tally)?;
+                    if let Some(progress) = opts.progress {
+                        progress(tally.data_bytes);
+                    }
                     continue;
                 }
                 let n = (run.end - a).min(room);

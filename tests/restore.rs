@@ -423,6 +423,75 @@ fn restore_with_a_fill_rate_still_completes() {
     );
 }
 
+/// Progress lines: a restore lasting about 3 s (--fill-rate, a restorer that touches nothing
+/// until the fill is done) prints at least one plain progress line on its non-terminal stderr
+/// (a line every 2 s), and the same with --quiet prints none; both restores are verified. The
+/// --trace of a restorer that faults is drawn by `umm report --svg`: fill progress, heat map
+/// and latency histogram all have marks.
+#[test]
+fn restore_progress_lines_unless_quiet_and_its_trace_drawn_as_svg() {
+    require_root_and_uffd();
+    let dir = TestDir::new("restore-progress");
+    let built = build_image(&dir, "img");
+    let data_len = built.manifest.data_len;
+    let rate = (data_len / 3).max(1 << 20).to_string();
+    let trace = dir.join("restore.trace.jsonl");
+    let trace_arg = trace.to_str().expect("utf-8 path");
+    let progress_lines = |run: &UmmRun| -> Vec<String> {
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("restore: ") && l.contains("% ") && l.contains(" ETA "))
+            .map(str::to_string)
+            .collect()
+    };
+    let watch = [("RICHSTATE_WATCH", format!("{A_START:#x}"))];
+    let watch: Vec<(&str, &str)> = watch.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = umm_restore(&dir, "loud", &built.img, &["--fill-rate", &rate], &watch);
+    assert_restored(&run);
+    run.assert_eq("restore.completed", 1, "the restore completed");
+    let lines = progress_lines(&run);
+    assert!(
+        !lines.is_empty(),
+        "no progress line from a 3 s restore\n{}",
+        run.context()
+    );
+    let pct: u64 = lines[0]["restore: ".len()..]
+        .split('%')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(999);
+    assert!(pct <= 100, "a percentage: {}", lines[0]);
+
+    let quiet = umm_restore(
+        &dir,
+        "quiet",
+        &built.img,
+        &["--fill-rate", &rate, "-q"],
+        &watch,
+    );
+    assert_restored(&quiet);
+    assert!(
+        !quiet.stderr.lines().any(|l| l.starts_with("restore:")),
+        "--quiet printed progress\n{}",
+        quiet.context()
+    );
+
+    let traced = umm_restore(
+        &dir,
+        "traced",
+        &built.img,
+        &["--fill-rate", "64000000", "--trace", trace_arg],
+        &[],
+    );
+    assert_restored(&traced);
+
+    let marks = report_svg(&dir, &trace, &dir.join("restore.svg"));
+    assert!(
+        marks.fill_lines == 1 && marks.heat_cells >= 1 && marks.latency_bars >= 1,
+        "{marks:?}"
+    );
+}
+
 // ----- 3 ------------------------------------------------------------------------------------
 
 /// A restore with --trace records its fault order; a restore with --prefetch of that trace

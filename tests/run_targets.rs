@@ -284,6 +284,13 @@ fn trace_has_a_line_for_every_layout_event_and_served_fault() {
     );
     assert_eq!(served, report.u64("bytes_served"), "{kinds:?}");
     assert!(n("register") >= 1, "registrations are traced: {kinds:?}");
+    // umm report --svg draws it: a heat-map cell and a latency bar at least (the trace has
+    // faults), no fill line (no restore).
+    let marks = report_svg(&dir, &trace_path, &dir.join("trace.svg"));
+    assert!(
+        marks.heat_cells >= 1 && marks.latency_bars >= 1 && marks.fill_lines == 0,
+        "{marks:?}"
+    );
 }
 
 #[test]

@@ -13,7 +13,10 @@ mod mm_check;
 mod page_source;
 mod peers;
 mod preflight;
+mod progress;
 mod readahead;
+mod report_cmd;
+mod report_svg;
 mod restore;
 mod restore_cmd;
 mod run;
@@ -65,6 +68,8 @@ enum Command {
     Stat(stat_cmd::StatArgs),
     /// Write a memory image of a live process (its private anonymous memory).
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Draw a --trace file: `umm report TRACE --svg OUT.svg`.
+    Report(report_cmd::ReportArgs),
     /// Print a shell completion script (e.g. `source <(umm completions bash)`).
     Completions {
         /// The shell to complete for.
@@ -278,6 +283,7 @@ fn main() {
         Command::Daemon(args) => daemon::main(args),
         Command::Snapshot(args) => snapshot_cmd::main(args),
         Command::Stat(args) => stat_cmd::main(args),
+        Command::Report(args) => report_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
         Command::Completions { shell } => {

@@ -147,6 +147,8 @@ pub struct Manager {
     pub(crate) criu: Option<crate::lazy_pages::Handoff>,
     /// `--control` / `--metrics`: live status answered from this loop.
     pub(crate) control: Option<crate::control::Control>,
+    /// `umm restore`: the fill's progress on stderr, updated each tick.
+    pub(crate) progress: Option<crate::progress::Progress>,
     last_probe: Instant,
     last_full_probe: Instant,
     /// A new process is sampled on the next tick, so short-lived ones are measured too.
@@ -213,6 +215,7 @@ impl Manager {
             restore: Default::default(),
             criu: None,
             control: None,
+            progress: None,
             coverage: crate::coverage::CoverageSampler::start(cfg_coverage_interval)
                 .map_err(|e| log::warn!("no coverage sampling: {e}"))
                 .ok(),
@@ -651,6 +654,7 @@ impl Manager {
         }
         self.rescan_due(now);
         self.control_tick(now);
+        self.restore_progress_tick();
         let handed_over = self.stats.handoffs != self.handoffs_at_last_coverage;
         self.handoffs_at_last_coverage = self.stats.handoffs;
         self.sample_coverage(handed_over);

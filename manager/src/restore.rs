@@ -27,6 +27,7 @@ use crate::peers::Reject;
 use crate::serve::SourceError;
 use crate::slab::{Id, Token};
 use crate::space::{FaultAround, Origin, Space};
+use crate::trace::Record;
 
 /// What `umm restore` serves and how.
 #[derive(Clone)]
@@ -149,6 +150,25 @@ fn key(id: Id) -> u64 {
 }
 
 impl Manager {
+    /// The fill's progress (bytes from the image, by faults and in the background) on the
+    /// progress line. A space that went away counts as done: nothing is left to fill there.
+    pub(crate) fn restore_progress_tick(&mut self) {
+        let Some(progress) = self.progress.as_mut() else {
+            return;
+        };
+        let total = self.stats.restore_to_fill;
+        if total == 0 {
+            return;
+        }
+        let left: u64 = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| s.restore.is_some())
+            .map(|(_, s)| s.layout.bytes_by_state().0)
+            .sum();
+        progress.update(total.saturating_sub(left), Some(total));
+    }
+
     /// A restorer hands its uffd over with the regions it mapped.
     pub(crate) fn restore_attach(
         &mut self,
@@ -242,6 +262,10 @@ impl Manager {
         }
         self.stats.registered_delta(0, registered);
         self.stats.restores += 1;
+        self.stats.restore_to_fill += missing;
+        if let Some(t) = &mut self.trace {
+            t.write(id.index as usize, pid, Record::Restore { to_fill: missing });
+        }
         self.stats.handoffs += 1;
         self.stats.processes += 1;
         log::info!(
@@ -523,6 +547,17 @@ impl Manager {
             }
             self.count_served(pick, done);
             self.stats.background_bytes += done;
+            if let Some(t) = &mut self.trace {
+                let pid = self.spaces.get(pick).and_then(|s| s.pid).unwrap_or(0);
+                t.write(
+                    pick.index as usize,
+                    pid,
+                    Record::Fill {
+                        start: run.range.start,
+                        len: done,
+                    },
+                );
+            }
             if fill_rate.is_some() {
                 self.restore.tokens -= done as f64;
             }

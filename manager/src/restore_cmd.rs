@@ -184,6 +184,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
             .map_err(|e| format!("cannot serve the control socket: {e}"))?;
     }
     mgr.restore.keep_running = args.keep_running;
+    mgr.progress = Some(crate::progress::Progress::new("restore", args.quiet));
     if !args.no_background {
         let image = mgr.cfg.restore.as_ref().and_then(|r| r.image.clone());
         if let Some(image) = image {
@@ -223,6 +224,9 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
         );
     }
     let result = mgr.run();
+    if let Some(mut p) = mgr.progress.take() {
+        p.finish();
+    }
     let live = mgr.live_spaces();
     mgr.finish();
     if let Some(k) = mgr.restore.keeper.take() {

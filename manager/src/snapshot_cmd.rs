@@ -9,6 +9,9 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use umm::snapshot::{self, After, Options};
+use umm::sys::proc;
+
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 #[command(
@@ -63,6 +66,15 @@ pub fn main(args: SnapshotArgs) -> i32 {
         }
         caught.get().is_some()
     };
+    // The total is an estimate: the anonymous pages resident or swapped now (not known with
+    // --range, where the line shows bytes and rate only).
+    let estimate = if args.ranges.is_empty() {
+        anon_bytes(args.pid)
+    } else {
+        None
+    };
+    let progress = std::cell::RefCell::new(Progress::new("snapshot", args.quiet));
+    let on_progress = |done: u64| progress.borrow_mut().update(done, estimate);
     let opts = Options {
         pid: args.pid,
         dir: args.output.clone(),
@@ -76,8 +88,11 @@ pub fn main(args: SnapshotArgs) -> i32 {
         },
         stop_timeout: Duration::from_secs(args.stop_timeout.max(1)),
         interrupted: Some(&interrupted),
+        progress: Some(&on_progress),
     };
-    match snapshot::snapshot(&opts) {
+    let result = snapshot::snapshot(&opts);
+    progress.borrow_mut().finish();
+    match result {
         Ok(summary) => {
             if !args.quiet {
                 eprintln!("umm: {}", summary.line(&args.output));
@@ -92,4 +107,10 @@ pub fn main(args: SnapshotArgs) -> i32 {
             }
         }
     }
+}
+
+/// Anonymous memory of `pid` resident or swapped (RssAnon + VmSwap), in bytes.
+fn anon_bytes(pid: u32) -> Option<u64> {
+    let kib = |field| proc::status_field(pid, field).ok()?.first().copied();
+    Some((kib("RssAnon")? + kib("VmSwap").unwrap_or(0)) * 1024)
 }

@@ -141,6 +141,8 @@ pub struct Stats {
     pub restore_completed: u64,
     pub restore_killed: u64,
     pub background_bytes: u64,
+    /// Bytes the restores handed over so far had to fill from the image (at their handoff).
+    pub restore_to_fill: u64,
     pub restore_first_fault_ms: Option<f64>,
     pub restore_complete_ms: u64,
 }

@@ -5,8 +5,9 @@
 //! `remap`, `remove`, `unmap`, `register`, `exit`). Faults: `start` (the page), `len` (bytes
 //! copied for it, fault-around included; a fault whose first copy stopped short has one line
 //! per copy), `write`, `latency_us`. Remap: `start`, `len`, `to`. Remove, unmap, register:
-//! `start`, `len`. Fork: `child` (the child's space number). Exit: nothing more. Background
-//! fill copies of a restore have no lines.
+//! `start`, `len`. Fork: `child` (the child's space number). Exit: nothing more. A restore's
+//! handoff (`restore`): `to_fill` (bytes its image holds for it). Background fill copies
+//! (`fill`): `start`, `len` (one line per copied piece, 256 KiB or more each).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -48,6 +49,13 @@ pub enum Record {
         len: u64,
     },
     Exit,
+    Restore {
+        to_fill: u64,
+    },
+    Fill {
+        start: u64,
+        len: u64,
+    },
 }
 
 impl Trace {
@@ -95,6 +103,14 @@ impl Trace {
             Record::Register { start, len } => writeln!(
                 self.out,
                 r#"{{"t_us":{t},"space":{space},"pid":{pid},"kind":"register","start":{start},"len":{len}}}"#
+            ),
+            Record::Restore { to_fill } => writeln!(
+                self.out,
+                r#"{{"t_us":{t},"space":{space},"pid":{pid},"kind":"restore","to_fill":{to_fill}}}"#
+            ),
+            Record::Fill { start, len } => writeln!(
+                self.out,
+                r#"{{"t_us":{t},"space":{space},"pid":{pid},"kind":"fill","start":{start},"len":{len}}}"#
             ),
             Record::Exit => writeln!(
                 self.out,

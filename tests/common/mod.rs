@@ -1139,3 +1139,54 @@ pub fn read_until_closed(mut s: UnixStream, what: &str) -> Vec<u8> {
         }
     }
 }
+
+/// Marks counted in each panel of an SVG of `umm report --svg` (parsed as XML by Python's
+/// xml.etree: a malformed file fails here).
+#[derive(Debug)]
+pub struct SvgMarks {
+    pub heat_cells: u64,
+    pub fill_lines: u64,
+    pub latency_bars: u64,
+}
+
+/// `umm report TRACE --svg OUT`, then parse OUT and count its data marks.
+pub fn report_svg(dir: &TestDir, trace: &Path, out: &Path) -> SvgMarks {
+    let mut c = Command::new(umm_bin());
+    c.arg("report").arg(trace).arg("--svg").arg(out);
+    let mut p = Proc::spawn(dir, "report-svg", c);
+    let st = p.wait_bounded(Duration::from_secs(60));
+    assert!(st.success(), "umm report --svg: {}", p.context());
+    let script = r#"
+import sys, xml.etree.ElementTree as ET
+ns = '{http://www.w3.org/2000/svg}'
+root = ET.parse(sys.argv[1]).getroot()
+assert root.tag == ns + 'svg', root.tag
+def count(gid, cls):
+    g = [e for e in root.iter(ns + 'g') if e.get('id') == gid]
+    assert len(g) == 1, 'panel ' + gid
+    return sum(1 for e in g[0].iter() if e.get('class') == cls)
+print(count('heatmap', 'cell'), count('fill', 'fill'), count('latency', 'bar'))
+"#;
+    let o = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(out)
+        .output()
+        .expect("run /usr/bin/python3");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{} is not a well-formed SVG with the three panels: {}",
+        out.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let n: Vec<u64> = text
+        .split_whitespace()
+        .map(|v| v.parse().expect("a count"))
+        .collect();
+    SvgMarks {
+        heat_cells: n[0],
+        fill_lines: n[1],
+        latency_bars: n[2],
+    }
+}
