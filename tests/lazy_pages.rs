@@ -307,3 +307,232 @@ fn a_restore_that_finishes_with_only_zombies_exits_cleanly() {
     assert!(st.success(), "{}", umm.context());
     assert!(umm.stderr().contains("1 zombie(s)"), "{}", umm.context());
 }
+
+/// How the fake page server misbehaves.
+#[derive(Clone, Copy)]
+enum FakeMode {
+    /// Every third reply carries about half the pages asked (CRIU's server stops at the end
+    /// of one of its buffers; here more often).
+    ShortReplies,
+    /// The connection is dropped, unanswered, at this request.
+    DropAt(u64),
+}
+
+/// What the fake page server did: (requests answered, short replies, bytes sent).
+type FakeTally = (u64, u64, u64);
+
+/// A page server speaking CRIU's protocol (`umm::criu::page_server`), serving the fixture's
+/// lazy pages from its pages files: one connection, then it returns its tally.
+fn fake_page_server(
+    fixture: PathBuf,
+    mode: FakeMode,
+) -> (u16, std::thread::JoinHandle<Result<FakeTally, String>>) {
+    use std::io::Read;
+    use umm::criu::page_server::{Iov, IOV_LEN, PS_IOV_CLOSE, PS_IOV_GET};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || -> Result<FakeTally, String> {
+        let images = umm::criu::ImageDir::open(&fixture).map_err(|e| e.to_string())?;
+        let mut tasks = Vec::new();
+        for pid in [PARENT, CHILD] {
+            let mem = images.task_memory(pid).map_err(|e| e.to_string())?;
+            let pages = mem.open_pages().map_err(|e| e.to_string())?;
+            tasks.push((pid, mem, pages));
+        }
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let (mut n, mut short, mut bytes) = (0u64, 0u64, 0u64);
+        loop {
+            let mut hdr = [0u8; IOV_LEN];
+            s.read_exact(&mut hdr)
+                .map_err(|e| format!("reading request {n}: {e}"))?;
+            let req = Iov::decode(&hdr);
+            if req.cmd == PS_IOV_CLOSE {
+                s.write_all(&0i32.to_ne_bytes())
+                    .map_err(|e| e.to_string())?;
+                return Ok((n, short, bytes));
+            }
+            if req.cmd != PS_IOV_GET {
+                return Err(format!("unexpected command {req:?}"));
+            }
+            if let FakeMode::DropAt(k) = mode {
+                if n == k {
+                    return Ok((n, short, bytes)); // drops the connection
+                }
+            }
+            let (_, mem, pages) = tasks
+                .iter()
+                .find(|(pid, _, _)| u64::from(*pid) == req.dst_id)
+                .ok_or_else(|| format!("request for an unknown pid: {req:?}"))?;
+            let run = mem
+                .lazy_runs
+                .iter()
+                .find(|r| r.start <= req.vaddr && req.vaddr < r.end())
+                .ok_or_else(|| format!("request for a page that is not lazy: {req:?}"))?;
+            // As CRIU's server: never past the end of the run holding vaddr.
+            let mut nr = (u64::from(req.nr_pages)).min((run.end() - req.vaddr) / 4096);
+            if matches!(mode, FakeMode::ShortReplies) && n % 3 == 2 && nr > 1 {
+                nr /= 2;
+            }
+            if nr < u64::from(req.nr_pages) {
+                short += 1;
+            }
+            let data = pages
+                .data(run.pages_offset + (req.vaddr - run.start), nr * 4096)
+                .map_err(|e| e.to_string())?;
+            s.write_all(&Iov::pages(req.dst_id as u32, req.vaddr, nr as u32).encode())
+                .and_then(|_| s.write_all(data))
+                .map_err(|e| format!("answering {req:?}: {e}"))?;
+            n += 1;
+            bytes += nr * 4096;
+        }
+    });
+    (port, handle)
+}
+
+/// umm's `page server ...: N requests, M short replies, B bytes fetched` line.
+fn page_server_line(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("lazy-pages: page server") && l.contains("bytes fetched"))
+        .unwrap_or_else(|| panic!("no page server line in:\n{stderr}"));
+    let num = |before: &str| -> u64 {
+        let head = line.split(before).next().unwrap();
+        head.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    (
+        num(" requests"),
+        num(" short replies"),
+        num(" bytes fetched"),
+    )
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn criu_restorer_tree_is_served_from_a_page_server() {
+    require_root_and_uffd();
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let dir = TestDir::new("lazy-pages-remote");
+    let report = dir.join("report.json");
+    let (port, server) = fake_page_server(fixture.clone(), FakeMode::ShortReplies);
+    let port = port.to_string();
+    let mut umm = Proc::spawn(
+        &dir,
+        "umm",
+        lazy_pages_cmd(
+            &fixture,
+            dir.path(),
+            &[
+                "--page-server",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--report",
+                report.to_str().unwrap(),
+                // A fill of ~3 s: faults and the fill compete for the connection.
+                "--fill-rate",
+                "8000000",
+            ],
+        ),
+    );
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, &mut umm);
+    let mut restorer = Command::new(target("criu_restorer"));
+    restorer
+        .arg(&sock)
+        .arg(task_spec(&images, PARENT))
+        .arg(task_spec(&images, CHILD));
+    let mut r = Proc::spawn(&dir, "restorer", restorer);
+    let st = r.wait_bounded(Duration::from_secs(120));
+    let ust = umm.wait_bounded(Duration::from_secs(60));
+    let ctx = format!("{}\n{}", r.context(), umm.context());
+    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
+    assert!(ust.success(), "umm failed: {}\n{ctx}", describe(&ust));
+    let (answered, server_short, server_bytes) = server
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("fake page server: {e}\n{ctx}"));
+    let out = r.stdout();
+    for pid in [PARENT, CHILD] {
+        let ok = out
+            .lines()
+            .find(|l| l.starts_with(&format!("OK criu_task pid={pid} ")))
+            .unwrap_or_else(|| panic!("no OK line for {pid}\n{ctx}"));
+        let ok = OkLine::find(ok, "criu_task").unwrap();
+        for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
+            assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
+        }
+        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
+        let expected = lazy_in_mapped(&images, pid, &out) / 4096;
+        let (line, _, faults, fill) = summary(&umm.stderr(), pid);
+        assert!(line.contains("restore complete"), "{line}\n{ctx}");
+        assert!(
+            faults + fill >= expected,
+            "{line}: expected >= {expected}\n{ctx}"
+        );
+    }
+    // umm's account of the conversation is the server's: every reply read, the short ones
+    // completed by further requests (the memory checks above would fail otherwise).
+    let (requests, short, fetched) = page_server_line(&umm.stderr());
+    assert_eq!(requests, answered, "{ctx}");
+    assert_eq!((short, fetched), (server_short, server_bytes), "{ctx}");
+    assert!(short > 0, "no short reply was exercised\n{ctx}");
+    let lazy_mapped = lazy_in_mapped(&images, PARENT, &out) + lazy_in_mapped(&images, CHILD, &out);
+    assert!(
+        fetched >= lazy_mapped / 2,
+        "{fetched} < {lazy_mapped}/2\n{ctx}"
+    );
+    let rep = Report::load(&report).unwrap();
+    assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
+    assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn a_lost_page_server_connection_stops_the_restored_tree() {
+    require_root_and_uffd();
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let dir = TestDir::new("lazy-pages-remote-drop");
+    let (port, server) = fake_page_server(fixture.clone(), FakeMode::DropAt(5));
+    let port = port.to_string();
+    let mut umm = Proc::spawn(
+        &dir,
+        "umm",
+        lazy_pages_cmd(&fixture, dir.path(), &["--page-server", "--port", &port]),
+    );
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, &mut umm);
+    let mut restorer = Command::new(target("criu_restorer"));
+    restorer
+        .arg(&sock)
+        .arg(task_spec(&images, PARENT))
+        .arg(task_spec(&images, CHILD));
+    let mut r = Proc::spawn(&dir, "restorer", restorer);
+    let st = r.wait_bounded(Duration::from_secs(120));
+    let ust = umm.wait_bounded(Duration::from_secs(60));
+    let ctx = format!("{}\n{}", r.context(), umm.context());
+    let answered = server.join().unwrap().unwrap();
+    assert_eq!(answered.0, 5, "{ctx}");
+    // Fail-stop: umm stops the tree (its 20 MiB cannot have arrived in 5 replies), and says
+    // why; no task finishes its checks with zeros instead of its data.
+    assert!(!ust.success(), "{ctx}");
+    let err = umm.stderr();
+    assert!(
+        err.contains("STOPPED") && err.contains("page server 127.0.0.1:"),
+        "{ctx}"
+    );
+    assert!(!st.success(), "{ctx}");
+    // The restorer's pid 1 reports the root task's death, maybe just after the restorer
+    // itself failed (if the tree died before the handoff ended).
+    let killed = format!("EXIT init child={PARENT} signal=9");
+    let seen = poll_until(100, Duration::from_millis(100), || {
+        r.stdout().contains(&killed)
+    });
+    assert!(seen, "the root task was not killed\n{ctx}\n{}", r.stdout());
+    assert!(!r.stdout().contains("OK criu_task"), "{ctx}");
+    r.assert_group_gone();
+}

@@ -16,13 +16,19 @@
 //! fail-stop, UNREGISTER then close at completion). The background fill and completion are held
 //! until RSTF: before it a task's VMAs may not be registered yet (a fill would find nothing to
 //! fill and complete the task too early, leaving its later faults unanswered).
+//!
+//! `--page-server --address A --port P` (CRIU's remote mode, after `criu dump --lazy-pages
+//! --port P`): the images directory holds the dump's metadata; the lazy pages stay with the
+//! dump side and are fetched over TCP from the handoff on (`crate::page_server`).
 
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +43,7 @@ use umm::PAGE_SIZE;
 
 use crate::keeper::Keeper;
 use crate::manager::{self, event_for, Manager, Policy};
+use crate::page_server::{PageServerClient, RemoteStore};
 use crate::page_source::PageSource;
 use crate::restore::{RestoreConfig, RestoreState};
 use crate::slab::{Id, Token};
@@ -76,6 +83,16 @@ pub struct LazyPagesArgs {
     /// Bound the background fill to this many bytes per second.
     #[arg(long, value_name = "BYTES_PER_S")]
     pub fill_rate: Option<u64>,
+    /// Fetch the lazy pages from CRIU's page server (`criu dump --lazy-pages --port P`)
+    /// instead of the images' pages files.
+    #[arg(long, requires = "port")]
+    pub page_server: bool,
+    /// The page server's address (with --page-server).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub address: String,
+    /// The page server's TCP port (with --page-server).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
 }
 
 /// What `criu restore` sends on the connection.
@@ -175,6 +192,8 @@ pub struct Handoff {
     pub zombies: u32,
     /// Why the handoff failed, if it did.
     pub broken: Option<String>,
+    /// `--page-server`: where the lazy pages come from.
+    pub remote: Option<PageServerClient>,
 }
 
 impl Handoff {
@@ -242,6 +261,21 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         sysfd::redirect_stderr(file.as_fd())
             .map_err(|e| format!("cannot log to {}: {e}", path.display()))?;
     }
+    // Before the handoff, as the dump side is already waiting: a wrong address fails now.
+    let remote = match args.port.filter(|_| args.page_server) {
+        Some(port) => {
+            let addr = if args.address.contains(':') {
+                format!("[{}]:{port}", args.address)
+            } else {
+                format!("{}:{port}", args.address)
+            };
+            let client =
+                PageServerClient::connect(&addr).map_err(|e| format!("page server: {e}"))?;
+            log::info!("connected to the page server at {addr}");
+            Some(client)
+        }
+        None => None,
+    };
     let socket_path = work_dir.join(SOCKET_NAME);
     // Like CRIU: a stale socket from an earlier run is replaced.
     let _ = std::fs::remove_file(&socket_path);
@@ -289,6 +323,11 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
     mgr.epoll
         .add(&conn, event_for(Token::Handoff))
         .map_err(|e| format!("epoll: {e}"))?;
+    if let Some(client) = &remote {
+        mgr.epoll
+            .add(client.wake_fd(), event_for(Token::PageServer))
+            .map_err(|e| format!("epoll: {e}"))?;
+    }
     mgr.criu = Some(Handoff {
         images,
         conn: Some(conn),
@@ -299,6 +338,7 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         tasks: Vec::new(),
         zombies: 0,
         broken: None,
+        remote,
     });
     let result = mgr.run();
     let live = mgr.live_spaces();
@@ -307,6 +347,21 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         k.finish();
     }
     result.map_err(|e| format!("event loop failed: {e}"))?;
+    if let Some(client) = mgr.criu.as_mut().and_then(|h| h.remote.take()) {
+        eprintln!(
+            "umm: lazy-pages: page server {}: {} requests, {} short replies, {} bytes fetched",
+            client.peer(),
+            client.requests_sent,
+            client.short_replies,
+            client.bytes_fetched
+        );
+        let broken = mgr.criu.as_ref().is_some_and(|h| h.broken.is_some());
+        if !broken {
+            if let Err(e) = client.close() {
+                log::warn!("closing the page server connection: {e}");
+            }
+        }
+    }
     let failed = mgr.restore.failed.clone();
     let mut report = mgr.stats().report(live, None);
     if let Some(r) = &mut report.restore {
@@ -327,6 +382,14 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         eprintln!("umm: lazy-pages: STOPPED: {f}");
     }
     Ok(if failed.is_some() { 1 } else { 0 })
+}
+
+/// Where a task's lazy pages come from, for the log.
+fn h_source(h: &Option<Handoff>, pages: &std::path::Path) -> String {
+    match h.as_ref().and_then(|h| h.remote.as_ref()) {
+        Some(c) => format!("the page server at {}", c.peer()),
+        None => pages.display().to_string(),
+    }
 }
 
 /// `umm: lazy-pages: pid 26975 (pid 4242 here): restore complete: 5131 lazy pages, 12 by
@@ -456,6 +519,48 @@ impl Manager {
         }
     }
 
+    /// Replies from the page server: take them, wake what waited for them. A failed
+    /// connection stops the restore (its missing pages must not read as zeros).
+    pub(crate) fn on_page_server_readable(&mut self) {
+        let Some(client) = self.criu.as_mut().and_then(|h| h.remote.as_mut()) else {
+            return;
+        };
+        let peer = client.peer().to_string();
+        match client.on_readable() {
+            Ok(0) => {}
+            Ok(_) => {
+                // The fill waits on spaces with a retry time; faults are parked and retried
+                // every turn.
+                for id in self.spaces.ids() {
+                    if let Some(s) = self.spaces.get_mut(id).filter(|s| {
+                        s.restore
+                            .as_ref()
+                            .is_some_and(|r| matches!(r.source, PageSource::Remote(_)))
+                    }) {
+                        s.retry_at = None;
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(h) = &mut self.criu {
+                    h.broken
+                        .get_or_insert_with(|| format!("page server {peer}: {e}"));
+                    if let Some(c) = h.remote.as_ref() {
+                        let _ = self.epoll.delete(c.wake_fd());
+                    }
+                }
+                self.fail_stop(&format!("page server {peer}: {e}"));
+            }
+        }
+    }
+
+    /// Hand the page server what faults and the fill asked for this turn.
+    pub(crate) fn pump_page_server(&mut self) {
+        if let Some(client) = self.criu.as_mut().and_then(|h| h.remote.as_mut()) {
+            client.pump();
+        }
+    }
+
     /// The handoff cannot go on: say why, drop the connection, stop what was handed over.
     fn handoff_failed(&mut self, why: &str) {
         let Some(h) = &mut self.criu else { return };
@@ -502,12 +607,23 @@ impl Manager {
                 sysfd::describe(uffd.as_fd())
             ));
         }
-        let h = self.criu.as_ref().ok_or("no handoff")?;
-        let mem = h
-            .images
-            .task_memory(pid)
-            .map_err(|e| format!("pid {pid}: {e}"))?;
-        let pages = mem.open_pages().map_err(|e| format!("pid {pid}: {e}"))?;
+        let h = self.criu.as_mut().ok_or("no handoff")?;
+        let mem = if h.remote.is_some() {
+            h.images.task_memory_remote(pid)
+        } else {
+            h.images.task_memory(pid)
+        }
+        .map_err(|e| format!("pid {pid}: {e}"))?;
+        let source = match &mut h.remote {
+            Some(client) => {
+                let store = Rc::new(RefCell::new(RemoteStore::new(pid, &mem.lazy_runs)));
+                client.add_store(store.clone());
+                PageSource::Remote(store)
+            }
+            None => PageSource::Criu(Arc::new(
+                mem.open_pages().map_err(|e| format!("pid {pid}: {e}"))?,
+            )),
+        };
         let live = live_pid(pid, h.peer_pid);
         // The kernel's registration is CRIU's: the VMAs holding lazy pages. The model
         // registers the same VMAs, zero (or present already) but for the lazy runs.
@@ -531,7 +647,7 @@ impl Manager {
         space.same_pidns = live.is_some_and(|l| {
             proc::pid_namespace(&l.to_string()).ok() == self.own_pidns && l == pid
         });
-        let mut restore = RestoreState::new(PageSource::Criu(Arc::new(pages)), &[]);
+        let mut restore = RestoreState::new(source, &[]);
         restore.held = true;
         space.restore = Some(restore);
         let id = self.spaces.insert(space);
@@ -557,7 +673,7 @@ impl Manager {
             live.map_or("unknown".to_string(), |l| l.to_string()),
             crate::stats::human_bytes(lazy),
             vmas.len(),
-            mem.pages_path.display()
+            h_source(&self.criu, &mem.pages_path)
         );
         if let Some(h) = &mut self.criu {
             h.tasks.push(Task {

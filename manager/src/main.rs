@@ -10,6 +10,7 @@ mod live;
 mod man_check;
 mod manager;
 mod mm_check;
+mod page_server;
 mod page_source;
 mod peers;
 mod preflight;

@@ -265,6 +265,8 @@ impl Manager {
             let faults = !self.faults.is_empty() || !self.parked.is_empty();
             self.serve_faults();
             background = self.background_slice(faults);
+            // What faults and the fill asked of a page server this turn.
+            self.pump_page_server();
             self.check_done();
         }
     }
@@ -317,6 +319,7 @@ impl Manager {
                 }
             }
             Some(Token::Handoff) => self.on_handoff_readable(),
+            Some(Token::PageServer) => self.on_page_server_readable(),
             Some(Token::ControlListener) => self.accept_control(false),
             Some(Token::MetricsListener) => self.accept_control(true),
             Some(Token::ControlConn(t)) => {

@@ -485,6 +485,14 @@ impl Manager {
         let done = match self.copy_run(pick, run) {
             // ENOENT handled first: it may copy the run's first page itself.
             Ok(Err(e)) if e.errno == Errno::ENOENT && e.done == 0 => self.fill_enoent(pick, run),
+            Err(SourceError::Pending) => {
+                // Asked from the page server: this space waits for its replies (they clear
+                // the wait; the second is a bound, not a schedule).
+                if let Some(s) = self.spaces.get_mut(pick) {
+                    s.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+                return 0;
+            }
             Err(e) => {
                 self.source_failed(pick, &e);
                 return 0;
@@ -649,7 +657,7 @@ impl Manager {
                 }
                 0
             }
-            Ok(Err(_)) => 0,
+            Ok(Err(_)) | Err(SourceError::Pending) => 0,
             Err(e) => {
                 self.source_failed(id, &e);
                 0

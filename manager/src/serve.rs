@@ -11,6 +11,7 @@ use umm::uffd::{CopyMode, UffdError};
 use umm::{page_floor, PAGE_SIZE};
 
 use crate::manager::{event_for, Manager, PendingFault, HARD_FAILURE_WINDOW};
+use crate::page_source::PageSource;
 use crate::slab::{Id, Token};
 use crate::space::Origin;
 use crate::trace::Record;
@@ -60,6 +61,10 @@ pub(crate) enum SourceError {
     Criu(umm::criu::CriuError),
     /// A page that must come from a source, in a space that has none (a bug).
     NoSource(u64),
+    /// The page server refused, or a range is not lazy there.
+    Remote(String),
+    /// The page server's pages are asked for and not here yet: try again when they are.
+    Pending,
 }
 
 impl std::fmt::Display for SourceError {
@@ -71,6 +76,8 @@ impl std::fmt::Display for SourceError {
                 f,
                 "page {addr:#x} must come from an image, and its address space has none"
             ),
+            SourceError::Remote(e) => write!(f, "{e}"),
+            SourceError::Pending => write!(f, "pages asked from the page server, not here yet"),
         }
     }
 }
@@ -132,6 +139,8 @@ impl Manager {
             let primary = plan.primary.range.clone();
             let result = match self.copy_run(f.space, &plan.primary) {
                 Ok(r) => r,
+                // Asked from the page server: retried when replies arrive (the thread waits).
+                Err(SourceError::Pending) => return Outcome::Park,
                 Err(e) => {
                     self.source_failed(f.space, &e);
                     return Outcome::Done;
@@ -282,6 +291,19 @@ impl Manager {
         let len = run.range.end - run.range.start;
         let source = space.restore.as_ref().map(|r| &r.source);
         match (run.state, run.source, source) {
+            (
+                PageState::Missing | PageState::Present,
+                Some(addr),
+                Some(PageSource::Remote(store)),
+            ) => {
+                let fetched = store.borrow();
+                if let Some(bytes) = fetched.data(addr, len).map_err(SourceError::Remote)? {
+                    return Ok(space.uffd.copy(run.range.start, bytes, CopyMode::default()));
+                }
+                drop(fetched);
+                store.borrow_mut().want(addr, len);
+                Err(SourceError::Pending)
+            }
             (PageState::Missing | PageState::Present, Some(offset), Some(source)) => {
                 let bytes = source.data(offset, len)?;
                 let result = space.uffd.copy(run.range.start, bytes, CopyMode::default());
@@ -331,6 +353,7 @@ impl Manager {
             let done = match self.copy_run(id, r) {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => e.done,
+                Err(SourceError::Pending) => break,
                 Err(e) => {
                     self.source_failed(id, &e);
                     break;

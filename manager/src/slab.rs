@@ -125,6 +125,8 @@ pub enum Token {
     MetricsListener,
     /// A connection to either of those.
     ControlConn(Id),
+    /// `umm lazy-pages --page-server`: replies from the page server are waiting.
+    PageServer,
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -143,6 +145,7 @@ impl Token {
             Token::ControlListener => (8, None),
             Token::MetricsListener => (9, None),
             Token::ControlConn(id) => (10, Some(id)),
+            Token::PageServer => (11, None),
         };
         let id_bits = id.map_or(0, |id| {
             ((id.generation as u64 & GEN_MASK) << 32) | id.index as u64
@@ -168,6 +171,7 @@ impl Token {
             8 => Token::ControlListener,
             9 => Token::MetricsListener,
             10 => Token::ControlConn(id),
+            11 => Token::PageServer,
             _ => return None,
         })
     }
@@ -215,6 +219,7 @@ mod tests {
             Token::ControlListener,
             Token::MetricsListener,
             Token::ControlConn(id),
+            Token::PageServer,
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -107,6 +107,17 @@ impl ImageDir {
 
     /// Task `pid`'s VMAs, pagemap and lazy runs, cross-checked (see [`TaskMemory`]).
     pub fn task_memory(&self, pid: u32) -> Result<TaskMemory, CriuError> {
+        self.task_memory_from(pid, LazyData::PagesFile)
+    }
+
+    /// As [`ImageDir::task_memory`], for lazy pages served by a page server (`criu dump
+    /// --lazy-pages`: lazy entries are not in the pages file, stored or not): each lazy run's
+    /// `pages_offset` is its own address, the key a page server is asked with.
+    pub fn task_memory_remote(&self, pid: u32) -> Result<TaskMemory, CriuError> {
+        self.task_memory_from(pid, LazyData::PageServer)
+    }
+
+    fn task_memory_from(&self, pid: u32, data: LazyData) -> Result<TaskMemory, CriuError> {
         let mm = self.mm(pid)?;
         let pagemap = self.pagemap(pid)?;
         let pagemap_path = self.dir.join(format!("pagemap-{pid}.img"));
@@ -130,8 +141,8 @@ impl ImageDir {
                 ),
             ));
         }
-        let lazy_runs =
-            lazy_runs(&mm, &pagemap).map_err(|detail| CriuError::invalid(&pagemap_path, detail))?;
+        let lazy_runs = lazy_runs(&mm, &pagemap, data)
+            .map_err(|detail| CriuError::invalid(&pagemap_path, detail))?;
         Ok(TaskMemory {
             pid,
             mm,
@@ -142,8 +153,15 @@ impl ImageDir {
     }
 }
 
+/// Where the lazy pages' data is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LazyData {
+    PagesFile,
+    PageServer,
+}
+
 /// Check every entry against the VMAs and cut the lazy ones into runs, one VMA each.
-fn lazy_runs(mm: &Mm, pagemap: &Pagemap) -> Result<Vec<LazyRun>, String> {
+fn lazy_runs(mm: &Mm, pagemap: &Pagemap, data: LazyData) -> Result<Vec<LazyRun>, String> {
     let mut runs: Vec<LazyRun> = Vec::new();
     for (i, e) in pagemap.entries.iter().enumerate() {
         // Entry 0 of the file is the head: entry i here is file entry i + 1.
@@ -155,6 +173,7 @@ fn lazy_runs(mm: &Mm, pagemap: &Pagemap) -> Result<Vec<LazyRun>, String> {
             ));
         }
         let lazy_offset = match (e.is_lazy(), e.data_offset) {
+            (true, _) if data == LazyData::PageServer => Some(e.vaddr),
             (true, Some(offset)) => Some(offset),
             (true, None) => {
                 return Err(format!(

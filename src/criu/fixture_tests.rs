@@ -139,6 +139,22 @@ fn fixture_vmas() {
 }
 
 #[test]
+fn remote_lazy_runs_are_the_local_ones_keyed_by_address() {
+    let t = metadata_with_sparse_pages();
+    let dir = ImageDir::open(t.path()).unwrap();
+    for pid in [PARENT, CHILD] {
+        let local = dir.task_memory(pid).unwrap();
+        let remote = dir.task_memory_remote(pid).unwrap();
+        assert_eq!(local.lazy_runs.len(), remote.lazy_runs.len());
+        for (l, r) in local.lazy_runs.iter().zip(&remote.lazy_runs) {
+            assert_eq!((l.range(), l.vma), (r.range(), r.vma), "pid {pid}");
+            // What a page server is asked with: the page's address in the dumped task.
+            assert_eq!(r.pages_offset, r.start, "pid {pid}");
+        }
+    }
+}
+
+#[test]
 fn fixture_lazy_runs_cover_the_memtest_areas() {
     let t = metadata_with_sparse_pages();
     let dir = ImageDir::open(t.path()).unwrap();

@@ -61,6 +61,7 @@ mod dir;
 mod image;
 mod inventory;
 mod mm;
+pub mod page_server;
 mod pagemap;
 mod pstree;
 pub mod wire;

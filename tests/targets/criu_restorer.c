@@ -349,6 +349,8 @@ int main(int argc, char **argv)
         close(sk);
         exit(reap_all("init"));
     }
+    /* Only the tasks (and init) write here: if they all die first, the read sees EOF. */
+    close(done_pipe[1]);
     for (int i = 0; i < ntasks; i++) {
         char c;
         if (read(done_pipe[0], &c, 1) != 1)
