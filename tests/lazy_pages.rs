@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use common::*;
@@ -118,6 +118,41 @@ fn summary(stderr: &str, pid: u32) -> (String, u64, u64, u64) {
     )
 }
 
+/// Run tests/targets/criu_restorer.c (CRIU's side) against the `umm lazy-pages` being started
+/// as `umm`, both to their end: (restorer, its status, umm's status, both contexts).
+fn run_restorer(
+    dir: &TestDir,
+    umm: &mut Proc,
+    images: &umm::criu::ImageDir,
+) -> (Proc, ExitStatus, ExitStatus, String) {
+    let sock = dir.join("lazy-pages.socket");
+    wait_for_socket(&sock, umm);
+    let mut restorer = Command::new(target("criu_restorer"));
+    restorer
+        .arg(&sock)
+        .arg(task_spec(images, PARENT))
+        .arg(task_spec(images, CHILD));
+    let mut r = Proc::spawn(dir, "restorer", restorer);
+    let st = r.wait_bounded(Duration::from_secs(120));
+    let ust = umm.wait_bounded(Duration::from_secs(60));
+    let ctx = format!("{}\n{}", r.context(), umm.context());
+    (r, st, ust, ctx)
+}
+
+/// Task `pid`'s OK line: it saw no wrong page (image data, scratch, zeros after a drop, its
+/// grandchild's view).
+fn task_ok(out: &str, pid: u32, ctx: &str) -> OkLine {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("OK criu_task pid={pid} ")))
+        .unwrap_or_else(|| panic!("no OK line for {pid}\n{ctx}"));
+    let ok = OkLine::find(line, "criu_task").unwrap();
+    for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
+        assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
+    }
+    ok
+}
+
 #[test]
 #[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
 fn criu_restorer_tree_is_served_from_the_pages_files() {
@@ -142,17 +177,7 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
             ],
         ),
     );
-    let sock = dir.join("lazy-pages.socket");
-    wait_for_socket(&sock, &mut umm);
-    let mut restorer = Command::new(target("criu_restorer"));
-    restorer
-        .arg(&sock)
-        .arg(task_spec(&images, PARENT))
-        .arg(task_spec(&images, CHILD));
-    let mut r = Proc::spawn(&dir, "restorer", restorer);
-    let st = r.wait_bounded(Duration::from_secs(120));
-    let ust = umm.wait_bounded(Duration::from_secs(60));
-    let ctx = format!("{}\n{}", r.context(), umm.context());
+    let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
     assert!(
         ust.success(),
@@ -161,14 +186,7 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
     );
     let out = r.stdout();
     for pid in [PARENT, CHILD] {
-        let ok = out
-            .lines()
-            .find(|l| l.starts_with(&format!("OK criu_task pid={pid} ")))
-            .unwrap_or_else(|| panic!("no OK line for {pid}\n{ctx}"));
-        let ok = OkLine::find(ok, "criu_task").unwrap();
-        for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
-            assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
-        }
+        let ok = task_ok(&out, pid, &ctx);
         // The task saw umm complete its restore (every range unregistered) before exiting.
         assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
         // Every lazy page in a mapped VMA was served to the task (image data by a fault or
@@ -436,17 +454,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
             ],
         ),
     );
-    let sock = dir.join("lazy-pages.socket");
-    wait_for_socket(&sock, &mut umm);
-    let mut restorer = Command::new(target("criu_restorer"));
-    restorer
-        .arg(&sock)
-        .arg(task_spec(&images, PARENT))
-        .arg(task_spec(&images, CHILD));
-    let mut r = Proc::spawn(&dir, "restorer", restorer);
-    let st = r.wait_bounded(Duration::from_secs(120));
-    let ust = umm.wait_bounded(Duration::from_secs(60));
-    let ctx = format!("{}\n{}", r.context(), umm.context());
+    let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
     assert!(ust.success(), "umm failed: {}\n{ctx}", describe(&ust));
     let (answered, server_short, server_bytes) = server
@@ -455,14 +463,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
         .unwrap_or_else(|e| panic!("fake page server: {e}\n{ctx}"));
     let out = r.stdout();
     for pid in [PARENT, CHILD] {
-        let ok = out
-            .lines()
-            .find(|l| l.starts_with(&format!("OK criu_task pid={pid} ")))
-            .unwrap_or_else(|| panic!("no OK line for {pid}\n{ctx}"));
-        let ok = OkLine::find(ok, "criu_task").unwrap();
-        for k in ["main_bad", "scratch_bad", "zero_bad", "grandchild"] {
-            assert_eq!(ok.u64(k), 0, "pid {pid}: {k}\n{ctx}");
-        }
+        let ok = task_ok(&out, pid, &ctx);
         assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
         let expected = lazy_in_mapped(&images, pid, &out) / 4096;
         let (line, _, faults, fill) = summary(&umm.stderr(), pid);
@@ -504,17 +505,7 @@ fn a_lost_page_server_connection_stops_the_restored_tree() {
         "umm",
         lazy_pages_cmd(&fixture, dir.path(), &["--page-server", "--port", &port]),
     );
-    let sock = dir.join("lazy-pages.socket");
-    wait_for_socket(&sock, &mut umm);
-    let mut restorer = Command::new(target("criu_restorer"));
-    restorer
-        .arg(&sock)
-        .arg(task_spec(&images, PARENT))
-        .arg(task_spec(&images, CHILD));
-    let mut r = Proc::spawn(&dir, "restorer", restorer);
-    let st = r.wait_bounded(Duration::from_secs(120));
-    let ust = umm.wait_bounded(Duration::from_secs(60));
-    let ctx = format!("{}\n{}", r.context(), umm.context());
+    let (mut r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     let answered = server.join().unwrap().unwrap();
     assert_eq!(answered.0, 5, "{ctx}");
     // Fail-stop: umm stops the tree (its 20 MiB cannot have arrived in 5 replies), and says
