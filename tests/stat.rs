@@ -56,6 +56,23 @@ fn wait_for_output(p: &mut Proc, needle: &str) -> bool {
     ) && p.stdout().contains(needle)
 }
 
+/// memhog MB under daemon `d` (it must be managed: `UMM_REQUIRE=1`), its checksum the same as
+/// a native run's.
+fn served_memhog(dir: &TestDir, d: &UmmDaemon, mb: &str) {
+    let mut hog = Proc::spawn(dir, "memhog", d.served(target("memhog"), &[mb]));
+    let st = hog.wait_bounded(Duration::from_secs(120));
+    assert!(st.success(), "memhog: {}\n{}", describe(&st), hog.context());
+    let ok = OkLine::find(&hog.stdout(), "memhog").expect("memhog OK line");
+    let native = run_native(
+        dir,
+        "memhog-native",
+        &[target("memhog").to_str().unwrap(), mb],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert_eq!(ok.checksum(), native.ok_line("memhog").checksum());
+}
+
 /// Prometheus text format 0.0.4, checked strictly enough to catch what scrapers reject:
 /// every sample's family has HELP and TYPE (given before it), names are valid, counters end
 /// in `_total`, values are floats. Returns each sample (`name{labels}`) with its value.
@@ -258,18 +275,7 @@ fn metrics_parse_as_prometheus_text_and_match_the_report() {
     let dir = TestDir::new("stat-metrics");
     let mut d = UmmDaemon::start(&dir);
     let ctl = control_path(&d);
-    let mut hog = Proc::spawn(&dir, "memhog", d.served(target("memhog"), &["16"]));
-    let st = hog.wait_bounded(Duration::from_secs(120));
-    assert!(st.success(), "memhog: {}\n{}", describe(&st), hog.context());
-    let ok = OkLine::find(&hog.stdout(), "memhog").expect("memhog OK line");
-    let native = run_native(
-        &dir,
-        "memhog-native",
-        &[target("memhog").to_str().unwrap(), "16"],
-        &[],
-        Duration::from_secs(60),
-    );
-    assert_eq!(ok.checksum(), native.ok_line("memhog").checksum());
+    served_memhog(&dir, &d, "16");
     d.assert_fds_back("memhog exited");
     let samples = check_prometheus(&ask(&ctl, "metrics"));
     let report = d.stop();
@@ -321,29 +327,15 @@ fn http(port: u16, request: &str) -> String {
 fn metrics_over_http_answer_get_metrics_and_404_otherwise() {
     require_root_and_uffd();
     let dir = TestDir::new("stat-http");
-    let sock = dir.join("umm.sock");
     let port = free_port();
-    let mut cmd = Command::new(umm_bin());
-    cmd.arg("daemon")
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--metrics", &format!("127.0.0.1:{port}")]);
-    let mut daemon = Proc::spawn(&dir, "daemon", cmd);
-    let up = poll_until(600, Duration::from_millis(50), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok() || daemon.try_wait().is_some()
-    });
-    assert!(up && daemon.try_wait().is_none(), "{}", daemon.context());
-    let mut hog = Command::new(target("memhog"));
-    hog.arg("4")
-        .env("LD_PRELOAD", agent_lib())
-        .env("UMM_SOCKET", &sock)
-        .env("UMM_REQUIRE", "1");
-    let mut hog = Proc::spawn(&dir, "memhog", hog);
-    assert!(
-        hog.wait_bounded(Duration::from_secs(60)).success(),
-        "{}",
-        hog.context()
+    let metrics = format!("127.0.0.1:{port}");
+    let d = UmmDaemon::start_with(
+        &dir,
+        "daemon",
+        dir.join("umm.sock"),
+        &["--metrics", &metrics],
     );
+    served_memhog(&dir, &d, "4");
 
     let ok = http(port, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
     let (head, body) = ok.split_once("\r\n\r\n").expect("headers and body");
@@ -366,12 +358,7 @@ fn metrics_over_http_answer_get_metrics_and_404_otherwise() {
         let answer = http(port, bad);
         assert!(answer.starts_with("HTTP/1.0 404 "), "{bad:?} -> {answer}");
     }
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(
-        daemon.wait_bounded(Duration::from_secs(60)).success(),
-        "{}",
-        daemon.context()
-    );
+    d.stop();
 }
 
 #[test]
@@ -395,18 +382,7 @@ fn slow_control_clients_do_not_stall_the_loop() {
         stalled.push(s);
     }
     // The loop still serves a target, and answers a well-behaved client.
-    let mut hog = Proc::spawn(&dir, "memhog", d.served(target("memhog"), &["16"]));
-    let st = hog.wait_bounded(Duration::from_secs(120));
-    assert!(st.success(), "memhog: {}\n{}", describe(&st), hog.context());
-    let ok = OkLine::find(&hog.stdout(), "memhog").expect("memhog OK line");
-    let native = run_native(
-        &dir,
-        "memhog-native",
-        &[target("memhog").to_str().unwrap(), "16"],
-        &[],
-        Duration::from_secs(60),
-    );
-    assert_eq!(ok.checksum(), native.ok_line("memhog").checksum());
+    served_memhog(&dir, &d, "16");
     let now = stat(&ctl);
     assert!(num(&now, "/report/pages_served") >= 4096, "{now}");
     // The stalled connections are dropped by the manager (deadline), not kept forever.
