@@ -187,16 +187,7 @@ pub fn fig1(ctx: &mut Ctx) -> Figure {
         }
         for &c in &chunks {
             let ceil_name = format!("ceiling, chunk {}", size_label(c));
-            let ceil = command(&[
-                s(ctx.prog("bench_ceiling").display()),
-                s(img.pages().display()),
-                s(img.data_off),
-                hex(IMAGE_ADDR),
-                s(img.len),
-                s(IMAGE_SEED),
-                s(c),
-                s("file"),
-            ]);
+            let ceil = ceiling_cmd(ctx, &img, c, "file", None);
             warm(&img.pages());
             match run_ok(&ctx.work, "ceiling", ceil, ctx.limit).and_then(|o| need(&o, "fill_us")) {
                 Ok(us) => f.push(&ceil_name, "GB/s", gbs(us)),
@@ -249,16 +240,7 @@ pub fn fig1(ctx: &mut Ctx) -> Figure {
             }
         }
         let pop = "ceiling, chunk 2 MiB, source pre-faulted (MAP_POPULATE)";
-        let cmd = command(&[
-            s(ctx.prog("bench_ceiling").display()),
-            s(img.pages().display()),
-            s(img.data_off),
-            hex(IMAGE_ADDR),
-            s(img.len),
-            s(IMAGE_SEED),
-            s(2 * MIB),
-            s("populate"),
-        ]);
+        let cmd = ceiling_cmd(ctx, &img, 2 * MIB, "populate", None);
         warm(&img.pages());
         match run_ok(&ctx.work, "ceiling-populate", cmd, ctx.limit)
             .and_then(|o| need(&o, "fill_us"))
@@ -277,17 +259,7 @@ pub fn fig1(ctx: &mut Ctx) -> Figure {
             .fill
             .push((DEFAULT_FILL.into(), progress(&prog, pages)));
     }
-    let cmd = command(&[
-        s(ctx.prog("bench_ceiling").display()),
-        s(img.pages().display()),
-        s(img.data_off),
-        hex(IMAGE_ADDR),
-        s(img.len),
-        s(IMAGE_SEED),
-        s(2 * MIB),
-        s("file"),
-        s(prog.display()),
-    ]);
+    let cmd = ceiling_cmd(ctx, &img, 2 * MIB, "file", Some(&prog));
     warm(&img.pages());
     if run_ok(&ctx.work, "ceiling-progress", cmd, ctx.limit).is_ok() {
         ctx.chart
@@ -296,6 +268,32 @@ pub fn fig1(ctx: &mut Ctx) -> Figure {
     }
     let _ = fs::remove_file(&report);
     f
+}
+
+/// The minimal in-process handler (bench_ceiling) copying the image in `chunk`-byte copies;
+/// `mode` is how its source is mapped ("file", "populate"); with `progress`, it records the
+/// fill over time there.
+fn ceiling_cmd(
+    ctx: &Ctx,
+    img: &ImageInfo,
+    chunk: u64,
+    mode: &str,
+    progress: Option<&Path>,
+) -> Command {
+    let mut argv = vec![
+        s(ctx.prog("bench_ceiling").display()),
+        s(img.pages().display()),
+        s(img.data_off),
+        hex(IMAGE_ADDR),
+        s(img.len),
+        s(IMAGE_SEED),
+        s(chunk),
+        s(mode),
+    ];
+    if let Some(p) = progress {
+        argv.push(s(p.display()));
+    }
+    command(&argv)
 }
 
 fn fill_argv(ctx: &Ctx, img: &ImageInfo, progress: Option<&Path>) -> Vec<String> {
