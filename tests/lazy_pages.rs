@@ -125,11 +125,22 @@ fn run_restorer(
     umm: &mut Proc,
     images: &umm::criu::ImageDir,
 ) -> (Proc, ExitStatus, ExitStatus, String) {
+    run_restorer_with(dir, umm, images, &[])
+}
+
+/// [`run_restorer`] with restorer options (`--early-fill`).
+fn run_restorer_with(
+    dir: &TestDir,
+    umm: &mut Proc,
+    images: &umm::criu::ImageDir,
+    options: &[&str],
+) -> (Proc, ExitStatus, ExitStatus, String) {
     let sock = dir.join("lazy-pages.socket");
     wait_for_socket(&sock, umm);
     let mut restorer = Command::new(target("criu_restorer"));
     restorer
         .arg(&sock)
+        .args(options)
         .arg(task_spec(images, PARENT))
         .arg(task_spec(images, CHILD));
     let mut r = Proc::spawn(dir, "restorer", restorer);
@@ -177,7 +188,9 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
             ],
         ),
     );
-    let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
+    // --early-fill: each task's RSTF waits until the fill made one of its lazy pages resident,
+    // so the fill must begin at the handoff (as the issue asks), not at RSTF.
+    let (r, st, ust, ctx) = run_restorer_with(&dir, &mut umm, &images, &["--early-fill"]);
     assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
     assert!(
         ust.success(),
@@ -186,6 +199,10 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
     );
     let out = r.stdout();
     for pid in [PARENT, CHILD] {
+        assert!(
+            out.contains(&format!("EARLY_FILL pid={pid} ")),
+            "pid {pid}: no fill before RSTF\n{ctx}"
+        );
         let ok = task_ok(&out, pid, &ctx);
         // The task saw umm complete its restore (every range unregistered) before exiting.
         assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");

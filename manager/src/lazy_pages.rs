@@ -13,9 +13,11 @@
 //! unregister a page of a registered VMA). Each task becomes a restore space of the manager,
 //! its layout built from its lazy runs, its pages copied from the mmap'd `pages-N.img`; the
 //! restore machinery does the rest (faults first, fork/remap/remove/unmap, the keeper's
-//! fail-stop, UNREGISTER then close at completion). The background fill and completion are held
-//! until RSTF: before it a task's VMAs may not be registered yet (a fill would find nothing to
-//! fill and complete the task too early, leaving its later faults unanswered).
+//! fail-stop, UNREGISTER then close at completion). The background fill begins at the handoff,
+//! but until RSTF a task's VMAs may not all be registered yet: the fill copies into those that
+//! are, takes ENOENT as "not registered yet" (moves on, comes back a millisecond later) rather
+//! than "nothing to fill", and no task is completed before RSTF (a task completed too early
+//! would leave its later faults unanswered).
 //!
 //! `--page-server --address A --port P` (CRIU's remote mode, after `criu dump --lazy-pages
 //! --port P`): the images directory holds the dump's metadata; the lazy pages stay with the
@@ -501,8 +503,8 @@ impl Manager {
         }
     }
 
-    /// RSTF: every task's lazy VMAs are registered now; start their fill (and complete those
-    /// with nothing missing).
+    /// RSTF: every task's lazy VMAs are registered now: ENOENT means "nothing there" from now
+    /// on; complete the tasks with nothing missing.
     fn release_held_tasks(&mut self) {
         let Some(h) = &self.criu else { return };
         let ids: Vec<Id> = h
@@ -512,8 +514,11 @@ impl Manager {
             .map(|t| t.space)
             .collect();
         for id in ids {
-            if let Some(r) = self.spaces.get_mut(id).and_then(|s| s.restore.as_mut()) {
-                r.held = false;
+            if let Some(s) = self.spaces.get_mut(id) {
+                if let Some(r) = s.restore.as_mut() {
+                    r.awaiting_registration = false;
+                }
+                s.retry_at = None;
             }
             self.complete(id);
         }
@@ -648,7 +653,7 @@ impl Manager {
             proc::pid_namespace(&l.to_string()).ok() == self.own_pidns && l == pid
         });
         let mut restore = RestoreState::new(source, &[]);
-        restore.held = true;
+        restore.awaiting_registration = true;
         space.restore = Some(restore);
         let id = self.spaces.insert(space);
         match live {

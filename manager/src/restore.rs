@@ -73,11 +73,13 @@ pub struct RestoreState {
     pub prefetch: VecDeque<u64>,
     /// Bytes the background fill copied into this space (the rest came with faults).
     pub filled: u64,
-    /// The kernel's registration is not in place yet: no background fill and no completion
-    /// until released. `criu restore` hands a uffd over before its restorer moves the VMAs
-    /// to their addresses and registers them (criu/pie/restorer.c); a fill then finds no
-    /// registered VMA and, dropping those runs, would leave the task's faults unserved.
-    pub held: bool,
+    /// The kernel's registration may not be complete yet: `criu restore` hands a uffd over
+    /// before its restorer moves each lazy VMA to its address and registers it there
+    /// (criu/pie/restorer.c, vma_remap then enable_uffd). Until released (RSTF), the fill
+    /// copies into whatever is registered already, takes ENOENT as "not registered yet" (not
+    /// "nothing to fill": dropping those runs would leave the task's faults unserved), and
+    /// the space is not completed.
+    pub awaiting_registration: bool,
 }
 
 impl RestoreState {
@@ -89,7 +91,7 @@ impl RestoreState {
             cursor: 0,
             prefetch: prefetch.iter().copied().collect(),
             filled: 0,
-            held: false,
+            awaiting_registration: false,
         }
     }
 
@@ -102,7 +104,7 @@ impl RestoreState {
             cursor: 0,
             prefetch: self.prefetch.clone(),
             filled: 0,
-            held: false,
+            awaiting_registration: false,
         }
     }
 }
@@ -136,9 +138,12 @@ pub struct RestoreBook {
 /// chunk (~400 µs for 2 MiB), while copies stay large enough to run at full speed.
 const FILL_PIECE: u64 = 128 * 1024;
 
-/// A space the background fill may work on: restoring, and not held.
+/// How soon the fill looks again at a space whose VMAs were not all registered yet.
+const NOT_REGISTERED_RETRY: Duration = Duration::from_millis(1);
+
+/// A space the background fill may work on: restoring.
 fn fillable(s: &Space) -> bool {
-    s.restore.as_ref().is_some_and(|r| !r.held)
+    s.restore.is_some()
 }
 
 /// How far ahead of the background fill the read-ahead helper reads.
@@ -637,6 +642,9 @@ impl Manager {
     /// process's pid is known. Returns the bytes copied.
     fn fill_enoent(&mut self, id: Id, run: &Run) -> u64 {
         self.stats.enoent += 1;
+        if self.not_registered_yet(id, run) {
+            return 0;
+        }
         if run.range.end - run.range.start > PAGE_SIZE {
             self.learn_vma_bounds(id, run.range.clone());
         }
@@ -665,13 +673,33 @@ impl Manager {
         }
     }
 
+    /// ENOENT while the restorer may still be registering (see `awaiting_registration`): the
+    /// fill moves on past this VMA and comes back to it later (the cursor wraps), looking
+    /// again after a millisecond; the model keeps the run. True if that is the case.
+    fn not_registered_yet(&mut self, id: Id, run: &Run) -> bool {
+        let Some(s) = self.spaces.get_mut(id) else {
+            return false;
+        };
+        let Some(r) = s.restore.as_mut().filter(|r| r.awaiting_registration) else {
+            return false;
+        };
+        r.cursor = s
+            .layout
+            .vma_containing(run.range.start)
+            .map_or(run.range.end, |vma| vma.end);
+        s.retry_at = Some(Instant::now() + NOT_REGISTERED_RETRY);
+        true
+    }
+
     /// Nothing of the image is missing in this space any more: unregister its ranges, then
     /// close every copy of its uffd (keeper's and ours). The process runs on plain memory.
     pub(crate) fn complete(&mut self, id: Id) {
         let Some(s) = self.spaces.get(id) else {
             return;
         };
-        if s.restore.as_ref().is_none_or(|r| r.held) || s.layout.bytes_by_state().0 != 0 {
+        if s.restore.as_ref().is_none_or(|r| r.awaiting_registration)
+            || s.layout.bytes_by_state().0 != 0
+        {
             return;
         }
         // Every range registered with this uffd, the model's and any the kernel extended

@@ -1,6 +1,6 @@
 /* criu_restorer: what `criu restore --lazy-pages` does on its side, for umm lazy-pages tests.
  *
- *   criu_restorer SOCKET [--hold] TASK...
+ *   criu_restorer SOCKET [--hold] [--early-fill] TASK...
  *   TASK = PID:PPID:SEED:MAIN_START:MAIN_LEN:SCRATCH_START:SCRATCH_LEN:VMAS
  *   VMAS = START-END/START-END/...      (the task's lazy VMAs; numbers in C syntax)
  *
@@ -21,6 +21,9 @@
  * after, never the image's data), refills and checks it, verifies the main area twice, and
  * prints "OK criu_task pid=P main_bad=0 scratch_bad=0 zero_bad=0 grandchild=0 ...".
  * --hold: after the handoff the tasks print "HANDED pid=P" and sleep (fail-stop tests).
+ * --early-fill: after registering, each task waits (up to 30 s) until the daemon's background
+ * fill made a page of its lazy VMAs resident (mincore, which faults nothing) before it counts
+ * as restored, so RSTF comes only after that: a daemon that holds its fill until RSTF fails.
  * Exit status 0 only if every task exited 0.
  */
 #include "umm_check.h"
@@ -54,7 +57,7 @@ struct task {
 };
 
 static struct task tasks[MAX_TASKS];
-static int ntasks, hold, sk, lock_pipe[2], done_pipe[2];
+static int ntasks, hold, early_fill, sk, lock_pipe[2], done_pipe[2];
 
 static inline uint64_t pat(uint64_t i, uint64_t seed)
 {
@@ -155,6 +158,34 @@ static void send_handoff(int pid, int uffd)
         fail("lock pipe: %s", strerror(errno));
 }
 
+#define MAX_VMA_PAGES_PROBED 8192
+
+/* --early-fill: wait until the daemon's fill made some page of a lazy VMA resident. mincore
+ * reads page tables only, so it never faults a missing page in. */
+static void wait_for_fill(const struct task *t, const int *mapped)
+{
+    static unsigned char vec[MAX_VMA_PAGES_PROBED];
+    for (int tries = 0; tries < 3000; tries++) {
+        for (int i = 0; i < t->nvmas; i++) {
+            if (!mapped[i])
+                continue;
+            uint64_t len = t->vma[i][1] - t->vma[i][0];
+            if (len > (uint64_t)MAX_VMA_PAGES_PROBED * PAGE)
+                len = (uint64_t)MAX_VMA_PAGES_PROBED * PAGE;
+            if (mincore((void *)t->vma[i][0], len, vec))
+                fail("mincore %#lx: %s", t->vma[i][0], strerror(errno));
+            for (uint64_t p = 0; p < len / PAGE; p++)
+                if (vec[p] & 1) {
+                    say("EARLY_FILL pid=%d vma=%#lx tries=%d\n", t->pid, t->vma[i][0], tries);
+                    return;
+                }
+        }
+        usleep(10000);
+    }
+    fail("pid %d: no lazy page became resident before RSTF (does the daemon hold its fill "
+         "until RSTF?)", t->pid);
+}
+
 static int map_and_hand_over(struct task *t)
 {
     int mapped[MAX_VMAS] = {0};
@@ -193,6 +224,8 @@ static int map_and_hand_over(struct task *t)
         if (ioctl(uffd, UFFDIO_REGISTER, &reg))
             fail("UFFDIO_REGISTER %#lx-%#lx: %s", t->vma[i][0], t->vma[i][1], strerror(errno));
     }
+    if (early_fill)
+        wait_for_fill(t, mapped);
     /* As CRIU's restored tasks: the daemon holds the only copy from now on. */
     close(uffd);
     close(sk);
@@ -324,6 +357,8 @@ int main(int argc, char **argv)
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--hold"))
             hold = 1;
+        else if (!strcmp(argv[i], "--early-fill"))
+            early_fill = 1;
         else if (ntasks < MAX_TASKS)
             parse_task(argv[i], &tasks[ntasks++]);
     }
