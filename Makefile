@@ -169,7 +169,7 @@ chaos-soak: build test-deps
 # Benchmarks (benches/README.md): umm against the ceiling and the kernel, as root, under 15 minutes
 # on 2 cores. A table per figure on stdout, target/bench/results.json, target/bench/chart.svg.
 bench: build test-deps
-	target/release/umm-bench --out target/bench
+	UMM_CRIU=$(CRIU) target/release/umm-bench --out target/bench
 
 install: build
 	install -d $(BINDIR) $(LIBDIR) $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7

@@ -23,7 +23,7 @@ fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
-fn size_label(b: u64) -> String {
+pub(crate) fn size_label(b: u64) -> String {
     if b >= GIB && b % GIB == 0 {
         format!("{} GiB", b / GIB)
     } else if b >= MIB && b % MIB == 0 {

@@ -238,6 +238,21 @@ impl Background {
         fs::read_to_string(&self.out_path).unwrap_or_default()
     }
 
+    /// Wait (bounded, looking every millisecond) for the program to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus, String> {
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) if start.elapsed() > limit => {
+                    return Err(format!("still running after {limit:?}"))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(format!("wait: {e}")),
+            }
+        }
+    }
+
     /// Wait (bounded) for a line starting with `prefix`; Err if the program exits first.
     pub fn wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String, String> {
         let start = Instant::now();

@@ -13,6 +13,7 @@
 //! Environment: UMM_BIN, UMM_AGENT (default: umm and libumm_agent.so next to this binary),
 //! UMM_BENCH_TARGETS (default: the crate's targets/), TMPDIR (work directory, images included).
 
+mod criu_fig;
 mod figures;
 mod model;
 mod procs;
@@ -140,7 +141,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         quick: false,
         out: PathBuf::from("target/bench"),
-        only: (1..=6).collect(),
+        only: (1..=7).collect(),
         reps: None,
     };
     let mut it = std::env::args().skip(1);
@@ -405,6 +406,7 @@ fn run(args: &Args) -> Result<i32, String> {
             4 => figures::fig4(&mut ctx),
             5 => figures::fig5(&mut ctx),
             6 => figures::fig6(&mut ctx),
+            7 => criu_fig::fig7(&mut ctx),
             _ => continue,
         };
         f.seconds = t.elapsed().as_secs_f64();

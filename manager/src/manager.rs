@@ -666,13 +666,20 @@ impl Manager {
         }
     }
 
-    /// Coverage as DESIGN.md defines it, over every live process with a known pid: the
-    /// helper samples them; the loop only tells it which.
+    /// Coverage as DESIGN.md defines it, over every live process with a known pid in track
+    /// mode: the helper samples them; the loop only tells it which. Restoring processes are
+    /// not sampled: only their image's ranges are registered, by design, and walking their
+    /// page tables (smaps) while they fill took ~5% of the manager's CPU in a 1 GiB restore.
     fn sample_coverage(&mut self, now: bool) {
         let Some(sampler) = &self.coverage else {
             return;
         };
-        let mut pids: Vec<u32> = self.spaces.iter().filter_map(|(_, s)| s.pid).collect();
+        let mut pids: Vec<u32> = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| s.restore.is_none())
+            .filter_map(|(_, s)| s.pid)
+            .collect();
         pids.sort_unstable();
         pids.dedup();
         sampler.set_pids(pids, now);
