@@ -45,7 +45,7 @@ fn field(v: &Value, path: &str) -> Option<f64> {
 }
 
 /// Read a file through (into the page cache).
-fn warm(p: &Path) {
+pub(crate) fn warm(p: &Path) {
     if let Ok(mut f) = fs::File::open(p) {
         let mut buf = vec![0u8; 4 * MIB as usize];
         while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
