@@ -101,7 +101,7 @@ pub(crate) fn make_anonymous() -> Vec<Segment> {
     };
     candidates(&smaps)
         .into_iter()
-        .filter(|s| copy_over(s))
+        .filter(copy_over)
         .filter(|s| s.prot != libc::PROT_READ | libc::PROT_WRITE)
         .collect()
 }
