@@ -47,13 +47,15 @@ deps:
 
 # What the tests drive besides umm: python3 (a real interpreter), setpriv (an unprivileged
 # target), coreutils (sort, sha256sum), systemd-analyze (verifies dist/ units; systemd need not
-# run).
+# run), redis-server and redis-cli (tests/coverage.rs).
 test-deps: deps
 	@missing=""; \
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v sha256sum >/dev/null 2>&1 || missing="$$missing coreutils"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

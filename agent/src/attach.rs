@@ -12,7 +12,7 @@ use umm::protocol::{
 use umm::uffd::Uffd;
 
 use crate::sys::{self, Deadline, Fail, OneLine};
-use crate::{child, register};
+use crate::{alloc, child, data, register};
 
 /// The default for UMM_TIMEOUT_MS.
 pub(crate) const DEFAULT_TIMEOUT_MS: u32 = 5000;
@@ -59,13 +59,21 @@ pub(crate) fn run() {
     // hook would print several. This is the agent's own copy of std: the program's hook (if
     // it is written in Rust) is not affected.
     std::panic::set_hook(Box::new(|_| {}));
+    // The next malloc family, now, while this is the only thread.
+    alloc::resolve_all();
     let pid = sys::raw_getpid();
     // Before the Hello, so that the manager registers it (missing) at the handoff.
     child::map_beacon();
     let exe = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    match attach(&cfg, pid, &exe) {
+    // Data segments become anonymous (writable until the handoff scan registered them), and
+    // the handoff scan registers `[heap]` as it is then: at least up to here.
+    let copied = data::make_anonymous();
+    alloc::note_break_at_handoff();
+    let attached = attach(&cfg, pid, &exe);
+    data::restore_protection(&copied);
+    match attached {
         Ok(sock) => {
             child::prepare(&cfg.socket, &exe, cfg.require);
             register::publish(sock, pid);

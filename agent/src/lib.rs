@@ -3,7 +3,9 @@
 //! Before `main`, a constructor connects to the manager at `$UMM_SOCKET`, opens a userfaultfd
 //! for this process (or asks the manager for a `/dev/userfaultfd` grant) and hands it over;
 //! after that, the interposed `mmap`, `mmap64` and `mremap` tell the manager about new
-//! private anonymous memory (a forked child on a channel of its own, see `child.rs`). Every
+//! private anonymous memory (a forked child on a channel of its own, see `child.rs`), and so
+//! do the interposed malloc family (`alloc.rs`: brk growth, glibc's own mmaps) and
+//! `pthread_create` (`threads.rs`: thread stacks). Every
 //! failure is reported in one stderr line and the program runs unmanaged, unless
 //! `UMM_REQUIRE=1` asks for exit status 1 instead.
 //!
@@ -11,11 +13,14 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod alloc;
 mod attach;
 mod child;
+mod data;
 mod register;
 mod restore_api;
 mod sys;
+mod threads;
 
 use std::ffi::{c_int, c_long, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
