@@ -55,6 +55,7 @@ pub const C_TARGETS: &[&str] = &[
     "sigstorm",
     "memhog",
     "criu_restorer",
+    "attachee",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
