@@ -9,8 +9,9 @@
 //! or on a helper thread (`umm daemon`): the loop never waits on a stopped process.
 //!
 //! A process that may not open a userfaultfd itself (not root, `vm.unprivileged_userfaultfd=0`)
-//! gets EPERM; with `--grant-device` it is handed a `/dev/userfaultfd` fd through a unix socket
-//! it is made to connect to ([`grant`]), and makes its uffd with `USERFAULTFD_IOC_NEW`.
+//! gets EPERM and is refused. Not implemented yet: under the daemon's `--grant-device`, hand it
+//! a `/dev/userfaultfd` fd (injected mmap of a scratch page, socket, connect, recvmsg, then
+//! `ioctl(USERFAULTFD_IOC_NEW)`).
 //!
 //! Detach: every registered range of the process, and of the children it forked since the
 //! attach (their uffds exist only in the manager), is unregistered and the uffds are closed:
@@ -55,10 +56,6 @@ pub struct AttachArgs {
     /// uid only).
     #[arg(long, value_name = "PATH", conflicts_with = "control")]
     serve_control: Option<PathBuf>,
-    /// If the process may not open a userfaultfd itself, give it a /dev/userfaultfd fd (it can
-    /// then create userfaultfds at will: only for processes you trust).
-    #[arg(long, conflicts_with = "control")]
-    grant_device: bool,
     /// No summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -112,7 +109,7 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
     // Blocked before any thread exists (the coverage sampler), so every thread inherits it.
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
-    let uffd = open_uffd_in(pid, args.grant_device)?;
+    let uffd = open_uffd_in(pid)?;
     // Nobody connects to this socket: the loop needs a listener, agents are not expected.
     let rt = crate::run::RuntimeDir::create()?;
     let listener = UnixListener::bind(&rt.socket)
@@ -250,33 +247,31 @@ fn is_descendant(pid: u32) -> bool {
 }
 
 /// Freeze `pid`, make it open a uffd, take a copy, close its own, release it.
-pub fn open_uffd_in(pid: u32, grant_device: bool) -> Result<OwnedFd, String> {
+pub fn open_uffd_in(pid: u32) -> Result<OwnedFd, String> {
     let mut frozen = Frozen::freeze(pid, FREEZE_TIMEOUT).map_err(|e| e.to_string())?;
-    let got = inject_userfaultfd(&mut frozen, grant_device);
+    let got = inject_userfaultfd(&mut frozen);
     let released = frozen.resume();
     let fd = got?;
     released.map_err(|e| format!("releasing pid {pid}: {e}"))?;
     Ok(fd)
 }
 
-fn inject_userfaultfd(frozen: &mut Frozen, grant_device: bool) -> Result<OwnedFd, String> {
+fn inject_userfaultfd(frozen: &mut Frozen) -> Result<OwnedFd, String> {
     let pid = frozen.pid();
     let pidfd = process::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
     let ctx = |e: inject::InjectError| format!("pid {pid}: {e}");
     let mut inj = Injector::new(frozen).map_err(ctx)?;
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let mut made = inj
+    let made = inj
         .syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
         .map_err(ctx)?;
     if made == -(libc::EPERM as i64) {
-        if !grant_device {
-            return Err(format!(
-                "pid {pid} may not open a userfaultfd itself (userfaultfd: EPERM; \
-                 vm.unprivileged_userfaultfd=0 and it lacks CAP_SYS_PTRACE); --grant-device \
-                 would give it /dev/userfaultfd"
-            ));
-        }
-        made = crate::attach::grant::uffd_from_device(&mut inj, pid)?;
+        return Err(format!(
+            "pid {pid} may not open a userfaultfd itself (userfaultfd: EPERM; \
+             vm.unprivileged_userfaultfd=0 and it lacks CAP_SYS_PTRACE), and handing it \
+             /dev/userfaultfd is not implemented for attach yet: run it as root, or under \
+             umm run"
+        ));
     }
     if made < 0 {
         return Err(format!(
@@ -396,20 +391,6 @@ impl Manager {
     }
 }
 
-pub mod grant {
-    //! Handing an unprivileged process a `/dev/userfaultfd` fd: not implemented yet.
-
-    use umm::sys::inject::Injector;
-
-    pub fn uffd_from_device(_inj: &mut Injector<'_>, pid: u32) -> Result<i64, String> {
-        Err(format!(
-            "pid {pid} may not open a userfaultfd itself (EPERM), and handing it \
-             /dev/userfaultfd from umm attach is not implemented yet: run the process as root \
-             or with CAP_SYS_PTRACE, or start it under umm run"
-        ))
-    }
-}
-
 /// An attach request of the control socket whose injection runs on a helper thread.
 pub struct PendingAttach {
     conn: Id,
@@ -429,12 +410,11 @@ impl Manager {
             return Err(format!("pid {pid} is being attached already"));
         }
         check_attachable(pid)?;
-        let grant = self.cfg.grant_device;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(format!("umm-attach-{pid}"))
             .spawn(move || {
-                let _ = tx.send(open_uffd_in(pid, grant));
+                let _ = tx.send(open_uffd_in(pid));
             })
             .map_err(|e| format!("cannot start the attach helper: {e}"))?;
         self.attaching.push(PendingAttach {
