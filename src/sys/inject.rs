@@ -47,15 +47,28 @@ pub enum InjectError {
         err: Errno,
     },
     /// No executable mapping to run the code from.
-    NoCodeSite { pid: u32 },
+    NoCodeSite {
+        pid: u32,
+    },
     /// The target exited (or was killed) while it ran injected code.
-    Exited { pid: u32 },
+    Exited {
+        pid: u32,
+    },
     /// The injected call did not return within [`SYSCALL_LIMIT`].
-    Timeout { tid: u32, nr: i64 },
+    Timeout {
+        tid: u32,
+        nr: i64,
+    },
     /// The thread stopped somewhere it should not have.
-    UnexpectedStop { tid: u32, what: String },
+    UnexpectedStop {
+        tid: u32,
+        what: String,
+    },
     /// Reading `/proc/PID/maps`.
-    Proc { pid: u32, err: io::Error },
+    Proc {
+        pid: u32,
+        err: io::Error,
+    },
 }
 
 impl fmt::Display for InjectError {
@@ -71,7 +84,10 @@ impl fmt::Display for InjectError {
                 write!(f, "{op} of thread {tid} failed: {}", err.desc())
             }
             InjectError::NoCodeSite { pid } => {
-                write!(f, "pid {pid} has no executable mapping to run a system call from")
+                write!(
+                    f,
+                    "pid {pid} has no executable mapping to run a system call from"
+                )
             }
             InjectError::Exited { pid } => {
                 write!(f, "pid {pid} exited while it ran an injected system call")
@@ -290,8 +306,10 @@ impl<'f> Injector<'f> {
         let t = Pid::from_raw(self.tid as i32);
         let text = ptrace::write(t, self.site as ptrace::AddressType, self.saved_word)
             .map_err(ptrace_err(self.tid, "PTRACE_POKETEXT (restoring the text)"));
-        let regs = ptrace::setregs(t, self.saved)
-            .map_err(ptrace_err(self.tid, "PTRACE_SETREGS (restoring the registers)"));
+        let regs = ptrace::setregs(t, self.saved).map_err(ptrace_err(
+            self.tid,
+            "PTRACE_SETREGS (restoring the registers)",
+        ));
         text.and(regs)
     }
 }
@@ -406,13 +424,20 @@ mod tests {
         let got = inj.syscall(libc::SYS_getpid, [0; 6]).unwrap();
         assert_eq!(got, pid as i64);
         // A bad call reports its errno, not a crash.
-        let bad = inj.syscall(libc::SYS_close, [1_000_000, 0, 0, 0, 0, 0]).unwrap();
+        let bad = inj
+            .syscall(libc::SYS_close, [1_000_000, 0, 0, 0, 0, 0])
+            .unwrap();
         assert_eq!(bad, -(libc::EBADF as i64));
         inj.finish().unwrap();
         frozen.resume().unwrap();
         child.stdin.as_mut().unwrap().write_all(b"hello").unwrap();
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         assert_eq!(out, "hello");
         assert!(child.wait().unwrap().success());
     }
