@@ -525,6 +525,30 @@ mod tests {
     }
 
     #[test]
+    fn attach_and_detach_take_a_pid() {
+        assert_eq!(
+            parse_request(b"attach 42\n", false),
+            Some(Request::Attach(42))
+        );
+        assert_eq!(
+            parse_request(b"detach 7\n", false),
+            Some(Request::Detach(7))
+        );
+        for bad in [
+            &b"attach\n"[..],
+            b"attach x\n",
+            b"detach -1\n",
+            b"attach 1 2\n",
+        ] {
+            assert!(
+                matches!(parse_request(bad, false), Some(Request::Unknown(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn http_requests_need_their_headers_and_the_metrics_path() {
         assert_eq!(parse_request(b"GET /metrics HTTP/1.0\r\n", true), None);
         assert_eq!(
