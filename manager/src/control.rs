@@ -65,6 +65,8 @@ struct Conn {
     /// A peer of another uid: its request is read (closing a unix socket with unread data
     /// resets it, and the peer would lose the line) and answered with this error.
     refused: Option<String>,
+    /// The answer comes later (an attach running on a helper thread).
+    deferred: bool,
 }
 
 /// What a complete request asks for.
@@ -72,6 +74,10 @@ struct Conn {
 pub enum Request {
     Stat,
     Metrics,
+    /// `attach PID` (umm daemon): manage a running process.
+    Attach(u32),
+    /// `detach PID`: let go of a process (and the children it forked while managed).
+    Detach(u32),
     /// Unknown control request or HTTP path: the text is for the error message.
     Unknown(String),
 }
@@ -193,7 +199,15 @@ pub fn parse_request(input: &[u8], http: bool) -> Option<Request> {
     Some(match text[..end].trim() {
         "stat" => Request::Stat,
         "metrics" => Request::Metrics,
-        other => Request::Unknown(other.chars().take(64).collect()),
+        other => match other.split_once(' ') {
+            Some(("attach", pid)) if pid.trim().parse::<u32>().is_ok() => {
+                Request::Attach(pid.trim().parse().expect("checked"))
+            }
+            Some(("detach", pid)) if pid.trim().parse::<u32>().is_ok() => {
+                Request::Detach(pid.trim().parse().expect("checked"))
+            }
+            _ => Request::Unknown(other.chars().take(64).collect()),
+        },
     })
 }
 
@@ -286,6 +300,7 @@ impl Manager {
                 output: None,
                 opened: Instant::now(),
                 refused,
+                deferred: false,
             });
             let conn = ctl.conns.get(id).expect("just inserted");
             if let Err(e) = self
@@ -316,6 +331,12 @@ impl Manager {
             self.flush_control(id);
             return;
         }
+        if conn.deferred {
+            // Waiting for its answer; anything more it sends is not read.
+            let mut ev = EpollEvent::new(EpollFlags::empty(), Token::ControlConn(id).encode());
+            let _ = self.epoll.modify(conn.stream.as_fd(), &mut ev);
+            return;
+        }
         let http = conn.stream.is_http();
         let max = if http {
             HTTP_REQUEST_MAX
@@ -344,9 +365,18 @@ impl Manager {
         let Some(request) = request else {
             return; // more to come
         };
-        let answer = match conn.refused.take() {
-            Some(error) => error.into_bytes(),
-            None => self.answer(&request, http),
+        let answer = match (conn.refused.take(), &request) {
+            (Some(error), _) => error.into_bytes(),
+            (None, Request::Attach(pid)) if !http => match self.start_attach(id, *pid) {
+                Ok(()) => {
+                    if let Some(conn) = self.control.as_mut().and_then(|c| c.conns.get_mut(id)) {
+                        conn.deferred = true;
+                    }
+                    return;
+                }
+                Err(e) => format!("error: {e}\n").into_bytes(),
+            },
+            (None, _) => self.answer(&request, http),
         };
         if let Some(conn) = self.control.as_mut().and_then(|c| c.conns.get_mut(id)) {
             conn.output = Some((answer, 0));
@@ -363,6 +393,24 @@ impl Manager {
                 json.into_bytes()
             }
             (Request::Metrics, false) => self.metrics_text().into_bytes(),
+            (Request::Detach(pid), false) => {
+                let n = self.detach_pid(*pid);
+                if n == 0 {
+                    format!("error: pid {pid} is not managed here\n").into_bytes()
+                } else {
+                    log::info!("pid {pid}: detached ({n} address spaces let go)");
+                    format!("ok detached pid {pid} ({n} address spaces)\n").into_bytes()
+                }
+            }
+            (Request::Attach(pid), false) => {
+                // Deferred by the caller; reached only if that changes.
+                format!("error: cannot attach to pid {pid} from here\n").into_bytes()
+            }
+            (Request::Attach(_) | Request::Detach(_), true) => http_response(
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "only GET /metrics is served here\n",
+            ),
             (Request::Metrics, true) => http_response(
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -370,7 +418,11 @@ impl Manager {
             ),
             (Request::Unknown(what), false) => {
                 log::info!("control socket: unknown request {what:?}");
-                format!("error: unknown request {what:?}; ask `stat` or `metrics`\n").into_bytes()
+                format!(
+                    "error: unknown request {what:?}; ask `stat`, `metrics`, `attach PID` or \
+                     `detach PID`\n"
+                )
+                .into_bytes()
             }
             (Request::Unknown(what), true) => {
                 log::info!("metrics: {what:?} is not served (only GET /metrics)");
@@ -381,6 +433,16 @@ impl Manager {
                 )
             }
         }
+    }
+
+    /// The answer of a deferred request (an attach): write it now.
+    pub(crate) fn answer_later(&mut self, id: Id, answer: Vec<u8>) {
+        let Some(conn) = self.control.as_mut().and_then(|c| c.conns.get_mut(id)) else {
+            return; // gone meanwhile (deadline or peer closed)
+        };
+        conn.deferred = false;
+        conn.output = Some((answer, 0));
+        self.flush_control(id);
     }
 
     /// Write what the socket takes now; the rest waits for EPOLLOUT (until the deadline).
@@ -460,6 +522,30 @@ mod tests {
             parse_request(b"quit\n", false),
             Some(Request::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn attach_and_detach_take_a_pid() {
+        assert_eq!(
+            parse_request(b"attach 42\n", false),
+            Some(Request::Attach(42))
+        );
+        assert_eq!(
+            parse_request(b"detach 7\n", false),
+            Some(Request::Detach(7))
+        );
+        for bad in [
+            &b"attach\n"[..],
+            b"attach x\n",
+            b"detach -1\n",
+            b"attach 1 2\n",
+        ] {
+            assert!(
+                matches!(parse_request(bad, false), Some(Request::Unknown(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

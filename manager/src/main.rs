@@ -1,5 +1,6 @@
 //! `umm` — a non-cooperative userfaultfd memory manager.
 
+mod attach;
 mod control;
 mod coverage;
 mod daemon;
@@ -67,6 +68,11 @@ enum Command {
     LazyPages(lazy_pages::LazyPagesArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
+    /// Manage a running process without the agent (ptrace): serve its memory until it exits
+    /// or is detached.
+    Attach(attach::AttachArgs),
+    /// Let go of an attached process (through its manager's control socket).
+    Detach(attach::DetachArgs),
     /// Write a memory image of a live process (its private anonymous memory).
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Draw a --trace file: `umm report TRACE --svg OUT.svg`.
@@ -142,7 +148,7 @@ struct RestoreArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-struct CommonArgs {
+pub(crate) struct CommonArgs {
     /// Write a JSON report of what was served to FILE at the end.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -283,6 +289,8 @@ fn main() {
         Command::Run(args) => run::main(args),
         Command::Daemon(args) => daemon::main(args),
         Command::Snapshot(args) => snapshot_cmd::main(args),
+        Command::Attach(args) => attach::main(args),
+        Command::Detach(args) => attach::detach_main(args),
         Command::Stat(args) => stat_cmd::main(args),
         Command::Report(args) => report_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),

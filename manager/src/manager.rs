@@ -100,6 +100,8 @@ pub enum Shutdown {
     /// `umm restore`: every restored address space is complete or gone (and the command, if
     /// any, exited with this status).
     RestoreDone(Option<i32>),
+    /// `umm attach`: the process exited, exec'd, or was detached.
+    AttachEnded,
 }
 
 const TICK: Duration = Duration::from_millis(50);
@@ -139,6 +141,12 @@ pub struct Manager {
     /// status once it exited.
     pub(crate) command: Option<u32>,
     pub(crate) command_status: Option<i32>,
+    /// `umm attach` (foreground): the process attached to; the loop ends when it is gone.
+    pub(crate) attached: Option<u32>,
+    /// It was detached (a `detach` request).
+    pub(crate) detached: bool,
+    /// `umm daemon`: attach requests whose injection runs on a helper thread.
+    pub(crate) attaching: Vec<crate::attach::PendingAttach>,
     /// The coverage helper thread (None if it could not start).
     pub(crate) coverage: Option<crate::coverage::CoverageSampler>,
     /// Lazy-restore state (keeper, background fill, fail-stop).
@@ -212,6 +220,9 @@ impl Manager {
             shutdown: None,
             command: None,
             command_status: None,
+            attached: None,
+            detached: false,
+            attaching: Vec::new(),
             restore: Default::default(),
             criu: None,
             control: None,
@@ -300,6 +311,10 @@ impl Manager {
             }
         } else if let Some(code) = self.command_status {
             self.shutdown = Some(Shutdown::CommandExited(code));
+        } else if let Some(pid) = self.attached {
+            if self.detached || !self.spaces.iter().any(|(_, s)| s.pid == Some(pid)) {
+                self.shutdown = Some(Shutdown::AttachEnded);
+            }
         }
     }
 
@@ -657,6 +672,7 @@ impl Manager {
         }
         self.rescan_due(now);
         self.control_tick(now);
+        self.attach_tick();
         self.restore_progress_tick();
         let handed_over = self.stats.handoffs != self.handoffs_at_last_coverage;
         self.handoffs_at_last_coverage = self.stats.handoffs;

@@ -238,7 +238,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     let command_status = match shutdown {
         Shutdown::RestoreDone(status) => status,
         Shutdown::CommandExited(code) => Some(code),
-        Shutdown::Signal(_) => mgr.command_status,
+        Shutdown::Signal(_) | Shutdown::AttachEnded => mgr.command_status,
     };
     let failed = mgr.restore.failed.clone();
     let mut report = mgr.stats().report(live, command_status);

@@ -159,6 +159,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         Shutdown::CommandExited(code) => code,
         Shutdown::Signal(sig) => 128 + sig,
         Shutdown::RestoreDone(code) => code.unwrap_or(0),
+        Shutdown::AttachEnded => 0,
     };
     let live = mgr.live_spaces();
     mgr.finish();

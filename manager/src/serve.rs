@@ -594,7 +594,7 @@ impl Manager {
         }
         let parent_pid = match space.origin {
             Origin::Fork { parent } => self.spaces.get(parent).and_then(|p| p.pid),
-            Origin::Handoff => None,
+            Origin::Handoff | Origin::Attach => None,
         };
         if !space.same_pidns {
             let Some(parent_pid) = parent_pid else {

@@ -18,6 +18,8 @@ pub enum Origin {
     Handoff,
     /// A FORK event of the given parent space created it.
     Fork { parent: Id },
+    /// `umm attach` made it in the running process.
+    Attach,
 }
 
 /// Fault-around: a few sequential streams per address space. A fault that lands where a
@@ -162,7 +164,7 @@ impl Space {
                     "space {} (forked from space {}, pid not yet known)",
                     id.index, parent.index
                 ),
-                Origin::Handoff => format!("space {} (pid unknown)", id.index),
+                Origin::Handoff | Origin::Attach => format!("space {} (pid unknown)", id.index),
             },
         }
     }

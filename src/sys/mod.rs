@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod activation;
 pub mod fd;
+pub mod inject;
 pub mod mmap;
 pub mod proc;
 pub mod process;

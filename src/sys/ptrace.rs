@@ -122,6 +122,9 @@ struct Task {
     /// The signal it was about to receive when it stopped (signal-delivery-stop), re-injected
     /// at detach.
     pending: Option<Signal>,
+    /// Signals that arrived while the thread ran injected code ([`super::inject`]): sent again
+    /// with `tgkill` after the detach (a detach hands back one signal only).
+    later: Vec<Signal>,
 }
 
 /// Every thread of a process, stopped under ptrace. Dropping it detaches them all (they
@@ -291,7 +294,11 @@ impl Frozen {
                     }
                 }
                 // From here on `frozen` owns the thread (and detaches it if we fail).
-                frozen.tasks.push(Task { tid, pending: None });
+                frozen.tasks.push(Task {
+                    tid,
+                    pending: None,
+                    later: Vec::new(),
+                });
                 match ptrace::interrupt(Pid::from_raw(tid as i32)) {
                     Ok(()) => seized.push(tid),
                     Err(Errno::ESRCH) => {} // exited meanwhile; the wait below reaps nothing
@@ -336,6 +343,31 @@ impl Frozen {
         self.frozen_at
     }
 
+    /// The stopped threads' ids.
+    pub fn tids(&self) -> Vec<u32> {
+        self.tasks.iter().map(|t| t.tid).collect()
+    }
+
+    /// The signal thread `tid` was receiving when it stopped (handed back at detach).
+    pub fn pending_signal(&self, tid: u32) -> Option<Signal> {
+        self.tasks
+            .iter()
+            .find(|t| t.tid == tid)
+            .and_then(|t| t.pending)
+    }
+
+    /// A signal thread `tid` stopped for while it ran injected code: it is delivered after
+    /// the detach, not lost. (Standard signals coalesce anyway; one of each is kept.)
+    pub(super) fn defer_signal(&mut self, tid: u32, sig: Signal) {
+        if let Some(t) = self.tasks.iter_mut().find(|t| t.tid == tid) {
+            if t.pending.is_none() {
+                t.pending = Some(sig);
+            } else if t.pending != Some(sig) && !t.later.contains(&sig) {
+                t.later.push(sig);
+            }
+        }
+    }
+
     /// Detach every thread, handing back signals caught at their stop. Errors other than
     /// "thread gone" are collected; every thread is tried.
     fn detach_all(&mut self) -> Result<(), FreezeError> {
@@ -343,7 +375,13 @@ impl Frozen {
         let pid = self.pid;
         for t in self.tasks.drain(..) {
             let tid = Pid::from_raw(t.tid as i32);
-            match ptrace::detach(tid, t.pending) {
+            let detached = ptrace::detach(tid, t.pending);
+            for &sig in &t.later {
+                if let Err(e) = super::inject::tgkill(pid, t.tid, sig) {
+                    log::warn!("re-sending {sig} to thread {} of pid {pid}: {e}", t.tid);
+                }
+            }
+            match detached {
                 Ok(()) => {}
                 // Gone, or attached but not (yet) stopped: a thread that did not stop in time
                 // (e.g. blocked in D state) traps as soon as it can. Give it a moment, then

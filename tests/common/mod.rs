@@ -56,6 +56,7 @@ pub const C_TARGETS: &[&str] = &[
     "memhog",
     "criu_restorer",
     "mtalloc",
+    "attachee",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).

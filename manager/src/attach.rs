@@ -1,0 +1,457 @@
+//! `umm attach PID` and `umm detach PID`: manage a process that is already running, without
+//! the agent.
+//!
+//! Attach: the process is frozen with ptrace, made to call `userfaultfd(O_CLOEXEC|O_NONBLOCK)`
+//! ([`umm::sys::inject`]), the new fd is copied out with `pidfd_getfd`, closed in the process,
+//! and the process is released with its registers exactly as they were. From there the fd
+//! takes the agent's path: mm check, UFFDIO_API with the non-cooperative events, registration
+//! from its maps, rescans. All of that happens before the loop serves anything (foreground)
+//! or on a helper thread (`umm daemon`): the loop never waits on a stopped process.
+//!
+//! A process that may not open a userfaultfd itself (not root, `vm.unprivileged_userfaultfd=0`)
+//! gets EPERM and is refused. Not implemented yet: under the daemon's `--grant-device`, hand it
+//! a `/dev/userfaultfd` fd (injected mmap of a scratch page, socket, connect, recvmsg, then
+//! `ioctl(USERFAULTFD_IOC_NEW)`).
+//!
+//! Detach: every registered range of the process, and of the children it forked since the
+//! attach (their uffds exist only in the manager), is unregistered and the uffds are closed:
+//! the processes go on with plain memory. A foreground attach detaches on SIGINT/SIGTERM or a
+//! `detach PID` request on its `--serve-control` socket, and ends when the process exits (or
+//! execs: a new program has a new mm that nobody hands over).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use nix::sys::signal::Signal;
+
+use umm::layout::Layout;
+use umm::sys::inject::{self, Injector};
+use umm::sys::ptrace::Frozen;
+use umm::sys::{fd as sysfd, proc, process};
+use umm::uffd::{Features, Uffd};
+
+use crate::manager::{self, event_for, Manager, Policy, Shutdown};
+use crate::slab::{Id, Token};
+use crate::space::{FaultAround, Origin, Space};
+use crate::CommonArgs;
+
+/// How long every thread of the target gets to stop.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The process to manage.
+    pid: u32,
+    /// Do not serve here: ask the manager behind this control socket (`umm daemon`'s) to
+    /// attach.
+    #[arg(long, value_name = "SOCK")]
+    control: Option<PathBuf>,
+    /// Answer `stat` and `detach PID` on this unix socket while attached (root and umm's own
+    /// uid only).
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    serve_control: Option<PathBuf>,
+    /// No summary on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// The process to let go of.
+    pid: u32,
+    /// The control socket of the manager that holds it (`umm daemon`'s, or `umm attach
+    /// --serve-control`).
+    #[arg(long, value_name = "SOCK", default_value = "/run/umm/umm.sock.ctl")]
+    control: PathBuf,
+}
+
+pub fn main(args: AttachArgs) -> i32 {
+    match attach(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("umm: {e}");
+            1
+        }
+    }
+}
+
+pub fn detach_main(args: DetachArgs) -> i32 {
+    match crate::stat_cmd::ask(&args.control, &format!("detach {}", args.pid)) {
+        Ok(answer) => {
+            eprint!("umm: {answer}");
+            0
+        }
+        Err(e) => {
+            eprintln!("umm: {e}");
+            1
+        }
+    }
+}
+
+fn attach(args: AttachArgs) -> Result<i32, String> {
+    if let Some(ctl) = &args.control {
+        let answer = crate::stat_cmd::ask(ctl, &format!("attach {}", args.pid))?;
+        eprint!("umm: {answer}");
+        return Ok(0);
+    }
+    let pid = args.pid;
+    check_attachable(pid)?;
+    crate::preflight::can_serve()?;
+    if let Err(e) = sysfd::raise_fd_limit() {
+        log::warn!("cannot raise the fd limit: {e}");
+    }
+    // Blocked before any thread exists (the coverage sampler), so every thread inherits it.
+    let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
+        .map_err(|e| format!("signalfd: {e}"))?;
+    let uffd = open_uffd_in(pid)?;
+    // Nobody connects to this socket: the loop needs a listener, agents are not expected.
+    let rt = crate::run::RuntimeDir::create()?;
+    let listener = UnixListener::bind(&rt.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", rt.socket.display()))?;
+    std::fs::set_permissions(&rt.socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", rt.socket.display()))?;
+    let cfg = args.common.config(Policy::Uids(vec![]), false);
+    let mut mgr = Manager::new(listener, cfg, Some(signals))
+        .map_err(|e| format!("cannot start the manager: {e}"))?;
+    let (control, _control_file) = crate::control::open(args.serve_control.as_deref(), None)?;
+    if let Some(c) = control {
+        mgr.attach_control(c)
+            .map_err(|e| format!("cannot serve the control socket: {e}"))?;
+    }
+    let (_, registered) = mgr.adopt_attached(pid, uffd)?;
+    log::info!(
+        "pid {pid}: attached, {} registered",
+        crate::stats::human_bytes(registered)
+    );
+    mgr.attached = Some(pid);
+    let shutdown = mgr.run().map_err(|e| format!("event loop failed: {e}"))?;
+    match shutdown {
+        Shutdown::Signal(sig) => log::info!("signal {sig}: detaching from pid {pid}"),
+        _ => log::info!("pid {pid}: gone or detached"),
+    }
+    mgr.detach_all();
+    let live = mgr.live_spaces();
+    mgr.finish();
+    let report = mgr.stats().report(live, None);
+    if let Some(path) = &args.common.report {
+        crate::daemon::write_report(path, &report);
+    }
+    if !args.quiet {
+        eprintln!("{}", report.summary());
+    }
+    Ok(0)
+}
+
+/// The refusals that need no ptrace: one line each, saying why.
+pub fn check_attachable(pid: u32) -> Result<(), String> {
+    umm::sys::ptrace::check_target(pid).map_err(|e| e.to_string())?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
+    // Field 9 (flags), counted after the command name in parentheses.
+    let flags: u64 = stat
+        .rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().nth(6)?.parse().ok())
+        .unwrap_or(0);
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    if flags & PF_KTHREAD != 0 {
+        return Err(format!(
+            "pid {pid} is a kernel thread: it has no user memory to manage"
+        ));
+    }
+    let tracer = proc::status_field(pid, "TracerPid")
+        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    if let Some(&t) = tracer.first().filter(|&&t| t != 0) {
+        return Err(format!(
+            "pid {pid} is already traced by pid {t} ({}): a process has one tracer at a time",
+            proc::exe(t as u32)
+        ));
+    }
+    check_yama(pid)?;
+    let flags = proc::vm_flags(pid).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            format!(
+                "no privilege to attach to pid {pid} (cannot read its smaps): run umm as root \
+                 or as its owner with CAP_SYS_PTRACE"
+            )
+        } else {
+            format!("cannot read /proc/{pid}/smaps: {e}")
+        }
+    })?;
+    if flags.values().any(|f| f.iter().any(|f| f == "um")) {
+        return Err(format!(
+            "pid {pid} already has memory registered with a userfaultfd (managed by umm or \
+             another userfaultfd user): refusing to attach twice"
+        ));
+    }
+    Ok(())
+}
+
+/// Yama's ptrace_scope, if the module is there: 3 forbids attaching at all, 2 needs
+/// CAP_SYS_PTRACE, 1 needs it too unless the target descends from us.
+fn check_yama(pid: u32) -> Result<(), String> {
+    let Ok(scope) = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") else {
+        return Ok(());
+    };
+    let scope: u32 = scope.trim().parse().unwrap_or(0);
+    let cap_ptrace = has_cap_sys_ptrace();
+    let refuse = match scope {
+        0 => false,
+        1 | 2 if cap_ptrace => false,
+        1 => !is_descendant(pid),
+        _ => true,
+    };
+    if refuse {
+        return Err(format!(
+            "Yama ptrace_scope is {scope} (/proc/sys/kernel/yama/ptrace_scope): attaching to \
+             pid {pid} is not allowed{}",
+            match scope {
+                1 | 2 => "; run umm as root (CAP_SYS_PTRACE)",
+                _ => "; scope 3 forbids ptrace attach until reboot",
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this process has CAP_SYS_PTRACE (bit 19 of CapEff, in hex, in /proc/self/status).
+fn has_cap_sys_ptrace() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+fn is_descendant(pid: u32) -> bool {
+    let me = std::process::id();
+    let mut at = pid;
+    for _ in 0..4096 {
+        if at == me {
+            return true;
+        }
+        match proc::parent_pid(at) {
+            Ok(p) if p > 1 => at = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Freeze `pid`, make it open a uffd, take a copy, close its own, release it.
+pub fn open_uffd_in(pid: u32) -> Result<OwnedFd, String> {
+    let mut frozen = Frozen::freeze(pid, FREEZE_TIMEOUT).map_err(|e| e.to_string())?;
+    let got = inject_userfaultfd(&mut frozen);
+    let released = frozen.resume();
+    let fd = got?;
+    released.map_err(|e| format!("releasing pid {pid}: {e}"))?;
+    Ok(fd)
+}
+
+fn inject_userfaultfd(frozen: &mut Frozen) -> Result<OwnedFd, String> {
+    let pid = frozen.pid();
+    let pidfd = process::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+    let ctx = |e: inject::InjectError| format!("pid {pid}: {e}");
+    let mut inj = Injector::new(frozen).map_err(ctx)?;
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let made = inj
+        .syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
+        .map_err(ctx)?;
+    if made == -(libc::EPERM as i64) {
+        return Err(format!(
+            "pid {pid} may not open a userfaultfd itself (userfaultfd: EPERM; \
+             vm.unprivileged_userfaultfd=0 and it lacks CAP_SYS_PTRACE), and handing it \
+             /dev/userfaultfd is not implemented for attach yet: run it as root, or under \
+             umm run"
+        ));
+    }
+    if made < 0 {
+        return Err(format!(
+            "pid {pid}: its userfaultfd(2) failed: {}",
+            std::io::Error::from_raw_os_error(-made as i32)
+        ));
+    }
+    let in_target = made as i32;
+    let taken = inject::pidfd_getfd(pidfd.as_fd(), in_target)
+        .map_err(|e| format!("pidfd_getfd(pid {pid}, fd {in_target}): {e}"));
+    // Its copy goes whatever happened: the process must not keep a uffd it does not know of.
+    let closed = inj
+        .syscall(libc::SYS_close, [in_target as u64, 0, 0, 0, 0, 0])
+        .map_err(ctx)?;
+    inj.finish().map_err(ctx)?;
+    if closed < 0 {
+        log::warn!("pid {pid}: closing the injected fd {in_target} failed ({closed})");
+    }
+    taken
+}
+
+impl Manager {
+    /// Take an attached process's uffd (fresh, made in it by [`open_uffd_in`]): check it is of
+    /// the process's mm, enable the events, register its memory, watch it. Returns the space
+    /// and the bytes registered.
+    pub(crate) fn adopt_attached(&mut self, pid: u32, fd: OwnedFd) -> Result<(Id, u64), String> {
+        if !sysfd::is_userfaultfd(fd.as_fd()) {
+            return Err(format!(
+                "pid {pid}: the fd taken from it is {}, not a userfaultfd",
+                sysfd::describe(fd.as_fd())
+            ));
+        }
+        let uffd = Uffd::from_owned(fd);
+        uffd.api(Features::NON_COOPERATIVE)
+            .map_err(|e| format!("pid {pid}: {e}"))?;
+        crate::mm_check::check_uffd_mm(&uffd, pid).map_err(|e| format!("pid {pid}: {e}"))?;
+        let mut space = Space::new(
+            uffd,
+            Layout::new(),
+            Origin::Attach,
+            FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
+        );
+        space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
+        space.exe = proc::exe(pid);
+        let sid = self.spaces.insert(space);
+        self.set_pid(sid, pid);
+        let registered = self.rescan(sid);
+        let Some(s) = self.spaces.get(sid) else {
+            return Err(format!("pid {pid} exited (or exec'd) during the attach"));
+        };
+        if let Err(e) = self.epoll.add(s.uffd.as_fd(), event_for(Token::Uffd(sid))) {
+            self.close_space(sid, "epoll add failed");
+            return Err(format!("pid {pid}: epoll: {e}"));
+        }
+        self.stats.handoffs += 1;
+        self.stats.processes += 1;
+        self.to_drain.push(sid);
+        Ok((sid, registered))
+    }
+
+    /// Let go of `pid` and of the children it forked while managed: unregister every range,
+    /// close the uffds. Returns how many address spaces were let go.
+    pub(crate) fn detach_pid(&mut self, pid: u32) -> usize {
+        let ids: Vec<Id> = self.spaces.ids();
+        let mut mine: Vec<Id> = ids
+            .iter()
+            .copied()
+            .filter(|&id| self.spaces.get(id).is_some_and(|s| s.pid == Some(pid)))
+            .collect();
+        // Forked descendants (FORK spaces whose parent chain leads to one of ours).
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for &id in &ids {
+                if mine.contains(&id) {
+                    continue;
+                }
+                if let Some(Origin::Fork { parent }) = self.spaces.get(id).map(|s| s.origin) {
+                    if mine.contains(&parent) {
+                        mine.push(id);
+                        grew = true;
+                    }
+                }
+            }
+        }
+        for &id in &mine {
+            self.unregister_all(id);
+            self.close_space(id, "detached");
+        }
+        if self.attached == Some(pid) && !mine.is_empty() {
+            self.detached = true;
+        }
+        mine.len()
+    }
+
+    /// Detach every space (the end of a foreground attach).
+    pub(crate) fn detach_all(&mut self) {
+        for id in self.spaces.ids() {
+            self.unregister_all(id);
+            self.close_space(id, "detached");
+        }
+    }
+
+    /// Unregister every registered range of a space, so that nothing of it is left waiting on
+    /// a uffd (closing it would do the same; this says so explicitly and logs failures).
+    fn unregister_all(&mut self, id: Id) {
+        let Some(s) = self.spaces.get(id) else {
+            return;
+        };
+        for vma in s.layout.vmas() {
+            if let Err(e) = s.uffd.unregister(vma.start, vma.end - vma.start) {
+                if !e.mm_gone() {
+                    log::debug!("{}: {e}", s.describe(id));
+                }
+            }
+        }
+    }
+}
+
+/// An attach request of the control socket whose injection runs on a helper thread.
+pub struct PendingAttach {
+    conn: Id,
+    pid: u32,
+    result: std::sync::mpsc::Receiver<Result<OwnedFd, String>>,
+}
+
+impl Manager {
+    /// An `attach PID` request: check it here (fast, /proc reads), then freeze and inject on a
+    /// helper thread, which becomes the process's tracer for that while. The answer is sent
+    /// when it is done ([`Manager::attach_tick`]).
+    pub(crate) fn start_attach(&mut self, conn: Id, pid: u32) -> Result<(), String> {
+        if pid == self.own_pid {
+            return Err("the manager does not manage itself".into());
+        }
+        if self.attaching.iter().any(|a| a.pid == pid) {
+            return Err(format!("pid {pid} is being attached already"));
+        }
+        check_attachable(pid)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("umm-attach-{pid}"))
+            .spawn(move || {
+                let _ = tx.send(open_uffd_in(pid));
+            })
+            .map_err(|e| format!("cannot start the attach helper: {e}"))?;
+        self.attaching.push(PendingAttach {
+            conn,
+            pid,
+            result: rx,
+        });
+        Ok(())
+    }
+
+    /// Take the uffds of finished attach helpers and answer their requests (each tick).
+    pub(crate) fn attach_tick(&mut self) {
+        let mut i = 0;
+        while i < self.attaching.len() {
+            let got = match self.attaching[i].result.try_recv() {
+                Ok(r) => r,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    i += 1;
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err("the attach helper died".to_string())
+                }
+            };
+            let a = self.attaching.swap_remove(i);
+            let answer = match got.and_then(|fd| self.adopt_attached(a.pid, fd)) {
+                Ok((_, registered)) => {
+                    let bytes = crate::stats::human_bytes(registered);
+                    log::info!("pid {}: attached, {bytes} registered", a.pid);
+                    format!("ok attached pid {}: {bytes} registered\n", a.pid)
+                }
+                Err(e) => {
+                    log::warn!("attach: {e}");
+                    format!("error: {e}\n")
+                }
+            };
+            self.answer_later(a.conn, answer.into_bytes());
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! `umm attach PID` / `umm detach PID`: a running program, started without the agent, is
+//! managed and let go again, any number of times, without noticing anything but the manager's
+//! faults: its memory always verifies, no signal is lost, a thread blocked in `read` gets its
+//! bytes, and a statically linked program works too. Refusals are one clear line and exit 1.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The attachee's shared state file (tests/targets/attachee.c).
+const RECEIVED: u64 = 0;
+const ROUNDS: u64 = 1;
+const REGION: u64 = 2;
+const STOP: u64 = 3;
+const READING: u64 = 4;
+
+struct Attachee {
+    proc: Proc,
+    state: PathBuf,
+}
+
+impl Attachee {
+    fn start(dir: &TestDir, label: &str, exe: &Path, reader: bool) -> Attachee {
+        let state = dir.join(format!("{label}.state"));
+        let mut cmd = Command::new(exe);
+        cmd.arg(&state);
+        if reader {
+            cmd.arg("reader");
+        }
+        let proc = Proc::spawn(dir, label, cmd);
+        let a = Attachee { proc, state };
+        let started = poll_until(1000, Duration::from_millis(10), || {
+            a.word(ROUNDS) > 2 && (!reader || a.word(READING) == 1)
+        });
+        assert!(started, "attachee did not start\n{}", a.proc.context());
+        a
+    }
+
+    fn pid(&self) -> i32 {
+        self.proc.pid
+    }
+
+    fn word(&self, i: u64) -> u64 {
+        word(&self.state, i)
+    }
+
+    fn set_stop(&self) {
+        let f = OpenOptions::new().write(true).open(&self.state).unwrap();
+        f.write_all_at(&1u64.to_ne_bytes(), STOP * 8).unwrap();
+    }
+
+    fn wait_rounds(&self, n: u64, what: &str) {
+        wait_rounds(&self.state, n, what);
+    }
+
+    fn registered(&self) -> bool {
+        registered(self.pid(), &self.state)
+    }
+
+    /// Stop it (the stop flag), and return its OK line.
+    fn finish(mut self) -> OkLine {
+        self.set_stop();
+        let st = self.proc.wait_bounded(Duration::from_secs(60));
+        assert!(
+            st.success(),
+            "attachee: {}\n{}",
+            describe(&st),
+            self.proc.context()
+        );
+        OkLine::find(&self.proc.stdout(), "attachee")
+            .unwrap_or_else(|| panic!("no OK line\n{}", self.proc.context()))
+    }
+}
+
+/// Word `i` of an attachee's state file (0 until it exists).
+fn word(state: &Path, i: u64) -> u64 {
+    let Ok(f) = std::fs::File::open(state) else {
+        return 0;
+    };
+    let mut b = [0u8; 8];
+    match f.read_at(&mut b, i * 8) {
+        Ok(8) => u64::from_ne_bytes(b),
+        _ => 0,
+    }
+}
+
+/// Wait (bounded) for `n` more completed rounds: the program makes progress.
+fn wait_rounds(state: &Path, n: u64, what: &str) {
+    let from = word(state, ROUNDS);
+    let ok = poll_until(2000, Duration::from_millis(5), || {
+        word(state, ROUNDS) >= from + n
+    });
+    assert!(ok, "{what}: the attachee made no progress");
+}
+
+/// Whether the attachee's churned region is registered with a userfaultfd (the kernel's `um`
+/// flag in its smaps).
+fn registered(pid: i32, state: &Path) -> bool {
+    let flags = umm::sys::proc::vm_flags(pid as u32).unwrap_or_default();
+    flags
+        .get(&word(state, REGION))
+        .is_some_and(|f| f.iter().any(|f| f == "um"))
+}
+
+/// Sends SIGUSR1 one at a time, each only once the previous one was counted (standard signals
+/// sent while one is pending merge, which would be no fault of umm's).
+struct Sender {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Sender {
+    fn start(pid: i32, state: PathBuf) -> Sender {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (s2, n2) = (stop.clone(), sent.clone());
+        let thread = std::thread::spawn(move || {
+            let received = || {
+                let mut b = [0u8; 8];
+                std::fs::File::open(&state)
+                    .and_then(|f| f.read_exact_at(&mut b, RECEIVED * 8))
+                    .map(|_| u64::from_ne_bytes(b))
+                    .unwrap_or(0)
+            };
+            while !s2.load(Ordering::SeqCst) {
+                kill(Pid::from_raw(pid), Signal::SIGUSR1).map_err(|e| e.to_string())?;
+                let n = n2.fetch_add(1, Ordering::SeqCst) + 1;
+                // Bounded: a signal not counted in 20 s is lost.
+                if !poll_until(40_000, Duration::from_micros(500), || received() >= n) {
+                    return Err(format!(
+                        "signal {n} never arrived (received {})",
+                        received()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        });
+        Sender {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop sending; the number sent.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let r = self.thread.take().unwrap().join().expect("sender thread");
+        if let Err(e) = r {
+            panic!("signal sender: {e}");
+        }
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+/// One control request, the whole answer.
+fn ask(ctl: &Path, request: &str) -> String {
+    let mut s = UnixStream::connect(ctl).unwrap_or_else(|e| panic!("{}: {e}", ctl.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn attach_fg(dir: &TestDir, label: &str, pid: i32) -> (Proc, PathBuf) {
+    let report = dir.join(format!("{label}.json"));
+    let mut cmd = Command::new(umm_bin());
+    cmd.arg("attach")
+        .arg(pid.to_string())
+        .arg("--report")
+        .arg(&report)
+        .env("RUST_LOG", "info");
+    (Proc::spawn(dir, label, cmd), report)
+}
+
+fn wait_registered(a: &Attachee, umm: &mut Proc) {
+    let ok = poll_until(2000, Duration::from_millis(5), || {
+        a.registered() || umm.try_wait().is_some()
+    });
+    assert!(
+        ok && a.registered(),
+        "the attachee's region never got registered\n{}\n{}",
+        umm.context(),
+        a.proc.context()
+    );
+}
+
+#[test]
+fn attach_detach_100_times_through_the_daemon_loses_no_memory_or_signal() {
+    require_root_and_uffd();
+    let dir = TestDir::new("attach_100");
+    let mut d = UmmDaemon::start(&dir);
+    let ctl = dir.join("umm.sock.ctl");
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    let sender = Sender::start(a.pid(), a.state.clone());
+    let pid = a.pid();
+    for i in 0..100 {
+        let answer = ask(&ctl, &format!("attach {pid}"));
+        assert!(
+            answer.starts_with(&format!("ok attached pid {pid}")),
+            "cycle {i}: {answer}\n{}",
+            d.proc.context()
+        );
+        assert!(a.registered(), "cycle {i}: attached but not registered");
+        if i == 0 {
+            // Twice is refused, clearly; the first attach stays.
+            let again = ask(&ctl, &format!("attach {pid}"));
+            assert!(
+                again.starts_with("error: ") && again.contains("already"),
+                "{again}"
+            );
+            assert!(a.registered());
+        }
+        // At least one whole round (MADV_DONTNEED, zero check, fill, verify) while attached.
+        a.wait_rounds(2, &format!("cycle {i}, attached"));
+        let answer = ask(&ctl, &format!("detach {pid}"));
+        assert!(
+            answer.starts_with(&format!("ok detached pid {pid}")),
+            "cycle {i}: {answer}"
+        );
+        assert!(!a.registered(), "cycle {i}: detached but still registered");
+        a.wait_rounds(1, &format!("cycle {i}, detached"));
+    }
+    let again = ask(&ctl, &format!("detach {pid}"));
+    assert!(
+        again.starts_with("error: ") && again.contains("not managed"),
+        "{again}"
+    );
+    let sent = sender.finish();
+    d.assert_fds_back("100 attach/detach cycles");
+    let ok = a.finish();
+    assert!(sent > 0, "no signal was sent");
+    assert_eq!(ok.u64("usr1"), sent, "signals sent and received differ");
+    let report = d.stop();
+    assert_eq!(report.u64("processes"), 100, "{}", report.pretty());
+    // Every cycle ran a round on registered memory: its zero check faulted after a REMOVE.
+    assert!(report.u64("faults") >= 100, "{}", report.pretty());
+    assert!(
+        report.u64("pages_served") >= 100 * 64,
+        "{}",
+        report.pretty()
+    );
+    assert!(report.u64("events.remove") >= 100, "{}", report.pretty());
+}
+
+#[test]
+fn foreground_attach_of_a_static_binary_detaches_on_sigterm() {
+    require_root_and_uffd();
+    let dir = TestDir::new("attach_static");
+    let exe = dir.join("attachee-static");
+    let src = target_source("attachee.c");
+    let out = Command::new("cc")
+        .args(["-static", "-O2", "-pthread", "-Wall", "-I"])
+        .arg(src.parent().unwrap())
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "cc -static failed (libc6-dev's libc.a?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = Attachee::start(&dir, "attachee", &exe, false);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", a.pid())).unwrap();
+    assert!(!maps.contains("ld-linux"), "not a static binary:\n{maps}");
+    let (mut umm, report) = attach_fg(&dir, "attach", a.pid());
+    wait_registered(&a, &mut umm);
+    a.wait_rounds(3, "attached");
+    umm.signal(Signal::SIGTERM);
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm.context()
+    );
+    assert!(!a.registered(), "still registered after the detach");
+    assert!(
+        umm.stderr().contains("umm: 1 processes"),
+        "{}",
+        umm.context()
+    );
+    a.wait_rounds(3, "detached");
+    a.finish();
+    let r = Report::load(&report).unwrap();
+    assert!(r.u64("faults") > 0, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+}
+
+#[test]
+fn a_thread_blocked_in_read_gets_its_bytes_and_attach_ends_with_the_process() {
+    require_root_and_uffd();
+    let dir = TestDir::new("attach_read");
+    let state = dir.join("reader.state");
+    let stdout = std::fs::File::create(dir.join("reader.stdout")).unwrap();
+    let mut child = Command::new(target("attachee"))
+        .arg(&state)
+        .arg("reader")
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let reading = poll_until(2000, Duration::from_millis(5), || {
+        word(&state, READING) == 1
+            && std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                .is_ok_and(|w| w.contains("pipe_read"))
+    });
+    assert!(reading, "the main thread never blocked in read(2)");
+    let registered = || registered(pid, &state);
+    // First attach: interrupts the read, detached by SIGTERM.
+    let (mut umm1, _) = attach_fg(&dir, "attach1", pid);
+    assert!(
+        poll_until(2000, Duration::from_millis(5), registered),
+        "{}",
+        umm1.context()
+    );
+    wait_rounds(&state, 4, "first attach");
+    umm1.signal(Signal::SIGTERM);
+    assert!(
+        umm1.wait_bounded(Duration::from_secs(60)).success(),
+        "{}",
+        umm1.context()
+    );
+    assert!(!registered());
+    // Second attach: the bytes arrive while attached; the process exits and the attach ends
+    // by itself.
+    let (mut umm2, report) = attach_fg(&dir, "attach2", pid);
+    assert!(
+        poll_until(2000, Duration::from_millis(5), registered),
+        "{}",
+        umm2.context()
+    );
+    wait_rounds(&state, 4, "second attach");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"0123456789abcdef")
+        .unwrap();
+    let st = umm2.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm2.context()
+    );
+    let status = child.wait().unwrap();
+    let out = std::fs::read_to_string(dir.join("reader.stdout")).unwrap();
+    assert!(status.success(), "attachee: {status:?}\n{out}");
+    let ok = OkLine::find(&out, "attachee").unwrap_or_else(|| panic!("no OK line: {out}"));
+    assert_eq!(ok.str("input"), "0123456789abcdef");
+    let r = Report::load(&report).unwrap();
+    assert!(r.u64("faults") > 0, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+}
+
+fn refused(dir: &TestDir, label: &str, mut cmd: Command) -> String {
+    let mut p = Proc::spawn(dir, label, {
+        cmd.env("RUST_LOG", "warn");
+        cmd
+    });
+    let st = p.wait_bounded(Duration::from_secs(30));
+    let err = p.stderr();
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "{label}: {}\n{}",
+        describe(&st),
+        p.context()
+    );
+    assert_eq!(err.lines().count(), 1, "{label}: not one line:\n{err}");
+    assert!(err.starts_with("umm: "), "{label}: {err}");
+    err
+}
+
+fn attach_cmd(pid: i32) -> Command {
+    let mut c = Command::new(umm_bin());
+    c.arg("attach").arg(pid.to_string());
+    c
+}
+
+#[test]
+fn refusals_are_one_clear_line() {
+    require_root_and_uffd();
+    let dir = TestDir::new("attach_refusals");
+    // No such process.
+    let mut missing = 4_194_000;
+    while Path::new(&format!("/proc/{missing}")).exists() {
+        missing += 1;
+    }
+    let e = refused(&dir, "missing", attach_cmd(missing));
+    assert!(e.contains(&format!("no process with pid {missing}")), "{e}");
+    // A kernel thread (kthreadd).
+    let e = refused(&dir, "kthread", attach_cmd(2));
+    assert!(e.contains("kernel thread"), "{e}");
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    // Another tracer holds it.
+    {
+        let frozen =
+            umm::sys::ptrace::Frozen::freeze(a.pid() as u32, Duration::from_secs(10)).unwrap();
+        let e = refused(&dir, "traced", attach_cmd(a.pid()));
+        assert!(e.contains("already traced by pid"), "{e}");
+        frozen.resume().unwrap();
+    }
+    // An unprivileged caller.
+    let mut cmd = attach_cmd(a.pid());
+    cmd.uid(65534).gid(65534);
+    let e = refused(&dir, "unprivileged", cmd);
+    assert!(
+        e.contains(&a.pid().to_string()) || e.contains("uid 65534"),
+        "{e}"
+    );
+    // None of this touched it.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    assert!(!a.registered());
+    a.wait_rounds(2, "after the refusals");
+    a.finish();
+}
