@@ -9,9 +9,10 @@
 //! or on a helper thread (`umm daemon`): the loop never waits on a stopped process.
 //!
 //! A process that may not open a userfaultfd itself (not root, `vm.unprivileged_userfaultfd=0`)
-//! gets EPERM and is refused. Not implemented yet: under the daemon's `--grant-device`, hand it
-//! a `/dev/userfaultfd` fd (injected mmap of a scratch page, socket, connect, recvmsg, then
-//! `ioctl(USERFAULTFD_IOC_NEW)`).
+//! gets EPERM. Without `--grant-device` (the daemon's, or `umm attach --grant-device`) it is
+//! refused; with it, the process is handed a `/dev/userfaultfd` fd ([`Injector::give_fd`]:
+//! an injected socketpair and recvmsg), made to call `ioctl(USERFAULTFD_IOC_NEW)` on it, and
+//! both fds are closed in it again: it keeps no grant after the attach.
 //!
 //! Detach: every registered range of the process, and of the children it forked since the
 //! attach (their uffds exist only in the manager), is unregistered and the uffds are closed:
@@ -19,7 +20,7 @@
 //! `detach PID` request on its `--serve-control` socket, and ends when the process exits (or
 //! execs: a new program has a new mm that nobody hands over).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -32,6 +33,7 @@ use umm::layout::Layout;
 use umm::sys::inject::{self, Injector};
 use umm::sys::ptrace::Frozen;
 use umm::sys::{fd as sysfd, proc, process};
+use umm::uffd::abi::USERFAULTFD_IOC_NEW;
 use umm::uffd::{Features, Uffd};
 
 use crate::manager::{self, event_for, Manager, Policy, Shutdown};
@@ -56,6 +58,11 @@ pub struct AttachArgs {
     /// uid only).
     #[arg(long, value_name = "PATH", conflicts_with = "control")]
     serve_control: Option<PathBuf>,
+    /// If the process may not open a userfaultfd itself (not root, with
+    /// vm.unprivileged_userfaultfd=0), hand it a /dev/userfaultfd fd for the attach (it is
+    /// closed in the process again at once). A grant, as for `umm daemon --grant-device`.
+    #[arg(long, conflicts_with = "control")]
+    grant_device: bool,
     /// No summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -109,14 +116,14 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
     // Blocked before any thread exists (the coverage sampler), so every thread inherits it.
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
-    let uffd = open_uffd_in(pid)?;
+    let uffd = open_uffd_in(pid, args.grant_device)?;
     // Nobody connects to this socket: the loop needs a listener, agents are not expected.
     let rt = crate::run::RuntimeDir::create()?;
     let listener = UnixListener::bind(&rt.socket)
         .map_err(|e| format!("cannot listen on {}: {e}", rt.socket.display()))?;
     std::fs::set_permissions(&rt.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", rt.socket.display()))?;
-    let cfg = args.common.config(Policy::Uids(vec![]), false);
+    let cfg = args.common.config(Policy::Uids(vec![]), args.grant_device);
     let mut mgr = Manager::new(listener, cfg, Some(signals))
         .map_err(|e| format!("cannot start the manager: {e}"))?;
     let (control, _control_file) = crate::control::open(args.serve_control.as_deref(), None)?;
@@ -246,32 +253,37 @@ fn is_descendant(pid: u32) -> bool {
     false
 }
 
-/// Freeze `pid`, make it open a uffd, take a copy, close its own, release it.
-pub fn open_uffd_in(pid: u32) -> Result<OwnedFd, String> {
+/// Freeze `pid`, make it open a uffd, take a copy, close its own, release it. With `grant`,
+/// a process that may not open one itself gets a `/dev/userfaultfd` fd for the moment.
+pub fn open_uffd_in(pid: u32, grant: bool) -> Result<OwnedFd, String> {
     let mut frozen = Frozen::freeze(pid, FREEZE_TIMEOUT).map_err(|e| e.to_string())?;
-    let got = inject_userfaultfd(&mut frozen);
+    let got = inject_userfaultfd(&mut frozen, grant);
     let released = frozen.resume();
     let fd = got?;
     released.map_err(|e| format!("releasing pid {pid}: {e}"))?;
     Ok(fd)
 }
 
-fn inject_userfaultfd(frozen: &mut Frozen) -> Result<OwnedFd, String> {
+const UFFD_FLAGS: u64 = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+
+fn inject_userfaultfd(frozen: &mut Frozen, grant: bool) -> Result<OwnedFd, String> {
     let pid = frozen.pid();
     let pidfd = process::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
     let ctx = |e: inject::InjectError| format!("pid {pid}: {e}");
     let mut inj = Injector::new(frozen).map_err(ctx)?;
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let made = inj
-        .syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
+    let mut made = inj
+        .syscall(libc::SYS_userfaultfd, [UFFD_FLAGS, 0, 0, 0, 0, 0])
         .map_err(ctx)?;
     if made == -(libc::EPERM as i64) {
-        return Err(format!(
-            "pid {pid} may not open a userfaultfd itself (userfaultfd: EPERM; \
-             vm.unprivileged_userfaultfd=0 and it lacks CAP_SYS_PTRACE), and handing it \
-             /dev/userfaultfd is not implemented for attach yet: run it as root, or under \
-             umm run"
-        ));
+        if !grant {
+            return Err(format!(
+                "pid {pid} may not open a userfaultfd itself (userfaultfd: EPERM; \
+                 vm.unprivileged_userfaultfd=0 and it lacks CAP_SYS_PTRACE): attach with \
+                 --grant-device (umm daemon: start it with --grant-device) to hand it \
+                 /dev/userfaultfd for the attach"
+            ));
+        }
+        made = uffd_from_granted_device(&mut inj, pidfd.as_fd())?;
     }
     if made < 0 {
         return Err(format!(
@@ -283,14 +295,46 @@ fn inject_userfaultfd(frozen: &mut Frozen) -> Result<OwnedFd, String> {
     let taken = inject::pidfd_getfd(pidfd.as_fd(), in_target)
         .map_err(|e| format!("pidfd_getfd(pid {pid}, fd {in_target}): {e}"));
     // Its copy goes whatever happened: the process must not keep a uffd it does not know of.
-    let closed = inj
-        .syscall(libc::SYS_close, [in_target as u64, 0, 0, 0, 0, 0])
-        .map_err(ctx)?;
+    inj.close_in_target(in_target);
     inj.finish().map_err(ctx)?;
-    if closed < 0 {
-        log::warn!("pid {pid}: closing the injected fd {in_target} failed ({closed})");
-    }
     taken
+}
+
+/// The grant path: hand the target a `/dev/userfaultfd` fd, make it call
+/// `ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC|O_NONBLOCK)` (the kernel checked permissions
+/// when we opened the device; the ioctl checks none), close the device fd in it again.
+/// Returns the ioctl's raw result (the new uffd's number in the target, or `-errno`).
+fn uffd_from_granted_device(inj: &mut Injector<'_>, pidfd: BorrowedFd<'_>) -> Result<i64, String> {
+    let pid = inj.pid();
+    let dev = Uffd::open_device()
+        .map_err(|e| format!("cannot open /dev/userfaultfd to grant pid {pid}: {e}"))?;
+    let dev_in_target = inj
+        .give_fd(pidfd, dev.as_fd())
+        .map_err(|e| format!("handing /dev/userfaultfd to pid {pid}: {e}"))?;
+    let made = inj.syscall(
+        libc::SYS_ioctl,
+        [
+            dev_in_target as u64,
+            USERFAULTFD_IOC_NEW,
+            UFFD_FLAGS,
+            0,
+            0,
+            0,
+        ],
+    );
+    // The grant lasts only for this call: the process keeps no device fd.
+    inj.close_in_target(dev_in_target);
+    let made = made.map_err(|e| format!("pid {pid}: {e}"))?;
+    if made < 0 {
+        return Err(format!(
+            "pid {pid}: ioctl(USERFAULTFD_IOC_NEW) on the granted /dev/userfaultfd failed: {}",
+            std::io::Error::from_raw_os_error(-made as i32)
+        ));
+    }
+    log::info!(
+        "pid {pid}: cannot open a userfaultfd itself; made one from a granted /dev/userfaultfd"
+    );
+    Ok(made)
 }
 
 impl Manager {
@@ -410,11 +454,12 @@ impl Manager {
             return Err(format!("pid {pid} is being attached already"));
         }
         check_attachable(pid)?;
+        let grant = self.cfg.grant_device;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(format!("umm-attach-{pid}"))
             .spawn(move || {
-                let _ = tx.send(open_uffd_in(pid));
+                let _ = tx.send(open_uffd_in(pid, grant));
             })
             .map_err(|e| format!("cannot start the attach helper: {e}"))?;
         self.attaching.push(PendingAttach {

@@ -20,12 +20,13 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -64,6 +65,12 @@ pub enum InjectError {
         tid: u32,
         what: String,
     },
+    /// A step of an injected sequence failed (`err`: the target's errno, or ours).
+    Io {
+        pid: u32,
+        what: &'static str,
+        err: io::Error,
+    },
     /// Reading `/proc/PID/maps`.
     Proc {
         pid: u32,
@@ -100,6 +107,7 @@ impl fmt::Display for InjectError {
             InjectError::UnexpectedStop { tid, what } => {
                 write!(f, "thread {tid} stopped unexpectedly: {what}")
             }
+            InjectError::Io { pid, what, err } => write!(f, "pid {pid}: {what} failed: {err}"),
             InjectError::Proc { pid, err } => write!(f, "cannot read /proc/{pid}/maps: {err}"),
         }
     }
@@ -119,6 +127,61 @@ const CODE: [u8; 8] = [0x0f, 0x05, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc];
 /// The int3's address is this far past the code's start (where the trap leaves rip).
 #[cfg(target_arch = "x86_64")]
 const TRAP_RIP: u64 = 3;
+
+/// Size of the scratch page [`Injector::give_fd`] maps in the target.
+const SCRATCH_LEN: u64 = 4096;
+
+/// What [`Injector::give_fd`] puts in its scratch page (x86_64 layouts of the libc structs):
+/// the socketpair's two fds, a `msghdr` with one `iovec` of one byte, and room for one
+/// SCM_RIGHTS fd.
+mod scratch_layout {
+    /// `int sv[2]` of socketpair(2).
+    pub const PAIR: u64 = 0;
+    /// `struct msghdr` (56 bytes).
+    pub const MSGHDR: u64 = 16;
+    /// `struct iovec` (16 bytes).
+    const IOVEC: u64 = 80;
+    /// The one data byte.
+    const DATA: u64 = 112;
+    /// The control buffer: `CMSG_SPACE(sizeof(int))` = 16-byte header + 4, aligned to 8.
+    pub const CMSG: u64 = 128;
+    pub const CMSG_LEN: u64 = 24;
+
+    /// A `msghdr` (followed by its `iovec`) for a scratch page at `base`: no name, one byte
+    /// of data, [`CMSG_LEN`] bytes of control. Bytes from [`MSGHDR`] up to [`DATA`].
+    pub fn recv_header(base: u64) -> Vec<u8> {
+        let words: [u64; 12] = [
+            // struct msghdr
+            0,            // msg_name
+            0,            // msg_namelen (+ padding)
+            base + IOVEC, // msg_iov
+            1,            // msg_iovlen
+            base + CMSG,  // msg_control
+            CMSG_LEN,     // msg_controllen
+            0,            // msg_flags (+ padding)
+            0,            // padding up to the iovec
+            // struct iovec
+            base + DATA, // iov_base
+            1,           // iov_len
+            0,
+            0,
+        ];
+        debug_assert_eq!(words.len() as u64 * 8, DATA - MSGHDR);
+        words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    /// The fd in a control buffer the kernel filled: one SCM_RIGHTS message of one fd.
+    pub fn received_fd(cmsg: &[u8]) -> Option<i32> {
+        let field = |at: usize, n: usize| cmsg.get(at..at + n);
+        let len = u64::from_ne_bytes(field(0, 8)?.try_into().ok()?);
+        let level = i32::from_ne_bytes(field(8, 4)?.try_into().ok()?);
+        let kind = i32::from_ne_bytes(field(12, 4)?.try_into().ok()?);
+        if len != 20 || level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+            return None;
+        }
+        Some(i32::from_ne_bytes(field(16, 4)?.try_into().ok()?))
+    }
+}
 
 /// Runs system calls in one thread of a frozen process; puts everything back at the end.
 pub struct Injector<'f> {
@@ -180,6 +243,11 @@ impl<'f> Injector<'f> {
     /// The thread the calls run in.
     pub fn tid(&self) -> u32 {
         self.tid
+    }
+
+    /// The process.
+    pub fn pid(&self) -> u32 {
+        self.frozen.pid()
     }
 
     /// Run system call `nr` with `args` in the target; its raw result (`-errno` on failure).
@@ -262,6 +330,200 @@ impl<'f> Injector<'f> {
         }
     }
 
+    /// Give the target a duplicate of `fd` (which it could not open itself, e.g.
+    /// `/dev/userfaultfd` for an unprivileged process): it makes a socketpair in a scratch
+    /// page it maps, we take one end with `pidfd_getfd` (`pidfd` is the target's), send `fd`
+    /// over it with SCM_RIGHTS, and the target `recvmsg`s it (MSG_CMSG_CLOEXEC). The scratch
+    /// page and both socket ends are gone again before this returns, on every path. Returns
+    /// the fd's number in the target; closing it there is the caller's job.
+    ///
+    /// A socketpair rather than a named socket: no address to guess or race for, no file in
+    /// any mount namespace, and it works in another network namespace.
+    pub fn give_fd(
+        &mut self,
+        pidfd: BorrowedFd<'_>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<i32, InjectError> {
+        let scratch = self.syscall(
+            libc::SYS_mmap,
+            [
+                0,
+                SCRATCH_LEN,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX, // fd -1
+                0,
+            ],
+        )?;
+        if (-4095..0).contains(&scratch) {
+            return Err(self.failed("mmap of a scratch page", scratch));
+        }
+        let scratch = scratch as u64;
+        let got = self.give_fd_through(scratch, pidfd, fd);
+        let unmapped = self.syscall(libc::SYS_munmap, [scratch, SCRATCH_LEN, 0, 0, 0, 0]);
+        let fd_in_target = got?;
+        match unmapped {
+            Ok(0) => Ok(fd_in_target),
+            Ok(r) => {
+                self.close_in_target(fd_in_target);
+                Err(self.failed("munmap of the scratch page", r))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn give_fd_through(
+        &mut self,
+        scratch: u64,
+        pidfd: BorrowedFd<'_>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<i32, InjectError> {
+        let pair = self.syscall(
+            libc::SYS_socketpair,
+            [
+                libc::AF_UNIX as u64,
+                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+                0,
+                scratch + scratch_layout::PAIR,
+                0,
+                0,
+            ],
+        )?;
+        if pair != 0 {
+            return Err(self.failed("socketpair", pair));
+        }
+        let words = self.read_target(scratch + scratch_layout::PAIR, 8)?;
+        let theirs = i32::from_ne_bytes(words[0..4].try_into().expect("4 bytes"));
+        let ours = i32::from_ne_bytes(words[4..8].try_into().expect("4 bytes"));
+        let got = self.receive_over(scratch, theirs, ours, pidfd, fd);
+        self.close_in_target(theirs);
+        self.close_in_target(ours);
+        got
+    }
+
+    /// Send `fd` into the target's end `ours` (of the pair), let it `recvmsg` on `theirs`.
+    fn receive_over(
+        &mut self,
+        scratch: u64,
+        theirs: i32,
+        ours: i32,
+        pidfd: BorrowedFd<'_>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<i32, InjectError> {
+        let pid = self.frozen.pid();
+        let sender = pidfd_getfd(pidfd, ours).map_err(|err| InjectError::Io {
+            pid,
+            what: "pidfd_getfd of the socket it made",
+            err,
+        })?;
+        super::socket::send_with_fds(sender.as_fd(), b"u", &[fd]).map_err(|err| {
+            InjectError::Io {
+                pid,
+                what: "sendmsg of the fd to it",
+                err,
+            }
+        })?;
+        self.write_target(
+            scratch + scratch_layout::MSGHDR,
+            &scratch_layout::recv_header(scratch),
+        )?;
+        let flags = (libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) as u64;
+        let n = self.syscall(
+            libc::SYS_recvmsg,
+            [
+                theirs as u64,
+                scratch + scratch_layout::MSGHDR,
+                flags,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        if n != 1 {
+            return Err(self.failed("recvmsg of the fd", n));
+        }
+        let cmsg = self.read_target(
+            scratch + scratch_layout::CMSG,
+            scratch_layout::CMSG_LEN as usize,
+        )?;
+        match scratch_layout::received_fd(&cmsg) {
+            Some(fd) => Ok(fd),
+            None => Err(InjectError::UnexpectedStop {
+                tid: self.tid,
+                what: "its recvmsg returned no SCM_RIGHTS fd".into(),
+            }),
+        }
+    }
+
+    /// Close fd `fd` in the target; a failure is only logged (nothing else to do about it).
+    pub fn close_in_target(&mut self, fd: i32) {
+        match self.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]) {
+            Ok(0) => {}
+            Ok(r) => log::warn!("pid {}: close({fd}) in it failed ({r})", self.frozen.pid()),
+            Err(e) => log::warn!("pid {}: close({fd}) in it: {e}", self.frozen.pid()),
+        }
+    }
+
+    fn failed(&self, what: &'static str, raw: i64) -> InjectError {
+        InjectError::Io {
+            pid: self.frozen.pid(),
+            what,
+            err: io::Error::from_raw_os_error((-raw) as i32),
+        }
+    }
+
+    fn write_target(&self, addr: u64, bytes: &[u8]) -> Result<(), InjectError> {
+        let pid = self.frozen.pid();
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len: bytes.len(),
+        }];
+        match process_vm_writev(
+            Pid::from_raw(pid as i32),
+            &[io::IoSlice::new(bytes)],
+            &remote,
+        ) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(_) => Err(InjectError::Io {
+                pid,
+                what: "process_vm_writev to its scratch page",
+                err: io::Error::from(io::ErrorKind::UnexpectedEof),
+            }),
+            Err(e) => Err(InjectError::Io {
+                pid,
+                what: "process_vm_writev to its scratch page",
+                err: e.into(),
+            }),
+        }
+    }
+
+    fn read_target(&self, addr: u64, len: usize) -> Result<Vec<u8>, InjectError> {
+        let pid = self.frozen.pid();
+        let mut buf = vec![0u8; len];
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        let what = "process_vm_readv of its scratch page";
+        match process_vm_readv(
+            Pid::from_raw(pid as i32),
+            &mut [io::IoSliceMut::new(&mut buf)],
+            &remote,
+        ) {
+            Ok(n) if n == len => Ok(buf),
+            Ok(_) => Err(InjectError::Io {
+                pid,
+                what,
+                err: io::Error::from(io::ErrorKind::UnexpectedEof),
+            }),
+            Err(e) => Err(InjectError::Io {
+                pid,
+                what,
+                err: e.into(),
+            }),
+        }
+    }
+
     /// Wait (bounded) for the next stop of the thread; `None` at the deadline.
     fn wait(&self, deadline: Instant) -> Result<Option<WaitStatus>, InjectError> {
         let t = Pid::from_raw(self.tid as i32);
@@ -324,6 +586,10 @@ impl<'f> Injector<'f> {
         self.tid
     }
 
+    pub fn pid(&self) -> u32 {
+        self.frozen.pid()
+    }
+
     pub fn syscall(&mut self, _nr: i64, _args: [u64; 6]) -> Result<i64, InjectError> {
         Err(InjectError::Unsupported(std::env::consts::ARCH))
     }
@@ -331,6 +597,16 @@ impl<'f> Injector<'f> {
     pub fn finish(self) -> Result<(), InjectError> {
         Ok(())
     }
+
+    pub fn give_fd(
+        &mut self,
+        _pidfd: BorrowedFd<'_>,
+        _fd: BorrowedFd<'_>,
+    ) -> Result<i32, InjectError> {
+        Err(InjectError::Unsupported(std::env::consts::ARCH))
+    }
+
+    pub fn close_in_target(&mut self, _fd: i32) {}
 
     fn restore(&mut self) -> Result<(), InjectError> {
         Ok(())
