@@ -35,7 +35,27 @@ struct Attachee {
 impl Attachee {
     fn start(dir: &TestDir, label: &str, exe: &Path, reader: bool) -> Attachee {
         let state = dir.join(format!("{label}.state"));
-        let mut cmd = Command::new(exe);
+        Attachee::start_in(dir, label, &state, Command::new(exe), reader)
+    }
+
+    /// An attachee running as uid/gid 65534, its state file in a directory of its own.
+    fn start_unprivileged(dir: &TestDir, label: &str) -> Attachee {
+        let home = dir.join(label);
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let mut cmd = Command::new(target("attachee"));
+        cmd.uid(65534).gid(65534);
+        Attachee::start_in(dir, label, &home.join("state"), cmd, false)
+    }
+
+    fn start_in(
+        dir: &TestDir,
+        label: &str,
+        state: &Path,
+        mut cmd: Command,
+        reader: bool,
+    ) -> Attachee {
+        let state = state.to_path_buf();
         cmd.arg(&state);
         if reader {
             cmd.arg("reader");
@@ -179,10 +199,15 @@ fn ask(ctl: &Path, request: &str) -> String {
 }
 
 fn attach_fg(dir: &TestDir, label: &str, pid: i32) -> (Proc, PathBuf) {
+    attach_fg_with(dir, label, pid, &[])
+}
+
+fn attach_fg_with(dir: &TestDir, label: &str, pid: i32, extra: &[&str]) -> (Proc, PathBuf) {
     let report = dir.join(format!("{label}.json"));
     let mut cmd = Command::new(umm_bin());
     cmd.arg("attach")
         .arg(pid.to_string())
+        .args(extra)
         .arg("--report")
         .arg(&report)
         .env("RUST_LOG", "info");
@@ -436,4 +461,95 @@ fn refusals_are_one_clear_line() {
     assert!(!a.registered());
     a.wait_rounds(2, "after the refusals");
     a.finish();
+}
+
+/// The fds of a process that would betray a leftover of the grant path: the device, a uffd,
+/// a socket.
+fn grant_leftovers(pid: i32) -> Vec<String> {
+    fd_list(pid)
+        .into_iter()
+        .filter(|f| f.contains("userfaultfd") || f.contains("socket:"))
+        .collect()
+}
+
+#[test]
+fn an_unprivileged_process_is_attached_with_the_grant_and_refused_without() {
+    require_root_and_uffd();
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap();
+    assert_eq!(
+        sysctl.trim(),
+        "0",
+        "this test needs vm.unprivileged_userfaultfd=0 (else uid 65534 needs no grant)"
+    );
+    let dir = TestDir::new("attach_unprivileged");
+    let a = Attachee::start_unprivileged(&dir, "nobody");
+    let pid = a.pid();
+    let fds_before = fd_list(pid);
+    // Without the grant: one line, naming the way out; nothing left behind in it.
+    let e = refused(&dir, "no-grant", attach_cmd(pid));
+    assert!(
+        e.contains(&format!("pid {pid}")) && e.contains("EPERM") && e.contains("--grant-device"),
+        "{e}"
+    );
+    assert!(!a.registered());
+    assert_eq!(
+        fd_list(pid),
+        fds_before,
+        "the refused attach left fds in it"
+    );
+    // With the grant: served, and it keeps neither the device nor a socket nor a uffd.
+    let (mut umm, report) = attach_fg_with(&dir, "grant", pid, &["--grant-device"]);
+    wait_registered(&a, &mut umm);
+    assert!(
+        grant_leftovers(pid).is_empty(),
+        "fds left in the attached process: {:?}\n{}",
+        fd_list(pid),
+        umm.context()
+    );
+    assert_eq!(fd_list(pid), fds_before, "the attach changed its fds");
+    a.wait_rounds(3, "attached with the grant");
+    umm.signal(Signal::SIGTERM);
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm.context()
+    );
+    assert!(
+        umm.stderr()
+            .contains("made one from a granted /dev/userfaultfd"),
+        "{}",
+        umm.context()
+    );
+    assert!(!a.registered(), "still registered after the detach");
+    let r = Report::load(&report).unwrap();
+    assert_eq!(r.u64("processes"), 1, "{}", r.pretty());
+    assert!(r.u64("faults") > 0, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+    // The daemon's --grant-device applies to its attach requests too.
+    let mut d = UmmDaemon::start_with(&dir, "daemon", dir.join("umm.sock"), &["--grant-device"]);
+    let ctl = dir.join("umm.sock.ctl");
+    let answer = ask(&ctl, &format!("attach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok attached pid {pid}")),
+        "{answer}\n{}",
+        d.proc.context()
+    );
+    assert!(a.registered());
+    a.wait_rounds(3, "attached by the daemon");
+    let answer = ask(&ctl, &format!("detach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok detached pid {pid}")),
+        "{answer}"
+    );
+    assert!(!a.registered());
+    a.wait_rounds(1, "detached from the daemon");
+    d.assert_fds_back("a granted attach and its detach");
+    let report = d.stop();
+    assert!(report.u64("faults") > 0, "{}", report.pretty());
+    assert_eq!(fd_list(pid), fds_before, "attach/detach changed its fds");
+    // Its own verification: every round's memory checked out (an OK line, exit 0).
+    let ok = a.finish();
+    assert!(ok.u64("rounds") > 0);
 }

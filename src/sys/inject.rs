@@ -717,4 +717,64 @@ mod tests {
         assert_eq!(out, "hello");
         assert!(child.wait().unwrap().success());
     }
+
+    #[test]
+    fn scratch_layout_matches_libc() {
+        let base = 0x7000_0000_0000;
+        let h = scratch_layout::recv_header(base);
+        assert_eq!(h.len(), 96);
+        assert_eq!(std::mem::size_of::<libc::msghdr>(), 56);
+        let word = |i: usize| u64::from_ne_bytes(h[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_eq!(word(2), base + 80, "msg_iov");
+        assert_eq!(word(4), base + scratch_layout::CMSG, "msg_control");
+        assert_eq!(word(8), base + 112, "iov_base");
+        // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+        let (space, len) = unsafe { (libc::CMSG_SPACE(4), libc::CMSG_LEN(4)) };
+        assert_eq!(space as u64, scratch_layout::CMSG_LEN);
+        let mut cmsg = Vec::new();
+        cmsg.extend_from_slice(&(len as u64).to_ne_bytes());
+        cmsg.extend_from_slice(&libc::SOL_SOCKET.to_ne_bytes());
+        cmsg.extend_from_slice(&libc::SCM_RIGHTS.to_ne_bytes());
+        cmsg.extend_from_slice(&42i32.to_ne_bytes());
+        cmsg.extend_from_slice(&[0; 4]);
+        assert_eq!(scratch_layout::received_fd(&cmsg), Some(42));
+        cmsg[12] = 9; // another type
+        assert_eq!(scratch_layout::received_fd(&cmsg), None);
+        assert_eq!(scratch_layout::received_fd(&cmsg[..10]), None);
+    }
+
+    #[test]
+    fn give_fd_installs_a_duplicate_in_the_target() {
+        let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let mut frozen = match Frozen::freeze(pid, Duration::from_secs(10)) {
+            Ok(f) => f,
+            Err(e) if allowed(&e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return; // no ptrace right here: nothing to test
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let fds = |pid: u32| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .count()
+        };
+        let before = fds(pid);
+        let pidfd = crate::sys::process::pidfd_open(pid).unwrap();
+        let given = std::fs::File::open("/dev/null").unwrap();
+        let mut inj = Injector::new(&mut frozen).unwrap();
+        let n = inj.give_fd(pidfd.as_fd(), given.as_fd()).unwrap();
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+        assert_eq!(link, std::path::Path::new("/dev/null"));
+        // Only that fd is new: the socketpair is gone again.
+        assert_eq!(fds(pid), before + 1);
+        inj.close_in_target(n);
+        inj.finish().unwrap();
+        assert_eq!(fds(pid), before);
+        frozen.resume().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
