@@ -119,6 +119,8 @@ pub struct Manager {
     pub(crate) epoll: Epoll,
     pub(crate) listener: UnixListener,
     timer: TimerFd,
+    /// The timer runs at this faster interval (see [`Manager::set_tick`]).
+    fast_tick: Option<Duration>,
     signals: Option<SignalFd>,
     pub(crate) peers: Slab<Peer>,
     pub(crate) spaces: Slab<Space>,
@@ -202,6 +204,7 @@ impl Manager {
             epoll,
             listener,
             timer,
+            fast_tick: None,
             signals,
             peers: Slab::default(),
             spaces: Slab::default(),
@@ -625,6 +628,22 @@ impl Manager {
         }
     }
 
+    /// The timer's interval: [`TICK`], or `fast` while processes without an agent are
+    /// watched for new mappings ([`crate::attach`]).
+    pub(crate) fn set_tick(&mut self, fast: Option<Duration>) {
+        if fast == self.fast_tick {
+            return;
+        }
+        let every = fast.unwrap_or(TICK);
+        match self.timer.set(
+            Expiration::Interval(TimeSpec::from_duration(every)),
+            TimerSetTimeFlags::empty(),
+        ) {
+            Ok(()) => self.fast_tick = fast,
+            Err(e) => log::warn!("cannot set the loop's timer to {every:?}: {e}"),
+        }
+    }
+
     fn on_tick(&mut self) {
         let _ = self.timer.wait(); // non-blocking fd: just consumes the expirations
         let now = Instant::now();
@@ -670,6 +689,7 @@ impl Manager {
                 }
             }
         }
+        self.watch_agentless(now);
         self.rescan_due(now);
         self.control_tick(now);
         self.attach_tick();

@@ -115,6 +115,9 @@ pub struct Space {
     pub last_rescan: Instant,
     /// How long the last rescan took (rescans of big processes are spaced out).
     pub rescan_cost: std::time::Duration,
+    /// A process managed without an agent: its address space size (pages) when last
+    /// watched ([`crate::attach`]); a change means new mappings to register.
+    pub watched_vm_size: u64,
     pub faults: u64,
     pub pages_served: u64,
     /// Background copies failing "otherwise" (ENOMEM...): since when, and when to try again
@@ -144,6 +147,7 @@ impl Space {
             dirty: false,
             last_rescan: Instant::now(),
             rescan_cost: std::time::Duration::ZERO,
+            watched_vm_size: 0,
             faults: 0,
             pages_served: 0,
             failing_since: None,

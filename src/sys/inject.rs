@@ -455,6 +455,69 @@ impl<'f> Injector<'f> {
         }
     }
 
+    /// Replace the mapping `[start, end)` (readable, writable, private) with an anonymous copy
+    /// of `prot`: the target maps fresh anonymous memory, we copy the contents over (through
+    /// our memory, 1 MiB at a time) and it `mremap`s the copy over the original (atomic for
+    /// the range). The other threads are stopped, so no write can fall between the copy and
+    /// the move. On failure the original stays as it was.
+    pub fn replace_with_anonymous(
+        &mut self,
+        start: u64,
+        end: u64,
+        prot: i32,
+    ) -> Result<(), InjectError> {
+        let len = end - start;
+        let tmp = self.syscall(
+            libc::SYS_mmap,
+            [
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        if (-4095..0).contains(&tmp) {
+            return Err(self.failed("mmap of the anonymous copy", tmp));
+        }
+        let tmp = tmp as u64;
+        let copied = self.copy_and_move(start, tmp, len, prot);
+        if copied.is_err() {
+            let _ = self.syscall(libc::SYS_munmap, [tmp, len, 0, 0, 0, 0]);
+        }
+        copied
+    }
+
+    fn copy_and_move(
+        &mut self,
+        start: u64,
+        tmp: u64,
+        len: u64,
+        prot: i32,
+    ) -> Result<(), InjectError> {
+        const STEP: u64 = 1 << 20;
+        let mut at = 0;
+        while at < len {
+            let n = STEP.min(len - at);
+            let bytes = self.read_target(start + at, n as usize)?;
+            self.write_target(tmp + at, &bytes)?;
+            at += n;
+        }
+        if prot != libc::PROT_READ | libc::PROT_WRITE {
+            let r = self.syscall(libc::SYS_mprotect, [tmp, len, prot as u64, 0, 0, 0])?;
+            if r != 0 {
+                return Err(self.failed("mprotect of the anonymous copy", r));
+            }
+        }
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        let moved = self.syscall(libc::SYS_mremap, [tmp, len, len, flags, start, 0])?;
+        if moved as u64 != start {
+            return Err(self.failed("mremap of the anonymous copy over the original", moved));
+        }
+        Ok(())
+    }
+
     /// Close fd `fd` in the target; a failure is only logged (nothing else to do about it).
     pub fn close_in_target(&mut self, fd: i32) {
         match self.syscall(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]) {
@@ -607,6 +670,15 @@ impl<'f> Injector<'f> {
     }
 
     pub fn close_in_target(&mut self, _fd: i32) {}
+
+    pub fn replace_with_anonymous(
+        &mut self,
+        _start: u64,
+        _end: u64,
+        _prot: i32,
+    ) -> Result<(), InjectError> {
+        Err(InjectError::Unsupported(std::env::consts::ARCH))
+    }
 
     fn restore(&mut self) -> Result<(), InjectError> {
         Ok(())
