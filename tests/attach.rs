@@ -553,3 +553,150 @@ fn an_unprivileged_process_is_attached_with_the_grant_and_refused_without() {
     let ok = a.finish();
     assert!(ok.u64("rounds") > 0);
 }
+
+/// A Go program (its own runtime: no glibc malloc, goroutines on threads it creates itself,
+/// memory from its own mmaps) attached while goroutines touch memory, detached, and checked.
+#[test]
+fn a_go_program_is_attached_served_and_detached() {
+    require_root_and_uffd();
+    if Command::new("go")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!("SKIPPED: a_go_program_is_attached_served_and_detached: no `go` (apt-get install golang-go)");
+        return;
+    }
+    let dir = TestDir::new("attach_go");
+    let src = dir.join("churn.go");
+    std::fs::write(&src, GO_CHURN).unwrap();
+    let exe = dir.join("churn");
+    let out = Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .env("GOCACHE", dir.join("gocache"))
+        .env("HOME", dir.path())
+        .output()
+        .expect("run go build");
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = dir.join("go.state");
+    let mut cmd = Command::new(&exe);
+    cmd.arg(&state);
+    let mut p = Proc::spawn(&dir, "churn", cmd);
+    assert!(
+        poll_until(1000, Duration::from_millis(10), || word(&state, ROUNDS) > 2),
+        "the Go program did not start\n{}",
+        p.context()
+    );
+    let (mut umm, report) = attach_fg(&dir, "attach", p.pid);
+    let go_registered = || {
+        umm::sys::proc::vm_flags(p.pid as u32)
+            .is_ok_and(|f| f.values().any(|f| f.iter().any(|f| f == "um")))
+    };
+    assert!(
+        poll_until(1000, Duration::from_millis(10), || go_registered()
+            || umm.try_wait().is_some())
+            && go_registered(),
+        "nothing of the Go program got registered\n{}",
+        umm.context()
+    );
+    wait_rounds(&state, 20, "attached Go program");
+    umm.signal(Signal::SIGTERM);
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm.context()
+    );
+    assert!(!go_registered(), "still registered after the detach");
+    wait_rounds(&state, 5, "detached Go program");
+    let f = OpenOptions::new().write(true).open(&state).unwrap();
+    f.write_all_at(&1u64.to_ne_bytes(), STOP * 8).unwrap();
+    let st = p.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "Go program: {}\n{}",
+        describe(&st),
+        p.context()
+    );
+    let ok = OkLine::find(&p.stdout(), "gochurn")
+        .unwrap_or_else(|| panic!("no OK line\n{}", p.context()));
+    assert!(ok.u64("rounds") >= 25);
+    let r = Report::load(&report).unwrap();
+    assert!(r.u64("faults") > 0, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= 256, "{}", r.pretty());
+}
+
+/// 8 goroutines; each round every one fills a fresh 4 MiB slice (new memory from the Go heap,
+/// released to the kernel by debug.FreeOSMemory every few rounds so that it faults again) with
+/// a pattern and verifies it. Words of the state file as for the attachee: [1] rounds, [3] stop.
+const GO_CHURN: &str = r#"package main
+
+import (
+	"fmt"
+	"os"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"unsafe"
+)
+
+func main() {
+	f, err := os.OpenFile(os.Args[1], os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		panic(err)
+	}
+	if err := f.Truncate(4096); err != nil {
+		panic(err)
+	}
+	st, err := syscall.Mmap(int(f.Fd()), 0, 4096, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	if err != nil {
+		panic(err)
+	}
+	word := func(i int) *uint64 { return (*uint64)(unsafe.Pointer(&st[i*8])) }
+	var sum uint64
+	rounds := uint64(0)
+	for *word(3) == 0 {
+		var wg sync.WaitGroup
+		sums := make([]uint64, 8)
+		for g := 0; g < 8; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				buf := make([]uint64, 512*1024)
+				seed := rounds*8 + uint64(g) + 1
+				for i := range buf {
+					buf[i] = seed*0x9e3779b97f4a7c15 + uint64(i)
+				}
+				var s uint64
+				for i := range buf {
+					if buf[i] != seed*0x9e3779b97f4a7c15+uint64(i) {
+						fmt.Printf("FAIL gochurn: round %d goroutine %d word %d\n", rounds, g, i)
+						os.Exit(1)
+					}
+					s += buf[i]
+				}
+				sums[g] = s
+			}(g)
+		}
+		wg.Wait()
+		for _, s := range sums {
+			sum = sum*31 + s
+		}
+		rounds++
+		if rounds%4 == 0 {
+			debug.FreeOSMemory()
+		}
+		*word(1) = rounds
+	}
+	fmt.Printf("OK gochurn checksum=%016x rounds=%d\n", sum, rounds)
+}
+"#;
