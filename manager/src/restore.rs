@@ -433,7 +433,7 @@ impl Manager {
         }
         let ids = self.spaces.ids();
         let now = Instant::now();
-        let restoring: Vec<Id> = ids
+        let mut restoring: Vec<Id> = ids
             .into_iter()
             .filter(|&id| {
                 self.spaces
@@ -443,6 +443,13 @@ impl Manager {
             .collect();
         if restoring.is_empty() {
             return false;
+        }
+        // The processes handed over first, forked children after: a child's missing pages
+        // are served on its faults meanwhile, and a short-lived child (a fork that verifies a
+        // little and exits, a fork + exec) would otherwise take its share of the fill for
+        // pages it never reads. Children get the fill once no handed-over space is ready.
+        if restoring.iter().any(|&id| !self.is_fork_child(id)) {
+            restoring.retain(|&id| !self.is_fork_child(id));
         }
         let pick = restoring[self.restore.next % restoring.len()];
         self.restore.next = self.restore.next.wrapping_add(1);
@@ -483,6 +490,12 @@ impl Manager {
             }
         }
         true
+    }
+
+    fn is_fork_child(&self, id: Id) -> bool {
+        self.spaces
+            .get(id)
+            .is_some_and(|s| matches!(s.origin, Origin::Fork { .. }))
     }
 
     /// Copy one piece of a background run and account for it; the bytes copied.
