@@ -172,7 +172,7 @@ impl RemoteStore {
             return Some(Iov::get(
                 self.pid,
                 start + first * PAGE_SIZE,
-                (stop - first) as u32,
+                stop - first,
             ));
         }
     }
@@ -323,7 +323,7 @@ impl PageServerClient {
                         .find(|s| u64::from(s.borrow().pid) == asked.dst_id)
                         .ok_or_else(|| format!("a reply for unknown pid {}", asked.dst_id))?;
                     let asked_range =
-                        asked.vaddr..asked.vaddr + u64::from(asked.nr_pages) * PAGE_SIZE;
+                        asked.vaddr..asked.vaddr + asked.nr_pages * PAGE_SIZE;
                     store.borrow_mut().arrived(hdr.vaddr, &data, asked_range)?;
                 }
                 Reply::Closed(status) => {
@@ -461,7 +461,7 @@ mod tests {
         assert_eq!((r.vaddr, r.nr_pages), (0x10000 + 70 * PAGE_SIZE, 2));
         let mut asked = 2;
         while let Some(r) = s.next_request() {
-            assert!(r.nr_pages as u64 <= BACKGROUND_PAGES);
+            assert!(r.nr_pages <= BACKGROUND_PAGES);
             asked += r.nr_pages;
         }
         assert_eq!(asked, 150, "every page asked once");
