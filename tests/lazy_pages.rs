@@ -493,6 +493,21 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
     assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
     assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    // The report carries the same account of the conversation.
+    assert_eq!(
+        rep.u64("restore.page_server.requests"),
+        answered,
+        "{}",
+        rep.pretty()
+    );
+    assert_eq!(rep.u64("restore.page_server.short_replies"), server_short);
+    assert_eq!(rep.u64("restore.page_server.bytes_fetched"), server_bytes);
+    assert_eq!(
+        rep.u64("restore.page_server.pages_fetched") * 4096,
+        server_bytes,
+        "{}",
+        rep.pretty()
+    );
 }
 
 #[test]
