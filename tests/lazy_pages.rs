@@ -411,7 +411,8 @@ fn fake_page_server(
     (port, handle)
 }
 
-/// umm's `page server ...: N requests, M short replies, B bytes fetched` line.
+/// umm's `page server ...: N requests, M short replies, P pages fetched, B bytes fetched`
+/// line: (N, M, B).
 fn page_server_line(stderr: &str) -> (u64, u64, u64) {
     let line = stderr
         .lines()
