@@ -734,8 +734,10 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
         "restored root {root} is not running\n{ctx}"
     );
 
-    // umm served them, by faults and by the fill, from pages it fetched over TCP: exactly the
-    // lazy pages of both tasks, each once.
+    // umm served them, by faults and by the fill, from pages it fetched over TCP: the lazy
+    // pages of both tasks, each once. All of them in every run here (the fetch runs ahead of
+    // the rate-bound fill); only pages a task dropped before they were asked may be left out,
+    // at most the two 4 MiB scratch areas memtest drops (-r).
     let sums = summaries(&umm.stderr());
     let mut lazy_pages = 0;
     for pid in [1, 2] {
@@ -752,7 +754,12 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
     let rep = Report::load(&report).unwrap();
     let (requests, _short, pages, bytes) = page_server_counters(&rep);
     assert!(lazy_pages > 1000, "{lazy_pages} lazy pages?\n{ctx}");
-    assert_eq!(pages, lazy_pages, "{}\n{ctx}", rep.pretty());
+    let scratch_pages = 2 * (4 << 20) / 4096;
+    assert!(
+        pages <= lazy_pages && pages + scratch_pages >= lazy_pages,
+        "{pages} pages fetched, {lazy_pages} lazy\n{}\n{ctx}",
+        rep.pretty()
+    );
     assert_eq!(bytes, pages * 4096, "{}", rep.pretty());
     assert!(requests > 0 && requests <= pages, "{}", rep.pretty());
     // Forked grandchildren complete too: at least the two tasks.
