@@ -104,7 +104,9 @@ lazy-pages-test: build test-deps
 	@$(call with_criu_fixture,lazy-pages-test,$(CARGO) test --release --test lazy_pages -- --ignored --test-threads=2)
 
 # A real CRIU end to end (tests/criu_e2e.rs, #[ignore]d): criu dump of the memtest workload,
-# criu restore --lazy-pages served by umm lazy-pages. Needs CRIU >= 4.0: $(CRIU), else `criu`
+# criu restore --lazy-pages served by umm lazy-pages; and remote mode (criu dump --lazy-pages
+# --port in its own network + PID namespace, umm lazy-pages --page-server in another, a veth
+# pair between; needs ip, tc, nsenter, unshare). Needs CRIU >= 4.0: $(CRIU), else `criu`
 # on PATH; otherwise SKIPPED (Debian 12's criu is too old: build CRIU from source, README).
 CRIU ?= criu
 criu-e2e-test: build test-deps

@@ -381,6 +381,10 @@ fn fake_page_server(
             s.read_exact(&mut hdr)
                 .map_err(|e| format!("reading request {n}: {e}"))?;
             let req = Iov::decode(&hdr);
+            // CRIU's C struct has 4 bytes of padding after `cmd` (umm::criu::page_server).
+            if hdr[4..8] != [0; 4] {
+                return Err(format!("request {n} has non-zero padding: {hdr:02x?}"));
+            }
             if req.cmd == PS_IOV_CLOSE {
                 s.write_all(&0i32.to_ne_bytes())
                     .map_err(|e| e.to_string())?;
@@ -404,17 +408,17 @@ fn fake_page_server(
                 .find(|r| r.start <= req.vaddr && req.vaddr < r.end())
                 .ok_or_else(|| format!("request for a page that is not lazy: {req:?}"))?;
             // As CRIU's server: never past the end of the run holding vaddr.
-            let mut nr = (u64::from(req.nr_pages)).min((run.end() - req.vaddr) / 4096);
+            let mut nr = req.nr_pages.min((run.end() - req.vaddr) / 4096);
             if matches!(mode, FakeMode::ShortReplies) && n % 3 == 2 && nr > 1 {
                 nr /= 2;
             }
-            if nr < u64::from(req.nr_pages) {
+            if nr < req.nr_pages {
                 short += 1;
             }
             let data = pages
                 .data(run.pages_offset + (req.vaddr - run.start), nr * 4096)
                 .map_err(|e| e.to_string())?;
-            s.write_all(&Iov::pages(req.dst_id as u32, req.vaddr, nr as u32).encode())
+            s.write_all(&Iov::pages(req.dst_id as u32, req.vaddr, nr).encode())
                 .and_then(|_| s.write_all(data))
                 .map_err(|e| format!("answering {req:?}: {e}"))?;
             n += 1;
@@ -424,7 +428,8 @@ fn fake_page_server(
     (port, handle)
 }
 
-/// umm's `page server ...: N requests, M short replies, B bytes fetched` line.
+/// umm's `page server ...: N requests, M short replies, P pages fetched, B bytes fetched`
+/// line: (N, M, B).
 fn page_server_line(stderr: &str) -> (u64, u64, u64) {
     let line = stderr
         .lines()
@@ -506,6 +511,21 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
     assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
     assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    // The report carries the same account of the conversation.
+    assert_eq!(
+        rep.u64("restore.page_server.requests"),
+        answered,
+        "{}",
+        rep.pretty()
+    );
+    assert_eq!(rep.u64("restore.page_server.short_replies"), server_short);
+    assert_eq!(rep.u64("restore.page_server.bytes_fetched"), server_bytes);
+    assert_eq!(
+        rep.u64("restore.page_server.pages_fetched") * 4096,
+        server_bytes,
+        "{}",
+        rep.pretty()
+    );
 }
 
 #[test]

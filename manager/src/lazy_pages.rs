@@ -349,25 +349,28 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         k.finish();
     }
     result.map_err(|e| format!("event loop failed: {e}"))?;
-    if let Some(client) = mgr.criu.as_mut().and_then(|h| h.remote.take()) {
-        eprintln!(
-            "umm: lazy-pages: page server {}: {} requests, {} short replies, {} bytes fetched",
-            client.peer(),
-            client.requests_sent,
-            client.short_replies,
-            client.bytes_fetched
-        );
+    let mut page_server = None;
+    if let Some(mut client) = mgr.criu.as_mut().and_then(|h| h.remote.take()) {
         let broken = mgr.criu.as_ref().is_some_and(|h| h.broken.is_some());
         if !broken {
+            // After the close: replies still in flight then are counted too.
             if let Err(e) = client.close() {
                 log::warn!("closing the page server connection: {e}");
             }
         }
+        let r = client.report();
+        eprintln!(
+            "umm: lazy-pages: page server {}: {} requests, {} short replies, {} pages fetched, \
+             {} bytes fetched",
+            r.peer, r.requests, r.short_replies, r.pages_fetched, r.bytes_fetched
+        );
+        page_server = Some(r);
     }
     let failed = mgr.restore.failed.clone();
     let mut report = mgr.stats().report(live, None);
     if let Some(r) = &mut report.restore {
         r.failed = failed.clone();
+        r.page_server = page_server;
     }
     if let Some(path) = &args.report {
         crate::daemon::write_report(path, &report);

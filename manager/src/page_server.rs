@@ -169,11 +169,7 @@ impl RemoteStore {
                     self.background.push_front(rest);
                 }
             }
-            return Some(Iov::get(
-                self.pid,
-                start + first * PAGE_SIZE,
-                (stop - first) as u32,
-            ));
+            return Some(Iov::get(self.pid, start + first * PAGE_SIZE, stop - first));
         }
     }
 
@@ -322,8 +318,7 @@ impl PageServerClient {
                         .iter()
                         .find(|s| u64::from(s.borrow().pid) == asked.dst_id)
                         .ok_or_else(|| format!("a reply for unknown pid {}", asked.dst_id))?;
-                    let asked_range =
-                        asked.vaddr..asked.vaddr + u64::from(asked.nr_pages) * PAGE_SIZE;
+                    let asked_range = asked.vaddr..asked.vaddr + asked.nr_pages * PAGE_SIZE;
                     store.borrow_mut().arrived(hdr.vaddr, &data, asked_range)?;
                 }
                 Reply::Closed(status) => {
@@ -336,8 +331,20 @@ impl PageServerClient {
         Ok(got)
     }
 
+    /// What was fetched, for the report.
+    pub fn report(&self) -> crate::stats::PageServerReport {
+        crate::stats::PageServerReport {
+            peer: self.peer.clone(),
+            requests: self.requests_sent,
+            short_replies: self.short_replies,
+            pages_fetched: self.bytes_fetched / PAGE_SIZE,
+            bytes_fetched: self.bytes_fetched,
+        }
+    }
+
     /// End the conversation as CRIU does (PS_IOV_CLOSE, then the server's status), bounded.
-    pub fn close(mut self) -> Result<(), String> {
+    /// Replies still in flight are read (and counted) first.
+    pub fn close(&mut self) -> Result<(), String> {
         drop(self.requests.take());
         let deadline = std::time::Instant::now() + CLOSE_WAIT;
         loop {
@@ -346,7 +353,12 @@ impl PageServerClient {
                 Ok(Reply::Closed(0)) => return Ok(()),
                 Ok(Reply::Closed(s)) => return Err(format!("the page server ended with {s}")),
                 Ok(Reply::Failed(e)) => return Err(e),
-                Ok(Reply::Pages { .. }) => continue,
+                Ok(Reply::Pages { asked, got, data }) => {
+                    if got.nr_pages < asked.nr_pages {
+                        self.short_replies += 1;
+                    }
+                    self.bytes_fetched += data.len() as u64;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(format!("no answer to PS_IOV_CLOSE in {CLOSE_WAIT:?}"))
                 }
@@ -461,7 +473,7 @@ mod tests {
         assert_eq!((r.vaddr, r.nr_pages), (0x10000 + 70 * PAGE_SIZE, 2));
         let mut asked = 2;
         while let Some(r) = s.next_request() {
-            assert!(r.nr_pages as u64 <= BACKGROUND_PAGES);
+            assert!(r.nr_pages <= BACKGROUND_PAGES);
             asked += r.nr_pages;
         }
         assert_eq!(asked, 150, "every page asked once");

@@ -163,6 +163,7 @@ impl Stats {
                 first_fault_ms: self.restore_first_fault_ms,
                 complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
                 failed: None,
+                page_server: None,
             }),
             processes: self.processes,
             handoffs: self.handoffs,
@@ -242,6 +243,20 @@ pub struct RestoreReport {
     pub complete_ms: Option<u64>,
     /// Why the restore was stopped (fail-stop), if it was.
     pub failed: Option<String>,
+    /// `umm lazy-pages --page-server`: the conversation with CRIU's page server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_server: Option<PageServerReport>,
+}
+
+/// What `umm lazy-pages --page-server` fetched (every reply read, in pages and bytes).
+#[derive(Serialize, Debug)]
+pub struct PageServerReport {
+    pub peer: String,
+    pub requests: u64,
+    /// Replies with fewer pages than asked (the rest asked again).
+    pub short_replies: u64,
+    pub pages_fetched: u64,
+    pub bytes_fetched: u64,
 }
 
 /// The `--report` JSON.
