@@ -224,6 +224,10 @@ impl PageServerClient {
         let stream =
             TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        // A dump host that vanishes must stop the restore (fail-stop), not leave its faults
+        // waiting for hours.
+        umm::sys::socket::detect_dead_tcp_peer(&stream)
+            .map_err(|e| format!("{addr}: keep-alive: {e}"))?;
         let reader = stream
             .try_clone()
             .map_err(|e| format!("page server socket: {e}"))?;

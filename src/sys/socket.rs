@@ -1,4 +1,5 @@
-//! Unix-socket details: peer credentials and messages with SCM_RIGHTS fds.
+//! Unix-socket details: peer credentials and messages with SCM_RIGHTS fds. And, for the TCP
+//! connections to page servers, dead-peer detection.
 //!
 //! Received fds are always O_CLOEXEC (`MSG_CMSG_CLOEXEC`) and owned at once; a truncated
 //! control message (`MSG_CTRUNC`: the peer sent more fds than expected, the kernel closed the
@@ -8,7 +9,24 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{getsockopt, sendmsg, sockopt, ControlMessage, MsgFlags};
+use nix::sys::socket::{getsockopt, sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags};
+
+/// A TCP peer that vanishes without a FIN or RST (host down, link cut) is noticed within
+/// about [`DEAD_PEER_SECS`] seconds: keep-alive probes after 5 s of silence, every 2 s, 5 of
+/// them; and data unacknowledged for that long fails the connection (TCP_USER_TIMEOUT).
+/// Without this, a restore waiting on a vanished page server would wait for the kernel's
+/// defaults (2 hours of keep-alive silence, ~15 minutes of retransmissions).
+pub fn detect_dead_tcp_peer(sock: &std::net::TcpStream) -> io::Result<()> {
+    setsockopt(sock, sockopt::KeepAlive, &true)?;
+    setsockopt(sock, sockopt::TcpKeepIdle, &5)?;
+    setsockopt(sock, sockopt::TcpKeepInterval, &2)?;
+    setsockopt(sock, sockopt::TcpKeepCount, &5)?;
+    setsockopt(sock, sockopt::TcpUserTimeout, &(DEAD_PEER_SECS * 1000))?;
+    Ok(())
+}
+
+/// See [`detect_dead_tcp_peer`].
+pub const DEAD_PEER_SECS: u32 = 15;
 
 /// Who is at the other end of a unix socket, as the kernel saw it at connect time (pid in the
 /// reader's pid namespace).
@@ -139,6 +157,22 @@ fn send_with_fds_flags(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_page_server_connection_notices_a_dead_peer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        detect_dead_tcp_peer(&c).unwrap();
+        assert!(getsockopt(&c, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&c, sockopt::TcpKeepIdle).unwrap(), 5);
+        let probes = getsockopt(&c, sockopt::TcpKeepInterval).unwrap()
+            * getsockopt(&c, sockopt::TcpKeepCount).unwrap();
+        assert!(5 + probes <= DEAD_PEER_SECS);
+        assert_eq!(
+            getsockopt(&c, sockopt::TcpUserTimeout).unwrap(),
+            DEAD_PEER_SECS * 1000
+        );
+    }
+
     use super::*;
     use std::os::fd::AsFd;
 
