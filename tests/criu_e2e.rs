@@ -175,21 +175,27 @@ fn summaries(stderr: &str) -> BTreeMap<u32, (String, u64, u64)> {
     out
 }
 
-#[test]
-#[ignore = "needs CRIU >= 4.0: make criu-e2e-test"]
-fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
-    require_root_and_uffd();
-    let criu = criu_bin();
-    let dir = TestDir::new("criu-e2e");
-    let memtest = build_memtest(&dir);
+/// memtest, as the fixture was made, dumped to `DIR/img` with a plain `criu dump` (the tree
+/// is killed) and reaped, its pids free again for the restore.
+struct Dumped {
+    img: PathBuf,
+    log_path: PathBuf,
+    parent: i32,
+    child_pid: i32,
+    workload: Workload,
+    /// The log's length at the dump: what the restored tasks write comes after.
+    before_restore: usize,
+}
+
+fn dump_memtest(dir: &TestDir, criu: &Path) -> Dumped {
+    let memtest = build_memtest(dir);
     let img = dir.join("img");
     fs::create_dir(&img).unwrap();
-
-    // The workload, as the fixture was made: its own session (CRIU dumps a whole session), a
-    // 16 MiB parent forking grandchildren (-f), a 4 MiB child, both dropping and refilling a
-    // scratch area (-r). setsid execs in place: the spawned pid is memtest's.
+    // Its own session (CRIU dumps a whole session), a 16 MiB parent forking grandchildren
+    // (-f), a 4 MiB child, both dropping and refilling a scratch area (-r). setsid execs in
+    // place: the spawned pid is memtest's.
     let log_path = dir.join("memtest.log");
-    let child = Command::new("setsid")
+    let mut child = Command::new("setsid")
         .arg(&memtest)
         .args(["-s", "16", "-c", "4", "-f", "-r", "-i", "200"])
         .stdin(Stdio::null())
@@ -210,13 +216,10 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     let child_pid = filled_pid(&log(), "child").unwrap();
     assert_eq!(parent, child.id() as i32, "setsid forked:\n{}", log());
     workload.pids.push(child_pid);
-
-    // A plain dump to images (the tree is killed), then a lazy restore.
-    let dump_log = img.join("dump.log");
     run_criu(
-        &dir,
+        dir,
         "criu-dump",
-        &criu,
+        criu,
         &[
             "dump",
             "-t",
@@ -227,11 +230,10 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
             "dump.log",
             "-v4",
         ],
-        &dump_log,
+        &img.join("dump.log"),
     );
     // Reap memtest. Its pids must be free again for the restore: not even a zombie of its
     // session (pgid = sid = its pid) may be left, or the kernel keeps the pid number in use.
-    let mut child = child;
     let _ = child.wait();
     let freed = poll_until(3000, Duration::from_millis(10), || {
         group_members(parent).is_empty() && !Path::new(&format!("/proc/{child_pid}")).exists()
@@ -242,12 +244,95 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
         group_members(parent)
     );
     let before_restore = log().len();
+    Dumped {
+        img,
+        log_path,
+        parent,
+        child_pid,
+        workload,
+        before_restore,
+    }
+}
 
+impl Dumped {
+    /// `criu restore --lazy-pages -d`: it exits once the tree runs; the tasks keep their pids.
+    fn restore(&self, dir: &TestDir, criu: &Path) {
+        run_criu(
+            dir,
+            "criu-restore",
+            criu,
+            &[
+                "restore",
+                "-D",
+                self.img.to_str().unwrap(),
+                "--lazy-pages",
+                "-d",
+                "-o",
+                "restore.log",
+                "-v4",
+            ],
+            &self.img.join("restore.log"),
+        );
+    }
+
+    /// The restored processes go on verifying: each logs passes with bad=0, and nothing logs
+    /// a mismatch (main area, scratch refill, zeros after DONTNEED) or a failed grandchild.
+    /// Returns the log since the restore (for the caller's context).
+    fn assert_verifying(&self, ctx: &str) -> String {
+        let after = || {
+            fs::read_to_string(&self.log_path).unwrap_or_default()[self.before_restore..]
+                .to_string()
+        };
+        let passes_of = |text: &str, pid: i32| {
+            text.lines()
+                .filter_map(parse_pass)
+                .filter(|p| p.pid == pid)
+                .count()
+        };
+        let verified = poll_until(3000, Duration::from_millis(20), || {
+            let a = after();
+            a.contains("MISMATCH")
+                || a.contains("FAILED")
+                || [self.parent, self.child_pid]
+                    .iter()
+                    .all(|&p| passes_of(&a, p) >= PASSES_AFTER_RESTORE)
+        });
+        let a = after();
+        let ctx = format!(
+            "--- memtest log after the restore ---\n{}\n{ctx}",
+            tail(&a, 40)
+        );
+        assert!(verified, "the restored tasks stopped logging\n{ctx}");
+        assert!(!a.contains("MISMATCH") && !a.contains("FAILED"), "{ctx}");
+        for p in a.lines().filter_map(parse_pass) {
+            assert_eq!(p.bad, 0, "pid {}\n{ctx}", p.pid);
+        }
+        for pid in [self.parent, self.child_pid] {
+            assert!(is_memtest(pid), "restored pid {pid} is not running\n{ctx}");
+        }
+        a
+    }
+
+    fn kill(&self) {
+        self.workload.kill_all();
+        let gone = poll_until(1000, Duration::from_millis(10), || self.workload.all_gone());
+        assert!(gone, "restored memtest processes survived SIGKILL");
+    }
+}
+
+#[test]
+#[ignore = "needs CRIU >= 4.0: make criu-e2e-test"]
+fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
+    require_root_and_uffd();
+    let criu = criu_bin();
+    let dir = TestDir::new("criu-e2e");
+    let dumped = dump_memtest(&dir, &criu);
+    let img = &dumped.img;
     let report = dir.join("report.json");
     let mut umm_cmd = Command::new(umm_bin());
     umm_cmd
         .args(["lazy-pages", "-D"])
-        .arg(&img)
+        .arg(img)
         .arg("--report")
         .arg(&report)
         .args(["--fill-rate", &FILL_RATE.to_string()])
@@ -256,24 +341,7 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     let sock = img.join("lazy-pages.socket");
     let up = poll_until(1000, Duration::from_millis(10), || sock.exists());
     assert!(up, "no {}\n{}", sock.display(), umm.context());
-
-    // Detached (-d): criu restore exits once the tree runs; the tasks keep their pids.
-    run_criu(
-        &dir,
-        "criu-restore",
-        &criu,
-        &[
-            "restore",
-            "-D",
-            img.to_str().unwrap(),
-            "--lazy-pages",
-            "-d",
-            "-o",
-            "restore.log",
-            "-v4",
-        ],
-        &img.join("restore.log"),
-    );
+    dumped.restore(&dir, &criu);
     let ust = umm.wait_bounded(Duration::from_secs(120));
     assert!(
         ust.success(),
@@ -281,42 +349,12 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
         describe(&ust),
         umm.context()
     );
-
-    // The restored processes go on verifying: each logs passes with bad=0, and nothing logs a
-    // mismatch (main area, scratch refill, zeros after DONTNEED) or a failed grandchild.
-    let after = || log()[before_restore..].to_string();
-    let passes_of = |text: &str, pid: i32| {
-        text.lines()
-            .filter_map(parse_pass)
-            .filter(|p| p.pid == pid)
-            .count()
-    };
-    let verified = poll_until(3000, Duration::from_millis(20), || {
-        let a = after();
-        a.contains("MISMATCH")
-            || a.contains("FAILED")
-            || [parent, child_pid]
-                .iter()
-                .all(|&p| passes_of(&a, p) >= PASSES_AFTER_RESTORE)
-    });
-    let a = after();
-    let ctx = format!(
-        "--- memtest log after the restore ---\n{}\n{}",
-        tail(&a, 40),
-        umm.context()
-    );
-    assert!(verified, "the restored tasks stopped logging\n{ctx}");
-    assert!(!a.contains("MISMATCH") && !a.contains("FAILED"), "{ctx}");
-    for p in a.lines().filter_map(parse_pass) {
-        assert_eq!(p.bad, 0, "pid {}\n{ctx}", p.pid);
-    }
-    for pid in [parent, child_pid] {
-        assert!(is_memtest(pid), "restored pid {pid} is not running\n{ctx}");
-    }
+    dumped.assert_verifying(&umm.context());
+    let ctx = umm.context();
 
     // umm served them: every task handed over completed, both by faults and by the fill.
     let sums = summaries(&umm.stderr());
-    for pid in [parent as u32, child_pid as u32] {
+    for pid in [dumped.parent as u32, dumped.child_pid as u32] {
         let (line, _, _) = sums
             .get(&pid)
             .unwrap_or_else(|| panic!("no summary line for pid {pid}\n{ctx}"));
@@ -337,13 +375,86 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
     assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
     assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
-
-    workload.kill_all();
-    let gone = poll_until(1000, Duration::from_millis(10), || workload.all_gone());
-    assert!(gone, "restored memtest processes survived SIGKILL");
+    dumped.kill();
 }
 
-/// The address of the dump side on the veth pair (the restore side is .2).
+/// The reverse: CRIU's own lazy-pages daemon, in remote mode, fetches the lazy pages of a
+/// plain dump from `umm criu-page-server` (CRIU's page-server protocol served by umm).
+#[test]
+#[ignore = "needs CRIU >= 4.0: make criu-e2e-test"]
+fn criu_lazy_pages_fetches_from_umm_criu_page_server() {
+    require_root_and_uffd();
+    let criu = criu_bin();
+    let dir = TestDir::new("criu-e2e-umm-server");
+    let dumped = dump_memtest(&dir, &criu);
+    let img = &dumped.img;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut server_cmd = Command::new(umm_bin());
+    server_cmd
+        .args(["criu-page-server", "-D"])
+        .arg(img)
+        .args(["--port", &port])
+        .env("RUST_LOG", "info");
+    let mut server = Proc::spawn(&dir, "umm-criu-page-server", server_cmd);
+    let up = poll_until(1000, Duration::from_millis(10), || {
+        server.stderr().contains("serving ")
+    });
+    assert!(
+        up,
+        "umm criu-page-server did not start\n{}",
+        server.context()
+    );
+    let daemon_log = img.join("lazy-pages.log");
+    let mut daemon_cmd = Command::new(&criu);
+    daemon_cmd
+        .args(["lazy-pages", "--page-server", "--address", "127.0.0.1"])
+        .args(["--port", &port, "-D"])
+        .arg(img)
+        .args(["-o", "lazy-pages.log", "-v4"]);
+    let mut daemon = Proc::spawn(&dir, "criu-lazy-pages", daemon_cmd);
+    let sock = img.join("lazy-pages.socket");
+    let up = poll_until(1000, Duration::from_millis(10), || sock.exists());
+    assert!(up, "no {}\n{}", sock.display(), daemon.context());
+    dumped.restore(&dir, &criu);
+    let dst = daemon.wait_bounded(Duration::from_secs(120));
+    let sst = server.wait_bounded(Duration::from_secs(30));
+    let ctx = format!(
+        "{}\n{}\n--- {} (tail) ---\n{}",
+        server.context(),
+        daemon.context(),
+        daemon_log.display(),
+        tail(&fs::read_to_string(&daemon_log).unwrap_or_default(), 30)
+    );
+    assert!(dst.success(), "criu lazy-pages: {}\n{ctx}", describe(&dst));
+    // CRIU's daemon ended the conversation with PS_IOV_CLOSE.
+    assert!(
+        sst.success(),
+        "umm criu-page-server: {}\n{ctx}",
+        describe(&sst)
+    );
+    dumped.assert_verifying(&ctx);
+    // Every lazy page the restored tasks have came through umm: the server served at least
+    // the two memtest areas (16 + 4 MiB).
+    let line = server
+        .stderr()
+        .lines()
+        .find(|l| l.starts_with("umm: criu-page-server: ") && l.contains(" served in "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no summary line\n{ctx}"));
+    let pages: u64 = line
+        .split(" pages (")
+        .next()
+        .and_then(|h| h.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0);
+    assert!(pages >= (16 + 4) * 256, "{line}\n{ctx}");
+    dumped.kill();
+}
+
 const DUMP_ADDR: &str = "10.77.0.1";
 /// The dump side's page-server port (in its own network namespace: nothing else there).
 const PS_PORT: &str = "27027";

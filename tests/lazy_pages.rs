@@ -564,3 +564,152 @@ fn a_lost_page_server_connection_stops_the_restored_tree() {
     assert!(!r.stdout().contains("OK criu_task"), "{ctx}");
     r.assert_group_gone();
 }
+
+/// `umm criu-page-server -D FIXTURE --port P` (RUST_LOG=info), running once it said so.
+fn criu_page_server(dir: &TestDir, fixture: &Path) -> (Proc, u16) {
+    // A free port: bound, read, released (the server binds it right after).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(umm_bin());
+    cmd.arg("criu-page-server")
+        .arg("-D")
+        .arg(fixture)
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "info");
+    let mut server = Proc::spawn(dir, "criu-page-server", cmd);
+    let up = poll_until(500, Duration::from_millis(10), || {
+        server.stderr().contains("serving ")
+    });
+    assert!(up, "criu-page-server did not start\n{}", server.context());
+    assert!(server.try_wait().is_none(), "{}", server.context());
+    (server, port)
+}
+
+/// The server's summary: (requests, short replies, pages).
+fn criu_page_server_line(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("umm: criu-page-server: ") && l.contains(" served in "))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let before = |w: &str| -> u64 {
+        let i = words.iter().position(|x| x.starts_with(w)).unwrap();
+        words[i - 1].trim_start_matches('(').parse().unwrap()
+    };
+    (before("requests"), before("short)"), before("pages"))
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn umm_criu_page_server_serves_umm_lazy_pages_remote() {
+    require_root_and_uffd();
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let dir = TestDir::new("criu-page-server");
+    let (mut server, port) = criu_page_server(&dir, &fixture);
+    let report = dir.join("report.json");
+    let mut umm = Proc::spawn(
+        &dir,
+        "umm",
+        lazy_pages_cmd(
+            &fixture,
+            dir.path(),
+            &[
+                "--page-server",
+                "--port",
+                &port.to_string(),
+                "--report",
+                report.to_str().unwrap(),
+                "--fill-rate",
+                "8000000",
+            ],
+        ),
+    );
+    let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
+    let sst = server.wait_bounded(Duration::from_secs(30));
+    let ctx = format!("{ctx}\n{}", server.context());
+    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
+    assert!(
+        ust.success(),
+        "umm lazy-pages failed: {}\n{ctx}",
+        describe(&ust)
+    );
+    // PS_IOV_CLOSE ended the server, cleanly.
+    assert!(sst.success(), "criu-page-server: {}\n{ctx}", describe(&sst));
+    let out = r.stdout();
+    for pid in [PARENT, CHILD] {
+        let ok = task_ok(&out, pid, &ctx);
+        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
+    }
+    // Both sides count the same conversation, and it carried the tasks' memory.
+    let (requests, short, fetched) = page_server_line(&umm.stderr());
+    let (answered, server_short, pages) = criu_page_server_line(&server.stderr());
+    assert_eq!((requests, short), (answered, server_short), "{ctx}");
+    assert_eq!(fetched, pages * 4096, "{ctx}");
+    let lazy_mapped = lazy_in_mapped(&images, PARENT, &out) + lazy_in_mapped(&images, CHILD, &out);
+    assert!(
+        fetched >= lazy_mapped / 2,
+        "{fetched} < {lazy_mapped}/2\n{ctx}"
+    );
+    let rep = Report::load(&report).unwrap();
+    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.page_server.bytes_fetched"), fetched);
+}
+
+#[test]
+#[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
+fn umm_criu_page_server_answers_only_lazy_pages() {
+    use std::io::Read;
+    use umm::criu::page_server::{Iov, IOV_LEN};
+    let fixture = full_fixture();
+    let images = umm::criu::ImageDir::open(&fixture).unwrap();
+    let mem = images.task_memory(PARENT).unwrap();
+    let pages = mem.open_pages().unwrap();
+    let dir = TestDir::new("criu-page-server-bad");
+    let (mut server, port) = criu_page_server(&dir, &fixture);
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let closed_after = |req: Iov| {
+        let mut c = connect();
+        c.write_all(&req.encode()).unwrap();
+        let mut b = [0u8; 1];
+        matches!(c.read(&mut b), Ok(0) | Err(_))
+    };
+    // An unknown pid, an address outside the lazy pages, zero pages: the connection is closed
+    // unanswered, the server goes on.
+    assert!(closed_after(Iov::get(999, mem.lazy_runs[0].start, 1)));
+    assert!(closed_after(Iov::get(PARENT, 0x1000, 1)));
+    assert!(closed_after(Iov::get(PARENT, mem.lazy_runs[0].start, 0)));
+    let err = server.stderr();
+    assert!(err.contains("no task with pid 999"), "{}", server.context());
+    assert!(
+        err.contains("no lazy page at 0x1000"),
+        "{}",
+        server.context()
+    );
+    // A request past the end of a run gets the run's rest (a short reply) with its bytes.
+    let run = mem.lazy_runs[0];
+    let at = run.end() - 2 * 4096;
+    let mut c = connect();
+    c.write_all(&Iov::get(PARENT, at, 64).encode()).unwrap();
+    let mut hdr = [0u8; IOV_LEN];
+    c.read_exact(&mut hdr).unwrap();
+    let reply = Iov::decode(&hdr);
+    assert_eq!(reply.check_reply_to(&Iov::get(PARENT, at, 64)), Ok(2));
+    let mut data = vec![0u8; 2 * 4096];
+    c.read_exact(&mut data).unwrap();
+    let want = pages
+        .data(run.pages_offset + (at - run.start), 2 * 4096)
+        .unwrap();
+    assert!(data == want, "the reply's pages are not the image's");
+    c.write_all(&Iov::close().encode()).unwrap();
+    let mut status = [0u8; 4];
+    c.read_exact(&mut status).unwrap();
+    assert_eq!(i32::from_ne_bytes(status), 0);
+    drop(c);
+    let st = server.wait_bounded(Duration::from_secs(10));
+    assert!(st.success(), "{}", server.context());
+    assert_eq!(criu_page_server_line(&server.stderr()), (4, 1, 2));
+}

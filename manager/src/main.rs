@@ -3,6 +3,7 @@
 mod attach;
 mod control;
 mod coverage;
+mod criu_page_server;
 mod daemon;
 mod keeper;
 mod lazy_pages;
@@ -66,6 +67,9 @@ enum Command {
     /// Serve the lazy pages of a CRIU restore: a drop-in for `criu lazy-pages` (run it, then
     /// `criu restore --lazy-pages` with the same images directory).
     LazyPages(lazy_pages::LazyPagesArgs),
+    /// Serve a CRIU image's lazy pages over TCP with CRIU's page-server protocol (for
+    /// `criu lazy-pages --page-server` or `umm lazy-pages --page-server` on another host).
+    CriuPageServer(criu_page_server::CriuPageServerArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
     /// Manage a running process without the agent (ptrace): serve its memory until it exits
@@ -295,6 +299,7 @@ fn main() {
         Command::Report(args) => report_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
+        Command::CriuPageServer(args) => criu_page_server::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
             0
