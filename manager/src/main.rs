@@ -11,6 +11,8 @@ mod live;
 mod man_check;
 mod manager;
 mod mm_check;
+mod net_server;
+mod net_source;
 mod page_server;
 mod page_source;
 mod peers;
@@ -66,6 +68,9 @@ enum Command {
     /// Serve the lazy pages of a CRIU restore: a drop-in for `criu lazy-pages` (run it, then
     /// `criu restore --lazy-pages` with the same images directory).
     LazyPages(lazy_pages::LazyPagesArgs),
+    /// Serve a memory image over TCP to `umm restore --source tcp://ADDR:PORT` (post-copy
+    /// over the network; a pre-shared key authenticates both sides).
+    PageServer(net_server::PageServerArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
     /// Manage a running process without the agent (ptrace): serve its memory until it exits
@@ -98,8 +103,15 @@ struct RestoreArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// The image directory (written by umm snapshot).
-    #[arg(long, value_name = "DIR")]
-    image: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "source", conflicts_with = "source")]
+    image: Option<PathBuf>,
+    /// Fetch the image from `umm page-server` instead: tcp://HOST:PORT (needs --key). The
+    /// restorer names this URL as its image (UMM_RESTORE_IMAGE).
+    #[arg(long, value_name = "URL", requires = "key")]
+    source: Option<String>,
+    /// The pre-shared key file of the page server (--source).
+    #[arg(long, value_name = "FILE", requires = "source")]
+    key: Option<PathBuf>,
     /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
     /// as UMM_RESTORE_SOCKET, with the image directory as UMM_RESTORE_IMAGE; without CMD this
     /// option is required).
@@ -295,6 +307,7 @@ fn main() {
         Command::Report(args) => report_cmd::main(args),
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
+        Command::PageServer(args) => net_server::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
             0

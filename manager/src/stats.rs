@@ -163,6 +163,7 @@ impl Stats {
                 first_fault_ms: self.restore_first_fault_ms,
                 complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
                 failed: None,
+                network: None,
             }),
             processes: self.processes,
             handoffs: self.handoffs,
@@ -242,6 +243,20 @@ pub struct RestoreReport {
     pub complete_ms: Option<u64>,
     /// Why the restore was stopped (fail-stop), if it was.
     pub failed: Option<String>,
+    /// `--source tcp://`: what came over the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetReport>,
+}
+
+/// What a restore fetched from a page server.
+#[derive(Serialize, Debug)]
+pub struct NetReport {
+    pub source: String,
+    /// Get requests sent, and how many of them were urgent (a fault waited).
+    pub requests: u64,
+    pub urgent_requests: u64,
+    /// Verified data received.
+    pub bytes_fetched: u64,
 }
 
 /// The `--report` JSON.
