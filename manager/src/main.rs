@@ -103,7 +103,12 @@ struct RestoreArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// The image directory (written by umm snapshot).
-    #[arg(long, value_name = "DIR", required_unless_present = "source", conflicts_with = "source")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "source",
+        conflicts_with = "source"
+    )]
     image: Option<PathBuf>,
     /// Fetch the image from `umm page-server` instead: tcp://HOST:PORT (needs --key). The
     /// restorer names this URL as its image (UMM_RESTORE_IMAGE).

@@ -28,6 +28,8 @@ use umm::netproto::{self as np, Frame, Key, Role};
 pub const CORRUPT_ENV: &str = "UMM_TEST_CORRUPT_CHUNK";
 
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// How a refused peer's error begins (already logged).
+const REFUSED: &str = "refused: ";
 
 #[derive(Args, Debug)]
 pub struct PageServerArgs {
@@ -106,6 +108,8 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
                     }
                     Ok(true) => log::info!("{peer} completed its restore"),
                     Ok(false) => log::info!("{peer} closed the connection"),
+                    // Said in one line already.
+                    Err(e) if e.starts_with(REFUSED) => {}
                     Err(e) => log::warn!("{peer}: {e}"),
                 }
             });
@@ -154,9 +158,7 @@ fn connection(
     let shared: Shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let writer = {
         let (stream, shared, image) = (
-            stream
-                .try_clone()
-                .map_err(|e| format!("socket: {e}"))?,
+            stream.try_clone().map_err(|e| format!("socket: {e}"))?,
             shared.clone(),
             image.clone(),
         );
@@ -220,7 +222,6 @@ fn connection(
 fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), String> {
     let refuse = |stream: &mut TcpStream, why: String| -> Result<(), String> {
         log::warn!("refused {peer}: {why}");
-        eprintln!("umm: page-server: refused {peer}: {why}");
         let _ = np::write_frame(
             stream,
             &Frame::Error {
@@ -228,7 +229,7 @@ fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), Str
                 msg: "authentication failed".into(),
             },
         );
-        Err(format!("refused: {why}"))
+        Err(format!("{REFUSED}{why}"))
     };
     match np::read_frame_max(stream, np::MAX_SMALL_FRAME) {
         Ok(Frame::Hello { .. }) => {}

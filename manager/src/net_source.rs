@@ -47,6 +47,9 @@ pub struct NetStore {
     data: Vec<u8>,
     arrived: Vec<bool>,
     requested: Vec<bool>,
+    /// Asked by a fault (urgent): a fault on a chunk only the background asked for asks it
+    /// again, urgently, rather than wait behind the background requests queued before it.
+    urgently: Vec<bool>,
     /// Chunk ranges faults need, asked first.
     urgent: VecDeque<Range<u64>>,
     /// The next chunk the background asks for (data-file order).
@@ -62,6 +65,7 @@ impl NetStore {
             data: vec![0u8; data_len as usize],
             arrived: vec![false; chunks],
             requested: vec![false; chunks],
+            urgently: vec![false; chunks],
             urgent: VecDeque::new(),
             cursor: 0,
             background,
@@ -110,7 +114,7 @@ impl NetStore {
         let (first, end, urgent) = loop {
             if let Some(r) = self.urgent.pop_front() {
                 let mut first = r.start;
-                while first < r.end && self.requested[first as usize] {
+                while first < r.end && self.asked_for_fault(first) {
                     first += 1;
                 }
                 if first < r.end {
@@ -135,9 +139,17 @@ impl NetStore {
             BACKGROUND_CHUNKS
         };
         let mut stop = first;
-        while stop < end && stop - first < max && !self.requested[stop as usize] {
-            self.requested[stop as usize] = true;
-            stop += 1;
+        if urgent {
+            while stop < end && stop - first < max && !self.asked_for_fault(stop) {
+                self.requested[stop as usize] = true;
+                self.urgently[stop as usize] = true;
+                stop += 1;
+            }
+        } else {
+            while stop < end && stop - first < max && !self.requested[stop as usize] {
+                self.requested[stop as usize] = true;
+                stop += 1;
+            }
         }
         if urgent && stop < end {
             self.urgent.push_front(stop..end);
@@ -147,7 +159,12 @@ impl NetStore {
         Some((offset, len, urgent))
     }
 
-    /// Verified data arrived for `offset`.
+    /// Whether a fault on `chunk` needs no request: it arrived, or a fault asked for it.
+    fn asked_for_fault(&self, chunk: u64) -> bool {
+        self.arrived[chunk as usize] || self.urgently[chunk as usize]
+    }
+
+    /// Verified data arrived for `offset` (a chunk asked twice arrives twice: same bytes).
     fn arrived(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
         let chunks = self.chunks(offset, bytes.len() as u64)?;
         if offset % CHUNK_SIZE != 0 {
@@ -161,7 +178,11 @@ impl NetStore {
 
 /// What the reader thread hands the loop.
 enum Reply {
-    Data { id: u64, offset: u64, bytes: Vec<u8> },
+    Data {
+        id: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
     Closed,
     Failed(String),
 }
@@ -231,14 +252,20 @@ impl NetClient {
             let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
             std::thread::Builder::new()
                 .name("umm-net-writer".into())
-                .spawn(move || write_requests(stream, req_rx, reply_tx, wake))
+                .spawn(move || {
+                    block_signals();
+                    write_requests(stream, req_rx, reply_tx, wake)
+                })
                 .map_err(|e| format!("cannot start the network writer: {e}"))?;
         }
         {
             let (wake, table) = (wake.clone(), Arc::new(table));
             std::thread::Builder::new()
                 .name("umm-net-reader".into())
-                .spawn(move || read_replies(reader, table, reply_tx, wake))
+                .spawn(move || {
+                    block_signals();
+                    read_replies(reader, table, reply_tx, wake)
+                })
                 .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
         Ok(NetClient {
@@ -380,11 +407,20 @@ impl NetClient {
     }
 }
 
+/// Helper threads start before the loop blocks the signals it reads from its signalfd: they
+/// must not take them (a SIGCHLD taken by a thread that does not block it is discarded, and
+/// the loop never learns that its command exited).
+fn block_signals() {
+    if let Err(e) = nix::sys::signal::SigSet::all().thread_block() {
+        log::warn!("cannot block signals in a network thread: {e}");
+    }
+}
+
 fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, String> {
     match np::read_frame(stream) {
-        Ok(Frame::Error { code, msg }) => Err(format!(
-            "{url}: the page server refused ({code}): {msg}"
-        )),
+        Ok(Frame::Error { code, msg }) => {
+            Err(format!("{url}: the page server refused ({code}): {msg}"))
+        }
         Ok(f) => Ok(f),
         Err(e) => Err(format!("{url}: reading the {what}: {e}")),
     }
@@ -395,17 +431,23 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
     let send = |s: &mut TcpStream, f: &Frame| {
         np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
     };
-    send(stream, &Frame::Hello {
-        features: np::FEATURES,
-    })?;
+    send(
+        stream,
+        &Frame::Hello {
+            features: np::FEATURES,
+        },
+    )?;
     let Frame::Challenge { nonce: server, .. } = expect_frame(stream, url, "challenge")? else {
         return Err(format!("{url}: the server did not send a challenge"));
     };
     let client = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
-    send(stream, &Frame::Auth {
-        nonce: client,
-        mac: key.mac(Role::Client, &server, &client),
-    })?;
+    send(
+        stream,
+        &Frame::Auth {
+            nonce: client,
+            mac: key.mac(Role::Client, &server, &client),
+        },
+    )?;
     let Frame::Welcome { mac } = expect_frame(stream, url, "answer to the authentication")? else {
         return Err(format!("{url}: no Welcome after the authentication"));
     };
@@ -548,7 +590,10 @@ mod tests {
         let len = 40 * CHUNK_SIZE + 4096;
         let mut s = NetStore::new(len, true);
         s.want(20 * CHUNK_SIZE + 8192, 3 * 4096);
-        assert_eq!(s.next_request(false), Some((20 * CHUNK_SIZE, CHUNK_SIZE, true)));
+        assert_eq!(
+            s.next_request(false),
+            Some((20 * CHUNK_SIZE, CHUNK_SIZE, true))
+        );
         let mut asked = CHUNK_SIZE;
         let mut last_end = 0;
         while let Some((off, l, urgent)) = s.next_request(false) {
@@ -561,6 +606,26 @@ mod tests {
     }
 
     #[test]
+    fn a_fault_asks_again_urgently_what_only_the_background_asked() {
+        let mut s = NetStore::new(64 * CHUNK_SIZE, true);
+        assert_eq!(s.next_request(false), Some((0, 16 * CHUNK_SIZE, false)));
+        s.want(5 * CHUNK_SIZE, 4096);
+        assert_eq!(
+            s.next_request(false),
+            Some((5 * CHUNK_SIZE, CHUNK_SIZE, true))
+        );
+        s.want(5 * CHUNK_SIZE, 4096);
+        assert_eq!(
+            s.next_request(false),
+            Some((16 * CHUNK_SIZE, 16 * CHUNK_SIZE, false)),
+            "asked urgently once only"
+        );
+        s.arrived(0, &vec![1u8; 16 * CHUNK_SIZE as usize]).unwrap();
+        s.want(6 * CHUNK_SIZE, 4096);
+        assert_eq!(s.next_request(true), None, "arrived already");
+    }
+
+    #[test]
     fn data_is_given_only_once_its_chunks_arrived() {
         let mut s = NetStore::new(4 * CHUNK_SIZE, false);
         assert_eq!(s.next_request(false), None, "no background");
@@ -569,7 +634,7 @@ mod tests {
         assert!(s.data(CHUNK_SIZE - 4096, 8192).unwrap().is_none());
         s.arrived(0, &vec![7u8; 2 * CHUNK_SIZE as usize]).unwrap();
         assert_eq!(s.data(CHUNK_SIZE - 4096, 8192).unwrap().unwrap()[0], 7);
-        assert!(s.data(3 * CHUNK_SIZE, 8192).is_err(), "past the end");
+        assert!(s.data(4 * CHUNK_SIZE - 4096, 8192).is_err(), "past the end");
         assert!(s.arrived(4096, &[0; 4096]).is_err(), "unaligned");
     }
 

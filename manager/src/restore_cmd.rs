@@ -196,7 +196,10 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     mgr.restore.keeper = Some(keeper);
     if let Some(client) = net {
         mgr.epoll
-            .add(client.wake_fd(), manager::event_for(crate::slab::Token::PageServer))
+            .add(
+                client.wake_fd(),
+                manager::event_for(crate::slab::Token::PageServer),
+            )
             .map_err(|e| format!("epoll: {e}"))?;
         mgr.restore.net = Some(client);
     }

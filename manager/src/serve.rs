@@ -304,7 +304,11 @@ impl Manager {
                 store.borrow_mut().want(addr, len);
                 Err(SourceError::Pending)
             }
-            (PageState::Missing | PageState::Present, Some(offset), Some(PageSource::Net(store))) => {
+            (
+                PageState::Missing | PageState::Present,
+                Some(offset),
+                Some(PageSource::Net(store)),
+            ) => {
                 let fetched = store.borrow();
                 if let Some(bytes) = fetched.data(offset, len).map_err(SourceError::Remote)? {
                     return Ok(space.uffd.copy(run.range.start, bytes, CopyMode::default()));
