@@ -137,8 +137,8 @@ struct RestoreArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
     fill_chunk_max: u64,
     /// Verify every chunk of the image before serving anything (else each chunk is verified
-    /// before its first use).
-    #[arg(long)]
+    /// before its first use). With --image only.
+    #[arg(long, conflicts_with = "source")]
     verify: bool,
     /// Do not put the restored processes in a cgroup of their own (the keeper then kills
     /// them by pid on fail-stop, which misses children it never heard of).
