@@ -127,7 +127,7 @@ test: fmt-check clippy unit fuzz-smoke deb-test
 # Each run writes what it learns to fuzz/target/corpus/TARGET (the committed seeds in
 # fuzz/corpus/ stay as they are) and a crashing input to fuzz/artifacts/TARGET/; a crash fails
 # the run.
-FUZZ_TARGETS        = protocol_stream image_manifest image_open proc_maps
+FUZZ_TARGETS        = protocol_stream netproto_stream image_manifest image_open proc_maps
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_SOAK_SECONDS  ?= 155
 FUZZ_BUILD_FLAGS    = --sanitizer none --debug-assertions
