@@ -47,7 +47,8 @@ deps:
 
 # What the tests drive besides umm: python3 (a real interpreter), setpriv (an unprivileged
 # target), coreutils (sort, sha256sum), systemd-analyze (verifies dist/ units; systemd need not
-# run), redis-server and redis-cli (tests/coverage.rs).
+# run), redis-server and redis-cli (tests/coverage.rs), ip, tc and nsenter (tests/net.rs: network
+# namespaces joined by a veth pair).
 test-deps: deps
 	@missing=""; \
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
@@ -56,6 +57,9 @@ test-deps: deps
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null 2>&1 || missing="$$missing redis-tools"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v tc >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v nsenter >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -125,7 +129,7 @@ test: fmt-check clippy unit fuzz-smoke deb-test
 # Each run writes what it learns to fuzz/target/corpus/TARGET (the committed seeds in
 # fuzz/corpus/ stay as they are) and a crashing input to fuzz/artifacts/TARGET/; a crash fails
 # the run.
-FUZZ_TARGETS        = protocol_stream image_manifest image_open proc_maps
+FUZZ_TARGETS        = protocol_stream netproto_stream image_manifest image_open proc_maps
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_SOAK_SECONDS  ?= 155
 FUZZ_BUILD_FLAGS    = --sanitizer none --debug-assertions

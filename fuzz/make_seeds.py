@@ -101,3 +101,19 @@ VmFlags: rd wr mr mw me ac um
 Anonymous:            28 kB
 VmFlags: rd wr mr mw me ac
 """)
+
+
+# ---- page-server protocol (src/netproto/mod.rs): len:u32 version:u16 kind:u16 payload ----
+def nframe(kind, payload, version=1):
+    return struct.pack("<IHH", 4 + len(payload), version, kind) + payload
+
+
+put("netproto_stream", "handshake",
+    nframe(1, struct.pack("<I", 1)) + nframe(2, struct.pack("<I", 1) + b"\x11" * 32)
+    + nframe(3, b"\x22" * 64) + nframe(4, b"\x33" * 32))
+put("netproto_stream", "manifest_get_data",
+    nframe(5, struct.pack("<QI", 4096, 1) + struct.pack("<I", 0) + struct.pack("<I", 2) + b"{}")
+    + nframe(6, struct.pack("<QQII", 1, 0, 4096, 1))
+    + nframe(7, struct.pack("<QQI", 1, 0, 1) + struct.pack("<I", 0) + b"\x00" * 4096))
+put("netproto_stream", "error_complete_close",
+    nframe(8, struct.pack("<HH", 1, 5) + b"wrong") + nframe(9, b"") + nframe(10, b""))

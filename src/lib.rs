@@ -6,6 +6,7 @@
 //! - [`sys`]: thin safe wrappers for the other raw calls (procfs, pidfd, sockets, fds);
 //! - [`layout`]: the model of one address space, pure data;
 //! - [`protocol`]: the agent↔manager wire format;
+//! - [`netproto`]: the page-server wire format (`umm page-server`, `umm restore --source`);
 //! - [`image`]: memory images (what `umm snapshot` writes and `umm restore` serves);
 //! - [`source`]: where page contents come from;
 //! - [`criu`]: a validating reader of CRIU images (tree, VMAs, lazy page runs, pages file);
@@ -18,6 +19,7 @@
 pub mod criu;
 pub mod image;
 pub mod layout;
+pub mod netproto;
 pub mod protocol;
 pub mod restore;
 pub mod snapshot;

@@ -12,6 +12,8 @@ mod live;
 mod man_check;
 mod manager;
 mod mm_check;
+mod net_server;
+mod net_source;
 mod page_server;
 mod page_source;
 mod peers;
@@ -70,6 +72,9 @@ enum Command {
     /// Serve a CRIU image's lazy pages over TCP with CRIU's page-server protocol (for
     /// `criu lazy-pages --page-server` or `umm lazy-pages --page-server` on another host).
     CriuPageServer(criu_page_server::CriuPageServerArgs),
+    /// Serve a memory image over TCP to `umm restore --source tcp://ADDR:PORT` (post-copy
+    /// over the network; a pre-shared key authenticates both sides).
+    PageServer(net_server::PageServerArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
     /// Manage a running process without the agent (ptrace): serve its memory until it exits
@@ -102,8 +107,20 @@ struct RestoreArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// The image directory (written by umm snapshot).
-    #[arg(long, value_name = "DIR")]
-    image: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "source",
+        conflicts_with = "source"
+    )]
+    image: Option<PathBuf>,
+    /// Fetch the image from `umm page-server` instead: tcp://HOST:PORT (needs --key). The
+    /// restorer names this URL as its image (UMM_RESTORE_IMAGE).
+    #[arg(long, value_name = "URL", requires = "key")]
+    source: Option<String>,
+    /// The pre-shared key file of the page server (--source).
+    #[arg(long, value_name = "FILE", requires = "source")]
+    key: Option<PathBuf>,
     /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
     /// as UMM_RESTORE_SOCKET, with the image directory as UMM_RESTORE_IMAGE; without CMD this
     /// option is required).
@@ -124,8 +141,8 @@ struct RestoreArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
     fill_chunk_max: u64,
     /// Verify every chunk of the image before serving anything (else each chunk is verified
-    /// before its first use).
-    #[arg(long)]
+    /// before its first use). With --image only.
+    #[arg(long, conflicts_with = "source")]
     verify: bool,
     /// Do not put the restored processes in a cgroup of their own (the keeper then kills
     /// them by pid on fail-stop, which misses children it never heard of).
@@ -300,6 +317,7 @@ fn main() {
         Command::Restore(args) => restore_cmd::main(args),
         Command::LazyPages(args) => lazy_pages::main(args),
         Command::CriuPageServer(args) => criu_page_server::main(args),
+        Command::PageServer(args) => net_server::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
             0

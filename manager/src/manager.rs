@@ -281,6 +281,7 @@ impl Manager {
             background = self.background_slice(faults);
             // What faults and the fill asked of a page server this turn.
             self.pump_page_server();
+            self.pump_net_source();
             self.check_done();
         }
     }
@@ -337,6 +338,8 @@ impl Manager {
                 }
             }
             Some(Token::Handoff) => self.on_handoff_readable(),
+            // A CRIU page server (lazy-pages) or an umm one (restore --source): never both.
+            Some(Token::PageServer) if self.restore.net.is_some() => self.on_net_readable(),
             Some(Token::PageServer) => self.on_page_server_readable(),
             Some(Token::ControlListener) => self.accept_control(false),
             Some(Token::MetricsListener) => self.accept_control(true),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use umm::criu::PagesFile;
 use umm::image::Image;
 
+use crate::net_source::NetStore;
 use crate::page_server::RemoteStore;
 use crate::serve::SourceError;
 
@@ -22,6 +23,8 @@ pub enum PageSource {
     Criu(Arc<PagesFile>),
     /// Pages fetched from a page server (only the loop's thread touches it).
     Remote(Rc<RefCell<RemoteStore>>),
+    /// An umm image fetched from `umm page-server` (`--source tcp://`; the loop's thread only).
+    Net(Rc<RefCell<NetStore>>),
 }
 
 impl PageSource {
@@ -34,6 +37,9 @@ impl PageSource {
             PageSource::Remote(_) => Err(SourceError::Remote(format!(
                 "{offset:#x}+{len:#x}: a page server's pages are not read through data()"
             ))),
+            PageSource::Net(_) => Err(SourceError::Remote(format!(
+                "{offset:#x}+{len:#x}: network data is not read through data()"
+            ))),
         }
     }
 
@@ -42,7 +48,7 @@ impl PageSource {
         match self {
             PageSource::Umm(image) => image.advise_dontneed(0, image.manifest().data_len),
             PageSource::Criu(pages) => pages.advise_dontneed(0, pages.len()),
-            PageSource::Remote(_) => {}
+            PageSource::Remote(_) | PageSource::Net(_) => {}
         }
     }
 }

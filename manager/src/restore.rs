@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use umm::image::Image;
+use umm::image::{Image, Manifest};
 use umm::layout::{Layout, PageState, Run};
 use umm::protocol::NackCode;
 use umm::sys::proc;
@@ -113,6 +113,8 @@ impl RestoreState {
 #[derive(Default)]
 pub struct RestoreBook {
     pub keeper: Option<crate::keeper::Keeper>,
+    /// `umm restore --source tcp://`: the page server connection.
+    pub net: Option<crate::net_source::NetClient>,
     /// Next space to get a background chunk (round robin over `spaces.ids()`).
     pub next: usize,
     pub chunk: u64,
@@ -188,25 +190,20 @@ impl Manager {
                 "this manager does not serve restores (use umm restore --image DIR)".into(),
             ));
         };
-        let Some(rc_image) = rc.image.clone() else {
-            return Err(Reject::Refused(
-                NackCode::Other,
-                "this manager serves CRIU's lazy pages, not umm images".into(),
-            ));
+        let source = self.restore_source(&rc, image)?;
+        let net_manifest = self.restore.net.as_ref().map(|n| n.manifest().clone());
+        let manifest: &Manifest = match (&source, &net_manifest) {
+            (PageSource::Umm(img), _) => img.manifest(),
+            (_, Some(m)) => m,
+            _ => {
+                return Err(Reject::Refused(
+                    NackCode::Other,
+                    "no image to restore from".into(),
+                ))
+            }
         };
-        let named = std::fs::canonicalize(image)
-            .map_err(|e| Reject::Refused(NackCode::Other, format!("image {image}: {e}")))?;
-        if named != rc.image_dir {
-            return Err(Reject::Refused(
-                NackCode::Denied,
-                format!(
-                    "this manager serves the image {}, not {image}",
-                    rc.image_dir.display()
-                ),
-            ));
-        }
         crate::peers::check_uffd(&fd)?;
-        let wanted = check_regions(&rc_image, regions, pid)
+        let wanted = check_regions(manifest, regions, pid)
             .map_err(|e| Reject::Refused(NackCode::Other, format!("pid {pid}: {e}")))?;
         let uffd = Uffd::from_owned(fd);
         uffd.api(Features::NON_COOPERATIVE)
@@ -244,10 +241,7 @@ impl Manager {
             FaultAround::new(self.cfg.fault_around_min, self.cfg.fault_around_max),
         );
         space.same_pidns = proc::pid_namespace(&pid.to_string()).ok() == self.own_pidns;
-        space.restore = Some(RestoreState::new(
-            PageSource::Umm(rc_image.clone()),
-            &rc.prefetch,
-        ));
+        space.restore = Some(RestoreState::new(source.clone(), &rc.prefetch));
         let id = self.spaces.insert(space);
         self.set_pid(id, pid);
         let s = self.spaces.get(id).expect("just inserted");
@@ -281,6 +275,44 @@ impl Manager {
             rc.image_dir.display()
         );
         Ok((id, registered))
+    }
+
+    /// Where a Restore naming `image` gets its pages: this manager's image directory, or its
+    /// page server (`--source`, named by its URL).
+    fn restore_source(&self, rc: &RestoreConfig, image: &str) -> Result<PageSource, Reject> {
+        if let Some(net) = &self.restore.net {
+            if let Some(why) = &net.broken {
+                return Err(Reject::Refused(
+                    NackCode::Other,
+                    format!("the connection to the page server failed: {why}"),
+                ));
+            }
+            if image != net.url() {
+                return Err(Reject::Refused(
+                    NackCode::Denied,
+                    format!("this manager restores from {}, not {image}", net.url()),
+                ));
+            }
+            return Ok(PageSource::Net(net.store()));
+        }
+        let Some(rc_image) = rc.image.clone() else {
+            return Err(Reject::Refused(
+                NackCode::Other,
+                "this manager serves CRIU's lazy pages, not umm images".into(),
+            ));
+        };
+        let named = std::fs::canonicalize(image)
+            .map_err(|e| Reject::Refused(NackCode::Other, format!("image {image}: {e}")))?;
+        if named != rc.image_dir {
+            return Err(Reject::Refused(
+                NackCode::Denied,
+                format!(
+                    "this manager serves the image {}, not {image}",
+                    rc.image_dir.display()
+                ),
+            ));
+        }
+        Ok(PageSource::Umm(rc_image))
     }
 
     /// Hand the keeper a duplicate of a restore space's uffd (and its pid once known).
@@ -753,11 +785,10 @@ impl Manager {
 /// The manifest regions a Restore names, after checking that each is exactly a region of the
 /// image, no two overlap, and the process has each mapped as private anonymous memory.
 fn check_regions<'a>(
-    image: &'a Image,
+    manifest: &'a Manifest,
     regions: &[(u64, u64)],
     pid: u32,
 ) -> Result<Vec<&'a umm::image::Region>, String> {
-    let manifest = image.manifest();
     let mut wanted = Vec::with_capacity(regions.len());
     let mut seen = HashSet::new();
     for &(start, len) in regions {

@@ -14,6 +14,7 @@ use umm::sys::{fd as sysfd, process};
 
 use crate::keeper::Keeper;
 use crate::manager::{self, Manager, Policy, Shutdown};
+use crate::net_source::NetClient;
 use crate::restore::RestoreConfig;
 use crate::run::RuntimeDir;
 use crate::RestoreArgs;
@@ -102,17 +103,32 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }
-    let image = Image::open(&args.image).map_err(|e| {
-        format!(
-            "cannot restore from {}: {e} (--image takes a directory written by umm snapshot)",
-            args.image.display()
-        )
-    })?;
-    if args.verify {
-        image.verify_all().map_err(|e| format!("{e}"))?;
-    }
-    let image_dir =
-        std::fs::canonicalize(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    // An image directory, or (--source) a page server: connected, authenticated and its
+    // manifest read before anything is handed over.
+    let (image, net, image_dir) = match (&args.image, &args.source) {
+        (Some(dir), _) => {
+            let image = Image::open(dir).map_err(|e| {
+                format!(
+                    "cannot restore from {}: {e} (--image takes a directory written by umm \
+                     snapshot)",
+                    dir.display()
+                )
+            })?;
+            if args.verify {
+                image.verify_all().map_err(|e| format!("{e}"))?;
+            }
+            let image_dir =
+                std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            (Some(Arc::new(image)), None, image_dir)
+        }
+        (None, Some(url)) => {
+            let key_file = args.key.as_ref().ok_or("--source needs --key FILE")?;
+            let key = umm::netproto::Key::from_file(key_file)?;
+            let client = NetClient::connect(url, &key, !args.no_background)?;
+            (None, Some(client), PathBuf::from(url))
+        }
+        (None, None) => return Err("--image DIR or --source URL is required".into()),
+    };
     let image_dir_for_env = image_dir.clone();
     let prefetch = match &args.prefetch {
         Some(p) => read_prefetch(p)?,
@@ -166,7 +182,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     };
     let mut cfg = args.common.config(policy, false);
     cfg.restore = Some(RestoreConfig {
-        image: Some(Arc::new(image)),
+        image,
         image_dir,
         background: !args.no_background,
         fill_rate: args.fill_rate.filter(|&r| r > 0),
@@ -178,6 +194,15 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
     mgr.restore.keeper = Some(keeper);
+    if let Some(client) = net {
+        mgr.epoll
+            .add(
+                client.wake_fd(),
+                manager::event_for(crate::slab::Token::PageServer),
+            )
+            .map_err(|e| format!("epoll: {e}"))?;
+        mgr.restore.net = Some(client);
+    }
     let (control, _control_file) = crate::control::open(args.control.as_deref(), None)?;
     if let Some(c) = control {
         mgr.attach_control(c)
@@ -219,7 +244,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     } else {
         log::info!(
             "serving restores of {} on {}",
-            args.image.display(),
+            image_dir_for_env.display(),
             socket_path.display()
         );
     }
@@ -242,6 +267,18 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
     };
     let failed = mgr.restore.failed.clone();
     let mut report = mgr.stats().report(live, command_status);
+    if let Some(client) = mgr.restore.net.take() {
+        if let Some(r) = &mut report.restore {
+            r.network = Some(client.report());
+        }
+        // Only a finished restore says Complete (the server may then exit): after a failure
+        // the connection just closes.
+        if failed.is_none() && client.broken.is_none() && live == 0 {
+            if let Err(e) = client.complete() {
+                log::warn!("page server: {e}");
+            }
+        }
+    }
     if let Some(r) = &mut report.restore {
         r.failed = failed.clone();
     }

@@ -304,6 +304,19 @@ impl Manager {
                 store.borrow_mut().want(addr, len);
                 Err(SourceError::Pending)
             }
+            (
+                PageState::Missing | PageState::Present,
+                Some(offset),
+                Some(PageSource::Net(store)),
+            ) => {
+                let fetched = store.borrow();
+                if let Some(bytes) = fetched.data(offset, len).map_err(SourceError::Remote)? {
+                    return Ok(space.uffd.copy(run.range.start, bytes, CopyMode::default()));
+                }
+                drop(fetched);
+                store.borrow_mut().want(offset, len);
+                Err(SourceError::Pending)
+            }
             (PageState::Missing | PageState::Present, Some(offset), Some(source)) => {
                 let bytes = source.data(offset, len)?;
                 let result = space.uffd.copy(run.range.start, bytes, CopyMode::default());

@@ -164,6 +164,7 @@ impl Stats {
                 complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
                 failed: None,
                 page_server: None,
+                network: None,
             }),
             processes: self.processes,
             handoffs: self.handoffs,
@@ -246,6 +247,9 @@ pub struct RestoreReport {
     /// `umm lazy-pages --page-server`: the conversation with CRIU's page server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_server: Option<PageServerReport>,
+    /// `--source tcp://`: what came over the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetReport>,
 }
 
 /// What `umm lazy-pages --page-server` fetched (every reply read, in pages and bytes).
@@ -256,6 +260,17 @@ pub struct PageServerReport {
     /// Replies with fewer pages than asked (the rest asked again).
     pub short_replies: u64,
     pub pages_fetched: u64,
+    pub bytes_fetched: u64,
+}
+
+/// What a restore fetched from a page server.
+#[derive(Serialize, Debug)]
+pub struct NetReport {
+    pub source: String,
+    /// Get requests sent, and how many of them were urgent (a fault waited).
+    pub requests: u64,
+    pub urgent_requests: u64,
+    /// Verified data received.
     pub bytes_fetched: u64,
 }
 

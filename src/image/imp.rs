@@ -425,6 +425,11 @@ impl Image {
         &self.manifest
     }
 
+    /// The expected CRC-32C of each chunk (`checksums.bin`), as `umm page-server` sends it.
+    pub fn checksums(&self) -> &[u32] {
+        &self.sums
+    }
+
     /// `len` bytes at `data_offset` of the data file, every chunk they touch verified
     /// (verification results are remembered; a bad chunk stays bad). The slice borrows the
     /// read-only mapping: `UFFDIO_COPY` can use it directly. Out-of-range requests are

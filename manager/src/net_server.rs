@@ -1,0 +1,323 @@
+//! `umm page-server --image DIR --listen ADDR:PORT --key FILE`: serve an image over TCP to
+//! `umm restore --source tcp://ADDR:PORT` (protocol: `umm::netproto`, umm-protocol(5)).
+//!
+//! Blocking I/O, a thread per connection (this is not the event loop: no uffd here). Per
+//! connection, after the handshake: this thread reads Gets into a queue with two levels, and a
+//! writer thread answers urgent Gets (faults) before every queued background one. One
+//! connection with a priority queue rather than a second "urgent" connection: one handshake,
+//! one ordering, and the background never has to be cancelled; an urgent Get still waits for
+//! the Data being written and what the socket buffers hold (bounded by the client's window).
+//!
+//! Every chunk sent is verified against the image's checksum table first (`Image::data`); a
+//! bad chunk is never sent: the client gets an Error and its restore stops.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+
+use umm::image::{Image, CHUNK_SIZE};
+use umm::netproto::{self as np, Frame, Key, Role};
+
+/// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
+/// after its checksum was computed (corruption in transit). Documented in umm(1) as test-only.
+pub const CORRUPT_ENV: &str = "UMM_TEST_CORRUPT_CHUNK";
+
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// How a refused peer's error begins (already logged).
+const REFUSED: &str = "refused: ";
+
+#[derive(Args, Debug)]
+pub struct PageServerArgs {
+    /// The image directory to serve (written by umm snapshot).
+    #[arg(long, value_name = "DIR")]
+    image: PathBuf,
+    /// Address and port to listen on (port 0: any free port; the one chosen is printed).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// The pre-shared key file (at least 16 bytes; a final newline is ignored). Clients must
+    /// prove they hold the same key.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Keep serving after a client said its restore is complete (default: exit then).
+    #[arg(long)]
+    keep_serving: bool,
+    /// Verify every chunk of the image before listening (else each chunk is verified before
+    /// it is first sent).
+    #[arg(long)]
+    verify: bool,
+}
+
+pub fn main(args: PageServerArgs) -> i32 {
+    match serve(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("umm: page-server: {e}");
+            1
+        }
+    }
+}
+
+fn serve(args: PageServerArgs) -> Result<(), String> {
+    let key = Key::from_file(&args.key)?;
+    let image = Image::open(&args.image).map_err(|e| format!("cannot serve {e}"))?;
+    if args.verify {
+        image.verify_all().map_err(|e| format!("{e}"))?;
+    }
+    let image = Arc::new(image);
+    let corrupt = std::env::var(CORRUPT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(c) = corrupt {
+        log::warn!("{CORRUPT_ENV}={c}: TEST HOOK, a byte of chunk {c} is flipped when sent");
+    }
+    let listener = TcpListener::bind(args.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("listening socket: {e}"))?;
+    eprintln!(
+        "umm: page-server: serving {} ({} of data) on {local}",
+        args.image.display(),
+        umm::human_bytes(image.manifest().data_len)
+    );
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let (image, key) = (image.clone(), key.clone());
+        let keep_serving = args.keep_serving;
+        let spawned = std::thread::Builder::new()
+            .name("umm-ps-conn".into())
+            .spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                match connection(stream, &peer, &image, &key, corrupt) {
+                    Ok(true) if !keep_serving => {
+                        eprintln!("umm: page-server: {peer} completed its restore; exiting");
+                        std::process::exit(0);
+                    }
+                    Ok(true) => log::info!("{peer} completed its restore"),
+                    Ok(false) => log::info!("{peer} closed the connection"),
+                    // Said in one line already.
+                    Err(e) if e.starts_with(REFUSED) => {}
+                    Err(e) => log::warn!("{peer}: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The Gets a connection has queued: faults' first.
+#[derive(Default)]
+struct Queue {
+    urgent: VecDeque<(u64, u64, u32)>,
+    background: VecDeque<(u64, u64, u32)>,
+    /// The reader is done: Some(true) on Complete, Some(false) on close or error.
+    ended: Option<bool>,
+}
+
+type Shared = Arc<(Mutex<Queue>, Condvar)>;
+
+/// One client, to its end. Ok(true): it completed its restore.
+fn connection(
+    mut stream: TcpStream,
+    peer: &str,
+    image: &Arc<Image>,
+    key: &Key,
+    corrupt: Option<u64>,
+) -> Result<bool, String> {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
+    authenticate(&mut stream, peer, key)?;
+    let m = image.manifest();
+    np::write_frame(
+        &mut stream,
+        &Frame::Manifest {
+            data_len: m.data_len,
+            checksums: image.checksums().to_vec(),
+            json: m.to_json().into_bytes(),
+        },
+    )
+    .map_err(|e| format!("sending the manifest: {e}"))?;
+    let _ = stream.set_read_timeout(None);
+    log::info!("{peer}: authenticated; manifest sent");
+
+    let shared: Shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
+    let writer = {
+        let (stream, shared, image) = (
+            stream.try_clone().map_err(|e| format!("socket: {e}"))?,
+            shared.clone(),
+            image.clone(),
+        );
+        std::thread::Builder::new()
+            .name("umm-ps-writer".into())
+            .spawn(move || answer_gets(stream, &shared, &image, corrupt))
+            .map_err(|e| format!("cannot start a writer: {e}"))?
+    };
+    let data_len = m.data_len;
+    let ended = loop {
+        let frame = match np::read_frame_max(&mut stream, np::MAX_SMALL_FRAME) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
+            Err(e) => break Err(format!("reading a request: {e}")),
+        };
+        match frame {
+            Frame::Get {
+                id,
+                offset,
+                len,
+                flags,
+            } => {
+                if let Err(e) = np::check_get(offset, len, flags, data_len) {
+                    break Err(e);
+                }
+                let (lock, cv) = &*shared;
+                let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+                if flags & np::GET_URGENT != 0 {
+                    q.urgent.push_back((id, offset, len));
+                } else {
+                    q.background.push_back((id, offset, len));
+                }
+                cv.notify_one();
+            }
+            Frame::Complete => break Ok(true),
+            Frame::Close => break Ok(false),
+            f => break Err(format!("unexpected {f:?}")),
+        }
+    };
+    {
+        let (lock, cv) = &*shared;
+        let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+        q.ended = Some(matches!(ended, Ok(true)));
+        cv.notify_one();
+    }
+    if let Err(e) = &ended {
+        let _ = np::write_frame(
+            &mut stream,
+            &Frame::Error {
+                code: np::ERR_PROTOCOL,
+                msg: e.clone(),
+            },
+        );
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = writer.join();
+    ended
+}
+
+/// Hello → Challenge; Auth checked; → Welcome. A wrong key is refused with one log line.
+fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), String> {
+    let refuse = |stream: &mut TcpStream, why: String| -> Result<(), String> {
+        log::warn!("refused {peer}: {why}");
+        let _ = np::write_frame(
+            stream,
+            &Frame::Error {
+                code: np::ERR_AUTH,
+                msg: "authentication failed".into(),
+            },
+        );
+        Err(format!("{REFUSED}{why}"))
+    };
+    match np::read_frame_max(stream, np::MAX_SMALL_FRAME) {
+        Ok(Frame::Hello { .. }) => {}
+        Ok(f) => return refuse(stream, format!("sent {f:?} instead of Hello")),
+        Err(e) => return refuse(stream, format!("no Hello ({e})")),
+    }
+    let server = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
+    np::write_frame(
+        stream,
+        &Frame::Challenge {
+            features: np::FEATURES,
+            nonce: server,
+        },
+    )
+    .map_err(|e| format!("sending the challenge: {e}"))?;
+    let (client, mac) = match np::read_frame_max(stream, np::MAX_SMALL_FRAME) {
+        Ok(Frame::Auth { nonce, mac }) => (nonce, mac),
+        Ok(f) => return refuse(stream, format!("sent {f:?} instead of Auth")),
+        Err(e) => return refuse(stream, format!("no Auth ({e})")),
+    };
+    if !key.verify(Role::Client, &server, &client, &mac) {
+        return refuse(
+            stream,
+            "authentication failed (wrong key: its HMAC does not match)".into(),
+        );
+    }
+    np::write_frame(
+        stream,
+        &Frame::Welcome {
+            mac: key.mac(Role::Server, &server, &client),
+        },
+    )
+    .map_err(|e| format!("sending Welcome: {e}"))
+}
+
+/// The writer: answer queued Gets, urgent first, until the reader ends.
+fn answer_gets(mut stream: TcpStream, shared: &Shared, image: &Image, corrupt: Option<u64>) {
+    loop {
+        let next = {
+            let (lock, cv) = &**shared;
+            let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(ended) = q.ended {
+                    if ended {
+                        let _ = np::write_frame(&mut stream, &Frame::Close);
+                    }
+                    return;
+                }
+                if let Some(g) = q.urgent.pop_front().or_else(|| q.background.pop_front()) {
+                    break g;
+                }
+                q = cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let (id, offset, len) = next;
+        let bytes = match image.data(offset, u64::from(len)) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("not sending {offset:#x}+{len:#x}: {e}");
+                let _ = np::write_frame(
+                    &mut stream,
+                    &Frame::Error {
+                        code: np::ERR_IMAGE,
+                        msg: format!("{e}"),
+                    },
+                );
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        };
+        let checksums = np::chunk_checksums(bytes);
+        let mut bytes = bytes.to_vec();
+        if let Some(c) = corrupt {
+            let first = offset / CHUNK_SIZE;
+            if c >= first && c < first + checksums.len() as u64 {
+                bytes[((c - first) * CHUNK_SIZE) as usize] ^= 0x40;
+                log::warn!("TEST HOOK: flipped a byte of chunk {c} in the Data sent");
+            }
+        }
+        let frame = Frame::Data {
+            id,
+            offset,
+            checksums,
+            bytes,
+        };
+        if let Err(e) = stream.write_all(&frame.encode()) {
+            log::info!("sending data: {e}");
+            return;
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! `umm restore --source tcp://HOST:PORT --key FILE`: an image's pages fetched from
+//! `umm page-server` (protocol: `umm::netproto`, umm-protocol(5)).
+//!
+//! Same structure as the CRIU page-server client (`crate::page_server`): the handshake and the
+//! manifest are read before the loop starts; then a writer thread sends the requests the loop
+//! hands it and a reader thread reads the Data frames, checks every chunk's CRC-32C against
+//! the image's table (off the loop), and hands each verified buffer to the loop through a
+//! channel plus an eventfd in the loop's poll set. Only the loop touches uffds: it keeps the
+//! fetched data in a [`NetStore`] (the `UFFDIO_COPY` source, indexed by data-file offset like
+//! an mmap'd image) and copies from there.
+//!
+//! Order: a fault's chunks are asked at once, flagged urgent (the server answers them before
+//! its queued background requests); the rest is asked in the background, in data-file order,
+//! large requests, several in flight. A bad chunk, a server error or a lost connection stops
+//! the restore (fail-stop): missing pages never read as zeros, bad data never becomes memory.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use umm::image::{Manifest, CHUNK_SIZE};
+use umm::netproto::{self as np, Frame, Key, Role};
+
+use crate::page_source::PageSource;
+
+/// Chunks per background request (1 MiB): large, so the link stays full.
+const BACKGROUND_CHUNKS: u64 = 16;
+/// Background requests in flight at once (16 MiB): covers a 10 ms RTT at 1.6 GB/s.
+const WINDOW: usize = 16;
+/// Largest urgent request, in chunks.
+const MAX_URGENT_CHUNKS: u64 = np::MAX_GET as u64 / CHUNK_SIZE;
+/// Bounds on connecting, on the handshake, and on the end of the conversation.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(30);
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The image's data as it arrives, by data-file offset, in CHUNK_SIZE chunks.
+pub struct NetStore {
+    data: Vec<u8>,
+    arrived: Vec<bool>,
+    requested: Vec<bool>,
+    /// Asked by a fault (urgent): a fault on a chunk only the background asked for asks it
+    /// again, urgently, rather than wait behind the background requests queued before it.
+    urgently: Vec<bool>,
+    /// Chunk ranges faults need, asked first.
+    urgent: VecDeque<Range<u64>>,
+    /// The next chunk the background asks for (data-file order).
+    cursor: u64,
+    background: bool,
+}
+
+impl NetStore {
+    pub fn new(data_len: u64, background: bool) -> NetStore {
+        let chunks = np::chunks_in(data_len) as usize;
+        NetStore {
+            // Zeroed lazily by the kernel: only what arrives is ever touched.
+            data: vec![0u8; data_len as usize],
+            arrived: vec![false; chunks],
+            requested: vec![false; chunks],
+            urgently: vec![false; chunks],
+            urgent: VecDeque::new(),
+            cursor: 0,
+            background,
+        }
+    }
+
+    fn chunks(&self, offset: u64, len: u64) -> Result<Range<u64>, String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.data.len() as u64 && len > 0 => {
+                Ok(offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE))
+            }
+            _ => Err(format!(
+                "{offset:#x}+{len:#x} is outside the image's data ({:#x} bytes)",
+                self.data.len()
+            )),
+        }
+    }
+
+    /// The bytes at `offset..offset + len` if they all arrived (Ok(None): not yet).
+    pub fn data(&self, offset: u64, len: u64) -> Result<Option<&[u8]>, String> {
+        let chunks = self.chunks(offset, len)?;
+        if self.arrived[chunks.start as usize..chunks.end as usize]
+            .iter()
+            .all(|&a| a)
+        {
+            return Ok(Some(&self.data[offset as usize..(offset + len) as usize]));
+        }
+        Ok(None)
+    }
+
+    /// A fault needs `offset..offset + len`: ask for it before the background.
+    pub fn want(&mut self, offset: u64, len: u64) {
+        if let Ok(chunks) = self.chunks(offset, len) {
+            self.urgent.push_back(chunks);
+        }
+    }
+
+    fn has_urgent(&self) -> bool {
+        !self.urgent.is_empty()
+    }
+
+    /// The next request: (offset, len, urgent), its chunks marked asked. None: nothing to ask
+    /// (or, with `urgent_only`, nothing urgent).
+    fn next_request(&mut self, urgent_only: bool) -> Option<(u64, u64, bool)> {
+        let total = self.arrived.len() as u64;
+        let (first, end, urgent) = loop {
+            if let Some(r) = self.urgent.pop_front() {
+                let mut first = r.start;
+                while first < r.end && self.asked_for_fault(first) {
+                    first += 1;
+                }
+                if first < r.end {
+                    break (first, r.end, true);
+                }
+                continue;
+            }
+            if urgent_only || !self.background {
+                return None;
+            }
+            while self.cursor < total && self.requested[self.cursor as usize] {
+                self.cursor += 1;
+            }
+            if self.cursor >= total {
+                return None;
+            }
+            break (self.cursor, total, false);
+        };
+        let max = if urgent {
+            MAX_URGENT_CHUNKS
+        } else {
+            BACKGROUND_CHUNKS
+        };
+        let mut stop = first;
+        if urgent {
+            while stop < end && stop - first < max && !self.asked_for_fault(stop) {
+                self.requested[stop as usize] = true;
+                self.urgently[stop as usize] = true;
+                stop += 1;
+            }
+        } else {
+            while stop < end && stop - first < max && !self.requested[stop as usize] {
+                self.requested[stop as usize] = true;
+                stop += 1;
+            }
+        }
+        if urgent && stop < end {
+            self.urgent.push_front(stop..end);
+        }
+        let offset = first * CHUNK_SIZE;
+        let len = (stop * CHUNK_SIZE).min(self.data.len() as u64) - offset;
+        Some((offset, len, urgent))
+    }
+
+    /// Whether a fault on `chunk` needs no request: it arrived, or a fault asked for it.
+    fn asked_for_fault(&self, chunk: u64) -> bool {
+        self.arrived[chunk as usize] || self.urgently[chunk as usize]
+    }
+
+    /// Verified data arrived for `offset` (a chunk asked twice arrives twice: same bytes).
+    fn arrived(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        let chunks = self.chunks(offset, bytes.len() as u64)?;
+        if offset % CHUNK_SIZE != 0 {
+            return Err(format!("data at {offset:#x} is not chunk aligned"));
+        }
+        self.data[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        self.arrived[chunks.start as usize..chunks.end as usize].fill(true);
+        Ok(())
+    }
+}
+
+/// What the reader thread hands the loop.
+enum Reply {
+    Data {
+        id: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Closed,
+    Failed(String),
+}
+
+/// The loop's side of the connection to a page server.
+pub struct NetClient {
+    url: String,
+    manifest: Arc<Manifest>,
+    store: Rc<RefCell<NetStore>>,
+    requests: Option<Sender<Frame>>,
+    replies: Receiver<Reply>,
+    wake: Arc<EventFd>,
+    /// Request id → (offset, len, urgent).
+    in_flight: HashMap<u64, (u64, u64, bool)>,
+    background_in_flight: usize,
+    next_id: u64,
+    pub requests_sent: u64,
+    pub urgent_requests: u64,
+    pub bytes_fetched: u64,
+    /// Why the connection failed, once it did: nothing more is asked or taken.
+    pub broken: Option<String>,
+}
+
+/// `tcp://HOST:PORT` → `HOST:PORT`.
+pub fn parse_url(url: &str) -> Result<&str, String> {
+    let rest = url.strip_prefix("tcp://").ok_or_else(|| {
+        format!("--source {url}: only tcp://HOST:PORT sources are supported (umm page-server)")
+    })?;
+    if rest.is_empty() || !rest.contains(':') || rest.contains('/') {
+        return Err(format!("--source {url}: expected tcp://HOST:PORT"));
+    }
+    Ok(rest)
+}
+
+impl NetClient {
+    /// Connect, authenticate (both ways), read the manifest and checksum table, start the
+    /// helper threads.
+    pub fn connect(url: &str, key: &Key, background: bool) -> Result<NetClient, String> {
+        let addr = parse_url(url)?;
+        let sock = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: no address"))?;
+        let mut stream = TcpStream::connect_timeout(&sock, CONNECT_WAIT)
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
+        let (manifest, table) = handshake(&mut stream, url, key)?;
+        let _ = stream.set_read_timeout(None);
+        log::info!(
+            "{url}: authenticated; image of {} regions, {} of data",
+            manifest.regions.len(),
+            crate::stats::human_bytes(manifest.data_len)
+        );
+        let store = Rc::new(RefCell::new(NetStore::new(manifest.data_len, background)));
+        let reader = stream
+            .try_clone()
+            .map_err(|e| format!("{url}: socket: {e}"))?;
+        let wake = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| format!("eventfd: {e}"))?,
+        );
+        let (req_tx, req_rx) = crossbeam_channel::unbounded::<Frame>();
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
+        {
+            let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
+            std::thread::Builder::new()
+                .name("umm-net-writer".into())
+                .spawn(move || {
+                    block_signals();
+                    write_requests(stream, req_rx, reply_tx, wake)
+                })
+                .map_err(|e| format!("cannot start the network writer: {e}"))?;
+        }
+        {
+            let (wake, table) = (wake.clone(), Arc::new(table));
+            std::thread::Builder::new()
+                .name("umm-net-reader".into())
+                .spawn(move || {
+                    block_signals();
+                    read_replies(reader, table, reply_tx, wake)
+                })
+                .map_err(|e| format!("cannot start the network reader: {e}"))?;
+        }
+        Ok(NetClient {
+            url: url.to_string(),
+            manifest: Arc::new(manifest),
+            store,
+            requests: Some(req_tx),
+            replies: reply_rx,
+            wake,
+            in_flight: HashMap::new(),
+            background_in_flight: 0,
+            next_id: 1,
+            requests_sent: 0,
+            urgent_requests: 0,
+            bytes_fetched: 0,
+            broken: None,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn store(&self) -> Rc<RefCell<NetStore>> {
+        self.store.clone()
+    }
+
+    /// The eventfd the loop polls: readable when replies wait.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// Hand the writer what the store wants: every urgent request at once, background ones
+    /// while the window has room.
+    pub fn pump(&mut self) {
+        let Some(tx) = self.requests.as_ref().filter(|_| self.broken.is_none()) else {
+            return;
+        };
+        loop {
+            let mut store = self.store.borrow_mut();
+            let urgent_only = self.background_in_flight >= WINDOW;
+            if urgent_only && !store.has_urgent() {
+                return;
+            }
+            let Some((offset, len, urgent)) = store.next_request(urgent_only) else {
+                return;
+            };
+            drop(store);
+            let id = self.next_id;
+            self.next_id += 1;
+            let get = Frame::Get {
+                id,
+                offset,
+                len: len as u32,
+                flags: if urgent { np::GET_URGENT } else { 0 },
+            };
+            if tx.send(get).is_err() {
+                return; // the writer stopped: its reason is on the reply channel
+            }
+            self.in_flight.insert(id, (offset, len, urgent));
+            self.requests_sent += 1;
+            if urgent {
+                self.urgent_requests += 1;
+            } else {
+                self.background_in_flight += 1;
+            }
+        }
+    }
+
+    /// Take the verified data that arrived into the store. Ok(n): replies taken; Err: the
+    /// connection failed (or the server sent something wrong).
+    pub fn on_readable(&mut self) -> Result<usize, String> {
+        let _ = self.wake.read();
+        if self.broken.is_some() {
+            return Ok(0);
+        }
+        let mut got = 0;
+        while let Ok(reply) = self.replies.try_recv() {
+            match reply {
+                Reply::Data { id, offset, bytes } => {
+                    let (asked, len, urgent) = self
+                        .in_flight
+                        .remove(&id)
+                        .ok_or_else(|| format!("Data for request {id}, which is not in flight"))?;
+                    if asked != offset || len != bytes.len() as u64 {
+                        return Err(format!(
+                            "request {id} asked {asked:#x}+{len:#x}, the reply carries \
+                             {offset:#x}+{:#x}",
+                            bytes.len()
+                        ));
+                    }
+                    if !urgent {
+                        self.background_in_flight -= 1;
+                    }
+                    self.store.borrow_mut().arrived(offset, &bytes)?;
+                    self.bytes_fetched += bytes.len() as u64;
+                    got += 1;
+                }
+                Reply::Closed => return Err("the page server closed the connection".into()),
+                Reply::Failed(e) => return Err(e),
+            }
+        }
+        self.pump();
+        Ok(got)
+    }
+
+    /// What came over the network, for the report.
+    pub fn report(&self) -> crate::stats::NetReport {
+        crate::stats::NetReport {
+            source: self.url.clone(),
+            requests: self.requests_sent,
+            urgent_requests: self.urgent_requests,
+            bytes_fetched: self.bytes_fetched,
+        }
+    }
+
+    /// The restore is complete: say so (the server then ends), bounded.
+    pub fn complete(mut self) -> Result<(), String> {
+        if let Some(tx) = self.requests.take() {
+            let _ = tx.send(Frame::Complete);
+        }
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(Reply::Closed) => return Ok(()),
+                Ok(Reply::Failed(e)) => return Err(e),
+                Ok(Reply::Data { .. }) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no answer to Complete in {CLOSE_WAIT:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("connection gone".into()),
+            }
+        }
+    }
+}
+
+/// Helper threads start before the loop blocks the signals it reads from its signalfd: they
+/// must not take them (a SIGCHLD taken by a thread that does not block it is discarded, and
+/// the loop never learns that its command exited).
+fn block_signals() {
+    if let Err(e) = nix::sys::signal::SigSet::all().thread_block() {
+        log::warn!("cannot block signals in a network thread: {e}");
+    }
+}
+
+fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, String> {
+    match np::read_frame(stream) {
+        Ok(Frame::Error { code, msg }) => {
+            Err(format!("{url}: the page server refused ({code}): {msg}"))
+        }
+        Ok(f) => Ok(f),
+        Err(e) => Err(format!("{url}: reading the {what}: {e}")),
+    }
+}
+
+/// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest.
+fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, Vec<u32>), String> {
+    let send = |s: &mut TcpStream, f: &Frame| {
+        np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
+    };
+    send(
+        stream,
+        &Frame::Hello {
+            features: np::FEATURES,
+        },
+    )?;
+    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, url, "challenge")? else {
+        return Err(format!("{url}: the server did not send a challenge"));
+    };
+    let client = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
+    send(
+        stream,
+        &Frame::Auth {
+            nonce: client,
+            mac: key.mac(Role::Client, &server, &client),
+        },
+    )?;
+    let Frame::Welcome { mac } = expect_frame(stream, url, "answer to the authentication")? else {
+        return Err(format!("{url}: no Welcome after the authentication"));
+    };
+    if !key.verify(Role::Server, &server, &client, &mac) {
+        return Err(format!(
+            "{url}: the page server does not prove it holds the key (wrong key, or not the \
+             server meant)"
+        ));
+    }
+    let Frame::Manifest {
+        data_len,
+        checksums,
+        json,
+    } = expect_frame(stream, url, "manifest")?
+    else {
+        return Err(format!("{url}: no manifest after the authentication"));
+    };
+    let manifest = Manifest::parse(Path::new(url), &json).map_err(|e| format!("{e}"))?;
+    if manifest.data_len != data_len {
+        return Err(format!(
+            "{url}: the manifest says {:#x} bytes of data, the frame {data_len:#x}",
+            manifest.data_len
+        ));
+    }
+    Ok((manifest, checksums))
+}
+
+/// The writer thread: send each frame the loop hands it.
+fn write_requests(
+    mut stream: TcpStream,
+    requests: Receiver<Frame>,
+    replies: Sender<Reply>,
+    wake: Arc<EventFd>,
+) {
+    for f in requests.iter() {
+        if let Err(e) = np::write_frame(&mut stream, &f) {
+            let _ = replies.send(Reply::Failed(format!(
+                "page server connection lost sending {f:?}: {e}"
+            )));
+            let _ = wake.write(1);
+            return;
+        }
+    }
+}
+
+/// The reader thread: read each frame, verify Data against the image's checksum table, hand
+/// it over.
+fn read_replies(
+    mut stream: TcpStream,
+    table: Arc<Vec<u32>>,
+    replies: Sender<Reply>,
+    wake: Arc<EventFd>,
+) {
+    let hand = |r: Reply| {
+        let ok = replies.send(r).is_ok();
+        let _ = wake.write(1);
+        ok
+    };
+    loop {
+        let reply = match np::read_frame(&mut stream) {
+            Ok(Frame::Data {
+                id,
+                offset,
+                checksums,
+                bytes,
+            }) => match np::verify_data(offset, &bytes, &checksums, &table) {
+                Ok(()) => Reply::Data { id, offset, bytes },
+                Err(e) => Reply::Failed(format!("refused data from the page server: {e}")),
+            },
+            Ok(Frame::Close) => Reply::Closed,
+            Ok(Frame::Error { code, msg }) => {
+                Reply::Failed(format!("the page server failed ({code}): {msg}"))
+            }
+            Ok(f) => Reply::Failed(format!("unexpected {f:?} from the page server")),
+            Err(e) => Reply::Failed(format!("page server connection lost: {e}")),
+        };
+        let last = !matches!(reply, Reply::Data { .. });
+        if !hand(reply) || last {
+            return;
+        }
+    }
+}
+
+impl crate::manager::Manager {
+    /// Verified data from the page server: into the store; what waited for it is tried again.
+    /// A failed connection stops the restores that still need it (fail-stop).
+    pub(crate) fn on_net_readable(&mut self) {
+        let Some(client) = self.restore.net.as_mut() else {
+            return;
+        };
+        let result = client.on_readable();
+        if let Err(e) = &result {
+            client.broken = Some(e.clone());
+            let _ = self.epoll.delete(client.wake_fd());
+        }
+        match result {
+            Ok(0) => {}
+            Ok(_) => {
+                // The fill waits on spaces with a retry time; parked faults are retried every
+                // turn.
+                for id in self.spaces.ids() {
+                    if let Some(s) = self.spaces.get_mut(id) {
+                        if s.restore.is_some() {
+                            s.retry_at = None;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let url = self.restore.net.as_ref().map(|c| c.url().to_string());
+                let url = url.unwrap_or_default();
+                let needed = self.spaces.iter().any(|(_, s)| {
+                    s.restore
+                        .as_ref()
+                        .is_some_and(|r| matches!(r.source, PageSource::Net(_)))
+                });
+                if needed || self.stats.restores == 0 {
+                    self.fail_stop(&format!("page server {url}: {e}"));
+                } else {
+                    log::info!("page server {url}: {e} (every restore is complete)");
+                }
+            }
+        }
+    }
+
+    /// Hand the page server what faults and the fill asked for this turn.
+    pub(crate) fn pump_net_source(&mut self) {
+        if let Some(client) = self.restore.net.as_mut() {
+            client.pump();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urgent_first_then_background_in_order_and_never_twice() {
+        let len = 40 * CHUNK_SIZE + 4096;
+        let mut s = NetStore::new(len, true);
+        s.want(20 * CHUNK_SIZE + 8192, 3 * 4096);
+        assert_eq!(
+            s.next_request(false),
+            Some((20 * CHUNK_SIZE, CHUNK_SIZE, true))
+        );
+        let mut asked = CHUNK_SIZE;
+        let mut last_end = 0;
+        while let Some((off, l, urgent)) = s.next_request(false) {
+            assert!(!urgent && off >= last_end && l <= BACKGROUND_CHUNKS * CHUNK_SIZE);
+            last_end = off + l;
+            asked += l;
+        }
+        assert_eq!(asked, len, "every byte asked once");
+        assert_eq!(last_end, len, "the last request ends with the data");
+    }
+
+    #[test]
+    fn a_fault_asks_again_urgently_what_only_the_background_asked() {
+        let mut s = NetStore::new(64 * CHUNK_SIZE, true);
+        assert_eq!(s.next_request(false), Some((0, 16 * CHUNK_SIZE, false)));
+        s.want(5 * CHUNK_SIZE, 4096);
+        assert_eq!(
+            s.next_request(false),
+            Some((5 * CHUNK_SIZE, CHUNK_SIZE, true))
+        );
+        s.want(5 * CHUNK_SIZE, 4096);
+        assert_eq!(
+            s.next_request(false),
+            Some((16 * CHUNK_SIZE, 16 * CHUNK_SIZE, false)),
+            "asked urgently once only"
+        );
+        s.arrived(0, &vec![1u8; 16 * CHUNK_SIZE as usize]).unwrap();
+        s.want(6 * CHUNK_SIZE, 4096);
+        assert_eq!(s.next_request(true), None, "arrived already");
+    }
+
+    #[test]
+    fn data_is_given_only_once_its_chunks_arrived() {
+        let mut s = NetStore::new(4 * CHUNK_SIZE, false);
+        assert_eq!(s.next_request(false), None, "no background");
+        s.want(CHUNK_SIZE - 4096, 8192);
+        assert_eq!(s.next_request(false), Some((0, 2 * CHUNK_SIZE, true)));
+        assert!(s.data(CHUNK_SIZE - 4096, 8192).unwrap().is_none());
+        s.arrived(0, &vec![7u8; 2 * CHUNK_SIZE as usize]).unwrap();
+        assert_eq!(s.data(CHUNK_SIZE - 4096, 8192).unwrap().unwrap()[0], 7);
+        assert!(s.data(4 * CHUNK_SIZE - 4096, 8192).is_err(), "past the end");
+        assert!(s.arrived(4096, &[0; 4096]).is_err(), "unaligned");
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("tcp://10.0.0.1:7000"), Ok("10.0.0.1:7000"));
+        assert!(parse_url("http://x/").is_err());
+        assert!(parse_url("tcp://nohost").is_err());
+    }
+}

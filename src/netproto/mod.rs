@@ -1,0 +1,643 @@
+//! The page-server wire format: `umm page-server` ↔ `umm restore --source tcp://` (issue 9).
+//! Pure data plus blocking frame I/O over any `Read`/`Write`; documented in umm-protocol(5),
+//! section "Page server".
+//!
+//! WIRE FORMAT (version 1). All integers little endian.
+//! ```text
+//! frame := len:u32 version:u16 kind:u16 payload      len = 4 + payload length
+//! ```
+//! Conversation (C = the restoring manager, S = the page server):
+//! 1. C→S Hello     features:u32
+//! 2. S→C Challenge features:u32 server_nonce[32]
+//! 3. C→S Auth      client_nonce[32] mac[32]
+//!    mac = HMAC-SHA256(key, "umm-net-1 client" ‖ server_nonce ‖ client_nonce)
+//! 4. S→C Welcome   mac[32] = HMAC-SHA256(key, "umm-net-1 server" ‖ server_nonce ‖ client_nonce)
+//!    (mutual: the client knows the server holds the key too), or Error and close.
+//! 5. S→C Manifest  data_len:u64 count:u32 crc[count]:u32 json_len:u32 json[json_len]
+//!    (the image's manifest.json and its per-chunk CRC-32C table, count = ⌈data_len/CHUNK⌉)
+//! 6. C→S Get       id:u64 offset:u64 len:u32 flags:u32     (many in flight)
+//!    S→C Data      id:u64 offset:u64 count:u32 crc[count]:u32 bytes[...]
+//!    offset is chunk aligned; len is a multiple of CHUNK_SIZE or ends at data_len;
+//!    1 <= len <= MAX_GET. Data answers one Get whole; crc[i] is the CRC-32C of its i-th chunk.
+//!    flags: GET_URGENT (a fault waits): answered before every queued non-urgent Get.
+//! 7. C→S Complete  (empty): the restore is done; S answers Close and ends.
+//!    Either side: Error code:u16 msg_len:u16 msg (UTF-8), then closes.
+//!
+//! Decoding is strict: wrong version, unknown kind, a frame above its kind's bound, missing or
+//! trailing bytes, bad alignment and unknown flags are errors that name what was wrong.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::image::CHUNK_SIZE;
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The server answers urgent Gets before queued background ones.
+pub const FEATURE_URGENT_FIRST: u32 = 1 << 0;
+/// Every feature this build knows.
+pub const FEATURES: u32 = FEATURE_URGENT_FIRST;
+/// Largest Get (and so Data) in bytes.
+pub const MAX_GET: u32 = 4 << 20;
+/// Get flag: a fault waits on these bytes.
+pub const GET_URGENT: u32 = 1 << 0;
+/// Largest frame (after the length prefix) of every kind but Manifest and Data.
+pub const MAX_SMALL_FRAME: usize = 4096;
+/// Largest Manifest frame (manifest JSON plus the checksum table).
+pub const MAX_MANIFEST_FRAME: usize = 256 << 20;
+/// Nonce and MAC sizes.
+pub const NONCE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+/// Shortest accepted key.
+pub const MIN_KEY_LEN: usize = 16;
+/// Longest Error message.
+pub const MAX_ERROR_MSG: usize = 1024;
+
+pub const KIND_HELLO: u16 = 1;
+pub const KIND_CHALLENGE: u16 = 2;
+pub const KIND_AUTH: u16 = 3;
+pub const KIND_WELCOME: u16 = 4;
+pub const KIND_MANIFEST: u16 = 5;
+pub const KIND_GET: u16 = 6;
+pub const KIND_DATA: u16 = 7;
+pub const KIND_ERROR: u16 = 8;
+pub const KIND_COMPLETE: u16 = 9;
+pub const KIND_CLOSE: u16 = 10;
+
+/// Error codes.
+pub const ERR_AUTH: u16 = 1;
+pub const ERR_BAD_REQUEST: u16 = 2;
+pub const ERR_IMAGE: u16 = 3;
+pub const ERR_PROTOCOL: u16 = 4;
+
+/// Length prefix plus version plus kind.
+const HEADER_LEN: usize = 8;
+
+/// One frame, decoded.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        features: u32,
+    },
+    Challenge {
+        features: u32,
+        nonce: [u8; NONCE_LEN],
+    },
+    Auth {
+        nonce: [u8; NONCE_LEN],
+        mac: [u8; MAC_LEN],
+    },
+    Welcome {
+        mac: [u8; MAC_LEN],
+    },
+    Manifest {
+        data_len: u64,
+        checksums: Vec<u32>,
+        json: Vec<u8>,
+    },
+    Get {
+        id: u64,
+        offset: u64,
+        len: u32,
+        flags: u32,
+    },
+    Data {
+        id: u64,
+        offset: u64,
+        checksums: Vec<u32>,
+        bytes: Vec<u8>,
+    },
+    Error {
+        code: u16,
+        msg: String,
+    },
+    Complete,
+    Close,
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Frame::Hello { features } => write!(f, "Hello(features={features:#x})"),
+            Frame::Challenge { features, .. } => write!(f, "Challenge(features={features:#x})"),
+            Frame::Auth { .. } => write!(f, "Auth"),
+            Frame::Welcome { .. } => write!(f, "Welcome"),
+            Frame::Manifest {
+                data_len,
+                checksums,
+                json,
+            } => write!(
+                f,
+                "Manifest(data_len={data_len:#x}, {} checksums, {} bytes of JSON)",
+                checksums.len(),
+                json.len()
+            ),
+            Frame::Get {
+                id,
+                offset,
+                len,
+                flags,
+            } => write!(f, "Get(id={id}, {offset:#x}+{len:#x}, flags={flags:#x})"),
+            Frame::Data {
+                id, offset, bytes, ..
+            } => write!(f, "Data(id={id}, {offset:#x}+{:#x})", bytes.len()),
+            Frame::Error { code, msg } => write!(f, "Error({code}: {msg})"),
+            Frame::Complete => write!(f, "Complete"),
+            Frame::Close => write!(f, "Close"),
+        }
+    }
+}
+
+/// What is wrong with the bytes received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// More bytes are needed (a stream decoder waits for them).
+    Incomplete,
+    Invalid(String),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Incomplete => write!(f, "incomplete frame"),
+            DecodeError::Invalid(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn invalid<T>(s: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError::Invalid(s.into()))
+}
+
+/// Largest body (after the length prefix) a frame of `kind` may have.
+pub fn max_body(kind: u16) -> usize {
+    match kind {
+        KIND_MANIFEST => MAX_MANIFEST_FRAME,
+        KIND_DATA => {
+            4 + 8 + 8 + 4 + 4 * (MAX_GET as u64).div_ceil(CHUNK_SIZE) as usize + MAX_GET as usize
+        }
+        _ => MAX_SMALL_FRAME,
+    }
+}
+
+/// Number of chunks in `len` bytes from a chunk-aligned offset.
+pub fn chunks_in(len: u64) -> u64 {
+    len.div_ceil(CHUNK_SIZE)
+}
+
+/// The CRC-32C of each chunk of `bytes` (the image format's chunking and checksum).
+pub fn chunk_checksums(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(CHUNK_SIZE as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
+/// Check a Get against the image: chunk aligned, inside the data, not too large.
+pub fn check_get(offset: u64, len: u32, flags: u32, data_len: u64) -> Result<(), String> {
+    if flags & !GET_URGENT != 0 {
+        return Err(format!(
+            "Get {offset:#x}+{len:#x}: unknown flags {flags:#x}"
+        ));
+    }
+    if len == 0 || len > MAX_GET {
+        return Err(format!(
+            "Get {offset:#x}+{len:#x}: length not in 1..={MAX_GET:#x}"
+        ));
+    }
+    let end = offset.checked_add(u64::from(len));
+    if offset % CHUNK_SIZE != 0 || end.is_none_or(|e| e > data_len) {
+        return Err(format!(
+            "Get {offset:#x}+{len:#x}: not chunk aligned or outside the data ({data_len:#x} bytes)"
+        ));
+    }
+    let end = offset + u64::from(len);
+    if end % CHUNK_SIZE != 0 && end != data_len {
+        return Err(format!(
+            "Get {offset:#x}+{len:#x}: does not end on a chunk boundary or the end of the data"
+        ));
+    }
+    Ok(())
+}
+
+/// Check a Data frame's bytes: each chunk's CRC-32C must be the one the frame carries and the
+/// one the image's table (`table`, indexed by chunk) holds. Err names the first bad chunk.
+pub fn verify_data(
+    offset: u64,
+    bytes: &[u8],
+    carried: &[u32],
+    table: &[u32],
+) -> Result<(), String> {
+    if offset % CHUNK_SIZE != 0 {
+        return Err(format!("Data at {offset:#x}: not chunk aligned"));
+    }
+    let first = offset / CHUNK_SIZE;
+    let got = chunk_checksums(bytes);
+    if got.len() != carried.len() {
+        return Err(format!(
+            "Data at {offset:#x}: {} chunks carry {} checksums",
+            got.len(),
+            carried.len()
+        ));
+    }
+    for (i, crc) in got.iter().enumerate() {
+        let chunk = first + i as u64;
+        let want = table.get(chunk as usize).copied().ok_or_else(|| {
+            format!("Data at {offset:#x}: chunk {chunk} is beyond the image's checksum table")
+        })?;
+        if *crc != carried[i] || *crc != want {
+            return Err(format!(
+                "chunk {chunk} (bytes {:#x}..{:#x}) arrived corrupt: CRC-32C {crc:#010x}, \
+                 the frame says {:#010x}, the image {want:#010x}",
+                chunk * CHUNK_SIZE,
+                chunk * CHUNK_SIZE + CHUNK_SIZE,
+                carried[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() - self.at < n {
+            return invalid(format!("truncated {what}"));
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        let s = self.take(2, what)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        let s = self.take(4, what)?;
+        Ok(u32::from_le_bytes(s.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        let s = self.take(8, what)?;
+        Ok(u64::from_le_bytes(s.try_into().expect("8 bytes")))
+    }
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
+        Ok(self.take(N, what)?.try_into().expect("N bytes"))
+    }
+    fn u32s(&mut self, n: usize, what: &str) -> Result<Vec<u32>, DecodeError> {
+        let s = self.take(
+            n.checked_mul(4).ok_or(DecodeError::Invalid(what.into()))?,
+            what,
+        )?;
+        Ok(s.chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+    fn end(&self, kind: &str) -> Result<(), DecodeError> {
+        if self.at != self.b.len() {
+            return invalid(format!("{kind}: {} trailing bytes", self.b.len() - self.at));
+        }
+        Ok(())
+    }
+}
+
+impl Frame {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Frame::Hello { .. } => KIND_HELLO,
+            Frame::Challenge { .. } => KIND_CHALLENGE,
+            Frame::Auth { .. } => KIND_AUTH,
+            Frame::Welcome { .. } => KIND_WELCOME,
+            Frame::Manifest { .. } => KIND_MANIFEST,
+            Frame::Get { .. } => KIND_GET,
+            Frame::Data { .. } => KIND_DATA,
+            Frame::Error { .. } => KIND_ERROR,
+            Frame::Complete => KIND_COMPLETE,
+            Frame::Close => KIND_CLOSE,
+        }
+    }
+
+    /// The frame on the wire, length prefix included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Frame::Hello { features } => p.extend_from_slice(&features.to_le_bytes()),
+            Frame::Challenge { features, nonce } => {
+                p.extend_from_slice(&features.to_le_bytes());
+                p.extend_from_slice(nonce);
+            }
+            Frame::Auth { nonce, mac } => {
+                p.extend_from_slice(nonce);
+                p.extend_from_slice(mac);
+            }
+            Frame::Welcome { mac } => p.extend_from_slice(mac),
+            Frame::Manifest {
+                data_len,
+                checksums,
+                json,
+            } => {
+                p.extend_from_slice(&data_len.to_le_bytes());
+                p.extend_from_slice(&(checksums.len() as u32).to_le_bytes());
+                for c in checksums {
+                    p.extend_from_slice(&c.to_le_bytes());
+                }
+                p.extend_from_slice(&(json.len() as u32).to_le_bytes());
+                p.extend_from_slice(json);
+            }
+            Frame::Get {
+                id,
+                offset,
+                len,
+                flags,
+            } => {
+                p.extend_from_slice(&id.to_le_bytes());
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                p.extend_from_slice(&flags.to_le_bytes());
+            }
+            Frame::Data {
+                id,
+                offset,
+                checksums,
+                bytes,
+            } => {
+                p.extend_from_slice(&id.to_le_bytes());
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&(checksums.len() as u32).to_le_bytes());
+                for c in checksums {
+                    p.extend_from_slice(&c.to_le_bytes());
+                }
+                p.extend_from_slice(bytes);
+            }
+            Frame::Error { code, msg } => {
+                let msg = truncate_utf8(msg, MAX_ERROR_MSG);
+                p.extend_from_slice(&code.to_le_bytes());
+                p.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+                p.extend_from_slice(msg.as_bytes());
+            }
+            Frame::Complete | Frame::Close => {}
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + p.len());
+        out.extend_from_slice(&((4 + p.len()) as u32).to_le_bytes());
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.kind().to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// Decode one frame from the start of `buf`: the frame and the bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<(Frame, usize), DecodeError> {
+        if buf.len() < HEADER_LEN {
+            return Err(DecodeError::Incomplete);
+        }
+        let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let version = u16::from_le_bytes([buf[4], buf[5]]);
+        let kind = u16::from_le_bytes([buf[6], buf[7]]);
+        check_header(len, version, kind)?;
+        if buf.len() < 4 + len {
+            return Err(DecodeError::Incomplete);
+        }
+        let frame = decode_payload(kind, &buf[HEADER_LEN..4 + len])?;
+        Ok((frame, 4 + len))
+    }
+}
+
+/// Check a frame header (`len` counts version, kind and payload).
+fn check_header(len: usize, version: u16, kind: u16) -> Result<(), DecodeError> {
+    if version != VERSION {
+        return invalid(format!(
+            "protocol version {version}; this build speaks version {VERSION}"
+        ));
+    }
+    if !(KIND_HELLO..=KIND_CLOSE).contains(&kind) {
+        return invalid(format!("unknown frame kind {kind}"));
+    }
+    if len < 4 || len > max_body(kind) {
+        return invalid(format!(
+            "frame of kind {kind} with length {len} (4 to {} allowed)",
+            max_body(kind)
+        ));
+    }
+    Ok(())
+}
+
+fn decode_payload(kind: u16, p: &[u8]) -> Result<Frame, DecodeError> {
+    let mut c = Cursor { b: p, at: 0 };
+    let frame = match kind {
+        KIND_HELLO => Frame::Hello {
+            features: c.u32("Hello")?,
+        },
+        KIND_CHALLENGE => Frame::Challenge {
+            features: c.u32("Challenge")?,
+            nonce: c.array("Challenge nonce")?,
+        },
+        KIND_AUTH => Frame::Auth {
+            nonce: c.array("Auth nonce")?,
+            mac: c.array("Auth mac")?,
+        },
+        KIND_WELCOME => Frame::Welcome {
+            mac: c.array("Welcome mac")?,
+        },
+        KIND_MANIFEST => {
+            let data_len = c.u64("Manifest")?;
+            let count = c.u32("Manifest")? as usize;
+            if count as u64 != chunks_in(data_len) {
+                return invalid(format!(
+                    "Manifest: {count} checksums for {data_len:#x} bytes of data"
+                ));
+            }
+            let checksums = c.u32s(count, "Manifest checksums")?;
+            let json_len = c.u32("Manifest")? as usize;
+            let json = c.take(json_len, "Manifest JSON")?.to_vec();
+            Frame::Manifest {
+                data_len,
+                checksums,
+                json,
+            }
+        }
+        KIND_GET => Frame::Get {
+            id: c.u64("Get")?,
+            offset: c.u64("Get")?,
+            len: c.u32("Get")?,
+            flags: c.u32("Get")?,
+        },
+        KIND_DATA => {
+            let id = c.u64("Data")?;
+            let offset = c.u64("Data")?;
+            let count = c.u32("Data")? as usize;
+            let checksums = c.u32s(count, "Data checksums")?;
+            let bytes = c.take(p.len() - c.at, "Data")?.to_vec();
+            if offset % CHUNK_SIZE != 0
+                || bytes.is_empty()
+                || bytes.len() > MAX_GET as usize
+                || chunks_in(bytes.len() as u64) != count as u64
+            {
+                return invalid(format!(
+                    "Data id {id} at {offset:#x}: {} bytes with {count} checksums (chunk \
+                     aligned, 1 to {MAX_GET:#x} bytes, one checksum per chunk expected)",
+                    bytes.len()
+                ));
+            }
+            Frame::Data {
+                id,
+                offset,
+                checksums,
+                bytes,
+            }
+        }
+        KIND_ERROR => {
+            let code = c.u16("Error")?;
+            let n = c.u16("Error")? as usize;
+            if n > MAX_ERROR_MSG {
+                return invalid(format!("Error message of {n} bytes"));
+            }
+            let msg = std::str::from_utf8(c.take(n, "Error message")?)
+                .map_err(|_| DecodeError::Invalid("Error message is not UTF-8".into()))?
+                .to_string();
+            Frame::Error { code, msg }
+        }
+        KIND_COMPLETE => Frame::Complete,
+        KIND_CLOSE => Frame::Close,
+        _ => return invalid(format!("unknown frame kind {kind}")),
+    };
+    c.end(&format!("{:?}", frame.kind()))?;
+    Ok(frame)
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Read one frame from a blocking stream. An `InvalidData` error carries the decode error; an
+/// `UnexpectedEof` before the first byte means the peer closed between frames.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Frame> {
+    read_frame_max(r, usize::MAX)
+}
+
+/// [`read_frame`], refusing (before allocating) a frame whose body is longer than `max`: what
+/// a server reads from a peer that has not proven anything yet.
+pub fn read_frame_max(r: &mut impl Read, max: usize) -> io::Result<Frame> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    let kind = u16::from_le_bytes([header[6], header[7]]);
+    check_header(len, version, kind).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of kind {kind} with length {len}, above {max} here"),
+        ));
+    }
+    let mut payload = vec![0u8; len - 4];
+    r.read_exact(&mut payload)?;
+    decode_payload(kind, &payload).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Write one frame to a blocking stream.
+pub fn write_frame(w: &mut impl Write, f: &Frame) -> io::Result<()> {
+    w.write_all(&f.encode())
+}
+
+/// A pre-shared key (the contents of a key file).
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({} bytes)", self.0.len())
+    }
+}
+
+/// Who computes a MAC: the two directions use different labels, so one side's MAC can never
+/// be replayed as the other's.
+#[derive(Clone, Copy, Debug)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Key {
+    /// The key: the bytes given, at least MIN_KEY_LEN of them.
+    pub fn new(bytes: &[u8]) -> Result<Key, String> {
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(format!(
+                "the key is {} bytes; at least {MIN_KEY_LEN} are needed",
+                bytes.len()
+            ));
+        }
+        Ok(Key(bytes.to_vec()))
+    }
+
+    /// The key in a file: its bytes, trailing whitespace (a final newline) removed.
+    pub fn from_file(path: &Path) -> Result<Key, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |p| p + 1);
+        Key::new(&bytes[..end]).map_err(|e| format!("key file {}: {e}", path.display()))
+    }
+
+    fn hmac(&self, role: Role, server: &[u8; NONCE_LEN], client: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
+        m.update(match role {
+            Role::Client => b"umm-net-1 client",
+            Role::Server => b"umm-net-1 server",
+        });
+        m.update(server);
+        m.update(client);
+        m
+    }
+
+    /// The MAC `role` sends for this pair of nonces.
+    pub fn mac(
+        &self,
+        role: Role,
+        server: &[u8; NONCE_LEN],
+        client: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
+        self.hmac(role, server, client)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Whether `mac` is the one `role` must send (compared in constant time).
+    pub fn verify(
+        &self,
+        role: Role,
+        server: &[u8; NONCE_LEN],
+        client: &[u8; NONCE_LEN],
+        mac: &[u8; MAC_LEN],
+    ) -> bool {
+        self.hmac(role, server, client).verify_slice(mac).is_ok()
+    }
+}
+
+/// A fresh random nonce (from the kernel's random source).
+pub fn nonce() -> io::Result<[u8; NONCE_LEN]> {
+    let mut n = [0u8; NONCE_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,536 @@
+//! Post-copy over the network (issue 9): `umm page-server` in one network namespace, `umm
+//! restore --source tcp://` with the reference restorer (`richstate restore`,
+//! tests/targets/richstate.c) in another, joined by a veth pair with `tc netem` delay (and a
+//! rate limit). The restorer verifies every page in random order while it forks, mremaps,
+//! MADV_DONTNEEDs and munmaps; the report shows what came over the network.
+//!
+//! Latency: `tc qdisc netem delay` on both ends of the veth where the kernel has netem; this
+//! machine's kernel is built without it (CONFIG_NET_SCH_NETEM unset, no modules), so there the
+//! delay comes from a relay in the server's namespace (tests/targets/delay_relay.py: every
+//! byte forwarded DELAY later, each direction) and the rate limit from `tbf` on both ends. The
+//! test says which it used on stderr.
+//!
+//! The namespaces and the veth are named after this test process and a counter, and deleted
+//! when the guard drops (on panic too). Processes are entered into a namespace with `nsenter
+//! --net` (network only: `ip netns exec` would remount /sys and hide the cgroup hierarchy the
+//! restore uses). Every process is its own process group, killed by id at the end. Waits are
+//! bounded; nothing is asserted about time.
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const SEED: &str = "0x5eed";
+const LIMIT: Duration = Duration::from_secs(120);
+const SERVER_IP: &str = "10.199.0.1";
+const CLIENT_IP: &str = "10.199.0.2";
+const PORT: u16 = 7411;
+
+fn richstate() -> PathBuf {
+    target("richstate")
+}
+
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip` (is iproute2 installed? make test-deps): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Two network namespaces joined by a veth pair, with a one-way delay and optionally a rate
+/// limit in each direction. Deleted on drop (deleting a namespace deletes its end of the veth,
+/// and with it the pair).
+struct NetPair {
+    server_ns: String,
+    client_ns: String,
+    /// No netem in this kernel: the delay is the relay's (milliseconds), else None.
+    relay_delay_ms: Option<u32>,
+}
+
+impl NetPair {
+    /// `delay_ms` each way; `rate` (e.g. `200mbit`) each way if given.
+    fn new(delay_ms: u32, rate: Option<&str>) -> NetPair {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut pair = NetPair {
+            server_ns: format!("umm-s{tag}"),
+            client_ns: format!("umm-c{tag}"),
+            relay_delay_ms: None,
+        };
+        if let Err(e) = pair.set_up(&tag, delay_ms, rate) {
+            panic!(
+                "cannot set up two network namespaces joined by a veth pair with a delay (needs \
+                 root, iproute2 and tc; `make test-deps` installs iproute2): {e}"
+            );
+        }
+        pair
+    }
+
+    fn set_up(&mut self, tag: &str, delay_ms: u32, rate: Option<&str>) -> Result<(), String> {
+        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
+        // Interface names: at most 15 bytes.
+        let tail = &tag[tag.len().saturating_sub(9)..];
+        let (vs, vc) = (format!("vs{tail}"), format!("vc{tail}"));
+        run_ip(&["netns", "add", s])?;
+        run_ip(&["netns", "add", c])?;
+        run_ip(&[
+            "link", "add", &vs, "netns", s, "type", "veth", "peer", "name", &vc, "netns", c,
+        ])?;
+        for (ns, dev, ip) in [(s, &vs, SERVER_IP), (c, &vc, CLIENT_IP)] {
+            let cidr = format!("{ip}/24");
+            run_ip(&["-n", ns, "addr", "add", &cidr, "dev", dev])?;
+            run_ip(&["-n", ns, "link", "set", dev, "up"])?;
+            run_ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let tc = [
+                "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+            ];
+            let delay = format!("{delay_ms}ms");
+            let mut netem = tc.to_vec();
+            netem.extend(["netem", "delay", &delay]);
+            if let Some(r) = rate {
+                netem.extend(["rate", r]);
+            }
+            match run_ip(&netem) {
+                Ok(()) => {}
+                Err(e) if e.contains("qdisc kind is unknown") => {
+                    // No netem in this kernel: the relay delays, tbf limits the rate.
+                    self.relay_delay_ms = Some(delay_ms);
+                    if let Some(r) = rate {
+                        let mut tbf = tc.to_vec();
+                        tbf.extend(["tbf", "rate", r, "burst", "64kb", "latency", "1s"]);
+                        run_ip(&tbf)?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        eprintln!(
+            "net: veth between {s} and {c}: {delay_ms} ms each way by {}{}",
+            if self.relay_delay_ms.is_some() {
+                "delay_relay.py (this kernel has no netem)"
+            } else {
+                "netem"
+            },
+            rate.map(|r| format!(", {r} each way")).unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Where `umm page-server` listens: the veth address, or (relay) the server namespace's
+    /// loopback, the relay listening on the veth address.
+    fn server_listen(&self) -> String {
+        match self.relay_delay_ms {
+            None => format!("{SERVER_IP}:{PORT}"),
+            Some(_) => format!("127.0.0.1:{}", PORT + 1),
+        }
+    }
+
+    /// The delay relay, if this kernel needs one (started, ready).
+    fn start_relay(&self, dir: &TestDir) -> Option<Proc> {
+        let delay = self.relay_delay_ms?;
+        let argv: Vec<OsString> = vec![
+            PYTHON.into(),
+            target_source("delay_relay.py").into(),
+            SERVER_IP.into(),
+            PORT.to_string().into(),
+            "127.0.0.1".into(),
+            (PORT + 1).to_string().into(),
+            delay.to_string().into(),
+        ];
+        let mut relay = Proc::spawn(dir, "relay", NetPair::command(&self.server_ns, &argv));
+        let up = poll_until(1000, Duration::from_millis(10), || {
+            relay.stdout().contains("RELAY READY") || relay.try_wait().is_some()
+        });
+        assert!(
+            up && relay.try_wait().is_none(),
+            "the delay relay did not start\n{}",
+            relay.context()
+        );
+        Some(relay)
+    }
+
+    /// `cmd` run in `ns` (network namespace only).
+    fn command(ns: &str, argv: &[OsString]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
+        c
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.server_ns, &self.client_ns] {
+            if let Err(e) = run_ip(&["netns", "del", ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// An image of `richstate build SEED` (its four regions), and the builder's data pages.
+fn build_image(dir: &TestDir) -> (PathBuf, u64) {
+    let mut b = Command::new(richstate());
+    b.args(["build", SEED]).current_dir(dir.path());
+    let mut builder = Proc::spawn(dir, "build", b);
+    let ready = poll_until(3000, Duration::from_millis(10), || {
+        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
+    });
+    let out = builder.stdout();
+    assert!(
+        ready,
+        "the builder never became ready\n{}",
+        builder.context()
+    );
+    let field = |prefix: &str, key: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            })
+            .unwrap_or_default()
+            .to_string()
+    };
+    let pid = field("READY ", "pid");
+    let data_pages: u64 = field("READY ", "data_pages").parse().expect("data_pages");
+    let ranges: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RANGES "))
+        .expect("RANGES")
+        .split_whitespace()
+        .collect();
+    let img = dir.join("img");
+    let mut s = Command::new(umm_bin());
+    s.arg("snapshot")
+        .arg(&pid)
+        .arg("-o")
+        .arg(&img)
+        .args(&ranges);
+    let mut snap = Proc::spawn(dir, "snapshot", s);
+    let st = snap.wait_bounded(LIMIT);
+    assert!(
+        st.success(),
+        "umm snapshot: {}\n{}",
+        describe(&st),
+        snap.context()
+    );
+    builder.kill();
+    (img, data_pages)
+}
+
+fn write_key(dir: &TestDir, name: &str, key: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, format!("{key}\n")).expect("write key");
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key");
+    path
+}
+
+const KEY: &str = "a pre-shared key for the tests of umm page-server";
+
+/// `umm page-server` in the server namespace, listening once it said so.
+fn start_server(dir: &TestDir, net: &NetPair, img: &Path, env: &[(&str, &str)]) -> Proc {
+    let listen = net.server_listen();
+    let key = write_key(dir, "server.key", KEY);
+    let argv: Vec<OsString> = vec![
+        umm_bin().into(),
+        "page-server".into(),
+        "--image".into(),
+        img.into(),
+        "--listen".into(),
+        listen.into(),
+        "--key".into(),
+        key.into(),
+    ];
+    let mut c = NetPair::command(&net.server_ns, &argv);
+    c.envs(env.iter().copied());
+    let mut server = Proc::spawn(dir, "page-server", c);
+    let up = poll_until(3000, Duration::from_millis(10), || {
+        server.stderr().contains(" on ") || server.try_wait().is_some()
+    });
+    assert!(
+        up && server.try_wait().is_none(),
+        "the page server did not start\n{}",
+        server.context()
+    );
+    server
+}
+
+fn source_url() -> String {
+    format!("tcp://{SERVER_IP}:{PORT}")
+}
+
+/// `umm restore --source URL --key KEY --report R -- richstate restore SEED URL` in the client
+/// namespace (spawned, not waited for), and R.
+fn spawn_restore(
+    dir: &TestDir,
+    net: &NetPair,
+    label: &str,
+    key: &str,
+    env: &[(&str, &str)],
+) -> (Proc, PathBuf) {
+    let key = write_key(dir, &format!("{label}.key"), key);
+    let report = dir.join(format!("{label}.report.json"));
+    let url = source_url();
+    let argv: Vec<OsString> = vec![
+        umm_bin().into(),
+        "restore".into(),
+        "--source".into(),
+        url.clone().into(),
+        "--key".into(),
+        key.into(),
+        "--report".into(),
+        report.clone().into(),
+        "--".into(),
+        richstate().into(),
+        "restore".into(),
+        SEED.into(),
+        url.into(),
+    ];
+    let mut c = NetPair::command(&net.client_ns, &argv);
+    c.current_dir(dir.path())
+        .env("UMM_AGENT", agent_lib())
+        .env_remove("UMM_SOCKET")
+        .env_remove("LD_PRELOAD")
+        .envs(env.iter().copied());
+    (Proc::spawn(dir, label, c), report)
+}
+
+fn finish_restore(mut p: Proc, report: &Path) -> UmmRun {
+    let status = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    let report = Report::load(report).unwrap_or_else(|e| {
+        panic!(
+            "{}: no report ({e}): {}\n{}",
+            p.label,
+            describe(&status),
+            p.context()
+        )
+    });
+    UmmRun {
+        label: p.label.clone(),
+        status,
+        stdout: p.stdout(),
+        stderr: p.stderr(),
+        report,
+    }
+}
+
+/// A whole restore over the link `netem` describes: every page verified by the restorer, and
+/// every byte of the image fetched over the network, faults' first.
+fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
+    require_root_and_uffd();
+    let dir = TestDir::new(name);
+    let net = NetPair::new(delay_ms, rate);
+    let (img, data_pages) = build_image(&dir);
+    let mut server = start_server(&dir, &net, &img, &[]);
+    let _relay = net.start_relay(&dir);
+    let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let run = finish_restore(p, &report);
+    run.assert_success();
+    let ok = run.ok_line("richstate");
+    assert!(!run.stdout.contains("FAIL richstate"), "{}", run.context());
+    assert_eq!(
+        (ok.u64("children"), ok.u64("grandchildren")),
+        (6, 4),
+        "the restored tree forked as it should\n{}",
+        run.context()
+    );
+    assert!(
+        ok.u64("pages") * 10 >= data_pages * 9,
+        "the restorer verified {} data pages of {data_pages}\n{}",
+        ok.u64("pages"),
+        run.context()
+    );
+    run.assert_eq("restore.handoffs", 1, "one restorer handed over");
+    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
+    run.assert_ge("restore.completed", 1, "the restore completed");
+    assert!(
+        run.report.get("restore.failed").is_some_and(Value::is_null),
+        "{}",
+        run.context()
+    );
+    // What the restorer verified was copied in by the manager, and its data came over the
+    // network: every byte of the image, faults' chunks asked urgently.
+    run.assert_ge(
+        "pages_served",
+        ok.u64("pages"),
+        "pages installed by the manager",
+    );
+    run.assert_ge(
+        "restore.network.bytes_fetched",
+        data_pages * PAGE,
+        "the whole image came over the network",
+    );
+    run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
+    run.assert_ge("faults", 1, "the restorer's reads fault");
+    // The client said Complete: the server exits by itself.
+    let st = server.wait_bounded(Duration::from_secs(30));
+    assert!(
+        st.success() && server.stderr().contains("completed its restore"),
+        "the page server did not end after Complete: {}\n{}",
+        describe(&st),
+        server.context()
+    );
+}
+
+#[test]
+fn restore_over_a_veth_with_1ms_delay_verifies_every_page_fetched_over_the_network() {
+    restore_over(1, None, "net-1ms");
+}
+
+#[test]
+fn restore_over_a_veth_with_10ms_delay_and_a_rate_limit_completes() {
+    restore_over(10, Some("200mbit"), "net-10ms");
+}
+
+/// Everything a stopped restore must show: the restorer tree killed (no OK line: it did not
+/// finish; no FAIL line: it never saw wrong or zero memory), the reason in the report.
+fn assert_stopped(run: &UmmRun, reason: &str) {
+    assert!(
+        !run.status.success(),
+        "umm restore succeeded\n{}",
+        run.context()
+    );
+    assert!(
+        !run.stdout.contains("OK richstate") && !run.stdout.contains("FAIL richstate"),
+        "a restored process finished, or saw wrong memory\n{}",
+        run.context()
+    );
+    assert!(
+        run.stdout.contains("HANDED"),
+        "the restorer never handed over\n{}",
+        run.context()
+    );
+    run.assert_ge("restore.killed", 1, "the restored tree was stopped");
+    let failed = run
+        .report
+        .get("restore.failed")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(
+        failed.contains(reason),
+        "restore.failed = {failed:?}, want it to mention {reason:?}\n{}",
+        run.context()
+    );
+}
+
+#[test]
+fn killing_the_page_server_mid_transfer_stops_the_restored_tree() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-kill");
+    // 8 Mbit/s: the 23 MiB image takes ~25 s, so the server dies mid-transfer.
+    let net = NetPair::new(1, Some("8mbit"));
+    let (img, _) = build_image(&dir);
+    let mut server = start_server(&dir, &net, &img, &[]);
+    let _relay = net.start_relay(&dir);
+    let (mut p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let handed = poll_until(3000, Duration::from_millis(10), || {
+        p.stdout().contains("HANDED") || p.try_wait().is_some()
+    });
+    assert!(handed, "no handoff\n{}", p.context());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        p.try_wait().is_none(),
+        "the restore ended early\n{}",
+        p.context()
+    );
+    server.kill();
+    let run = finish_restore(p, &report);
+    assert_stopped(&run, "page server");
+    let fetched = run.report.u64("restore.network.bytes_fetched");
+    assert!(
+        fetched < img_data_len(&img),
+        "the whole image had arrived ({fetched} bytes) before the server was killed\n{}",
+        run.context()
+    );
+}
+
+fn img_data_len(img: &Path) -> u64 {
+    fs::metadata(img.join("pages.img"))
+        .expect("pages.img")
+        .len()
+}
+
+#[test]
+fn a_chunk_corrupted_in_transit_is_refused_and_stops_the_restore() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-corrupt");
+    let net = NetPair::new(1, None);
+    let (img, _) = build_image(&dir);
+    // Chunk 3 is in the first background request: it arrives before the restorer can finish.
+    let mut server = start_server(&dir, &net, &img, &[("UMM_TEST_CORRUPT_CHUNK", "3")]);
+    let _relay = net.start_relay(&dir);
+    let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let run = finish_restore(p, &report);
+    assert_stopped(&run, "chunk 3");
+    assert!(
+        run.stderr.contains("arrived corrupt"),
+        "no line about the corrupt chunk\n{}",
+        run.context()
+    );
+    assert!(
+        server.stderr().contains("flipped a byte of chunk 3"),
+        "the test hook did not fire\n{}",
+        server.context()
+    );
+    server.kill();
+}
+
+#[test]
+fn a_client_with_a_wrong_key_is_refused_with_a_log_line() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-badkey");
+    let net = NetPair::new(1, None);
+    let (img, _) = build_image(&dir);
+    let mut server = start_server(&dir, &net, &img, &[]);
+    let _relay = net.start_relay(&dir);
+    let (mut p, _report) = spawn_restore(&dir, &net, "badkey", "not the key of this server", &[]);
+    let st = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    assert!(!st.success(), "a wrong key was accepted\n{}", p.context());
+    assert!(
+        p.stderr().contains("refused") && !p.stdout().contains("HANDED"),
+        "the client did not say it was refused, or a restorer ran\n{}",
+        p.context()
+    );
+    let refused = poll_until(500, Duration::from_millis(10), || {
+        server.stderr().contains("wrong key")
+    });
+    let lines = server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("refused"))
+        .count();
+    assert!(
+        refused && lines == 1,
+        "want exactly one log line refusing the peer\n{}",
+        server.context()
+    );
+    assert!(
+        server.try_wait().is_none(),
+        "the server died\n{}",
+        server.context()
+    );
+    server.kill();
+}
