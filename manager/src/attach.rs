@@ -577,12 +577,10 @@ impl Manager {
             copy_data: true,
         };
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("umm-attach-{pid}"))
-            .spawn(move || {
-                let _ = tx.send(open_uffd_in(pid, opts));
-            })
-            .map_err(|e| format!("cannot start the attach helper: {e}"))?;
+        crate::helper_thread::spawn(format!("umm-attach-{pid}"), move || {
+            let _ = tx.send(open_uffd_in(pid, opts));
+        })
+        .map_err(|e| format!("cannot start the attach helper: {e}"))?;
         self.attaching.push(PendingAttach {
             conn,
             pid,

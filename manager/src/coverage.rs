@@ -27,9 +27,7 @@ impl CoverageSampler {
     pub fn start(every: Duration) -> std::io::Result<CoverageSampler> {
         let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("umm-coverage".into())
-            .spawn(move || run(s, every))?;
+        let thread = crate::helper_thread::spawn("umm-coverage", move || run(s, every))?;
         Ok(CoverageSampler {
             shared,
             thread: Some(thread),

@@ -5,6 +5,7 @@ mod control;
 mod coverage;
 mod criu_page_server;
 mod daemon;
+mod helper_thread;
 mod keeper;
 mod lazy_pages;
 mod live;

@@ -250,23 +250,17 @@ impl NetClient {
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
         {
             let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
-            std::thread::Builder::new()
-                .name("umm-net-writer".into())
-                .spawn(move || {
-                    block_signals();
-                    write_requests(stream, req_rx, reply_tx, wake)
-                })
-                .map_err(|e| format!("cannot start the network writer: {e}"))?;
+            crate::helper_thread::spawn("umm-net-writer", move || {
+                write_requests(stream, req_rx, reply_tx, wake)
+            })
+            .map_err(|e| format!("cannot start the network writer: {e}"))?;
         }
         {
             let (wake, table) = (wake.clone(), Arc::new(table));
-            std::thread::Builder::new()
-                .name("umm-net-reader".into())
-                .spawn(move || {
-                    block_signals();
-                    read_replies(reader, table, reply_tx, wake)
-                })
-                .map_err(|e| format!("cannot start the network reader: {e}"))?;
+            crate::helper_thread::spawn("umm-net-reader", move || {
+                read_replies(reader, table, reply_tx, wake)
+            })
+            .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
         Ok(NetClient {
             url: url.to_string(),
@@ -404,15 +398,6 @@ impl NetClient {
                 Err(RecvTimeoutError::Disconnected) => return Err("connection gone".into()),
             }
         }
-    }
-}
-
-/// Helper threads start before the loop blocks the signals it reads from its signalfd: they
-/// must not take them (a SIGCHLD taken by a thread that does not block it is discarded, and
-/// the loop never learns that its command exited).
-fn block_signals() {
-    if let Err(e) = nix::sys::signal::SigSet::all().thread_block() {
-        log::warn!("cannot block signals in a network thread: {e}");
     }
 }
 

@@ -241,17 +241,17 @@ impl PageServerClient {
         let peer = addr.to_string();
         {
             let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
-            std::thread::Builder::new()
-                .name("umm-ps-writer".into())
-                .spawn(move || write_requests(stream, req_rx, order_tx, reply_tx, wake))
-                .map_err(|e| format!("cannot start the page server writer: {e}"))?;
+            crate::helper_thread::spawn("umm-ps-writer", move || {
+                write_requests(stream, req_rx, order_tx, reply_tx, wake)
+            })
+            .map_err(|e| format!("cannot start the page server writer: {e}"))?;
         }
         {
             let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("umm-ps-reader".into())
-                .spawn(move || read_replies(reader, order_rx, reply_tx, wake))
-                .map_err(|e| format!("cannot start the page server reader: {e}"))?;
+            crate::helper_thread::spawn("umm-ps-reader", move || {
+                read_replies(reader, order_rx, reply_tx, wake)
+            })
+            .map_err(|e| format!("cannot start the page server reader: {e}"))?;
         }
         Ok(PageServerClient {
             peer,

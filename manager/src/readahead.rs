@@ -36,9 +36,7 @@ impl ReadAhead {
         let (tx, rx) = bounded(1024);
         let fill_pos = Arc::new(AtomicU64::new(0));
         let pos = fill_pos.clone();
-        let thread = std::thread::Builder::new()
-            .name("umm-readahead".into())
-            .spawn(move || run(image, rx, pos))?;
+        let thread = crate::helper_thread::spawn("umm-readahead", move || run(image, rx, pos))?;
         Ok(ReadAhead {
             tx: Some(tx),
             thread: Some(thread),
