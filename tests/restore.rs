@@ -265,8 +265,23 @@ fn field(line: &str, key: &str) -> Option<String> {
 
 #[test]
 fn snapshot_then_lazy_restore_verifies_every_page_under_fork_mremap_dontneed_munmap() {
+    restore_storm("restore-storm", "1");
+}
+
+/// The same with the second copier (`--fill-threads 2`): its copies meet the same storms.
+#[test]
+fn a_second_copier_meets_fork_mremap_dontneed_munmap_and_no_page_is_wrong() {
+    let run = restore_storm("restore-storm-2", "2");
+    run.assert_ge(
+        "restore.second_copier_bytes",
+        1,
+        "the second copier copied part of the fill",
+    );
+}
+
+fn restore_storm(name: &str, fill_threads: &str) -> UmmRun {
     require_root_and_uffd();
-    let dir = TestDir::new("restore-storm");
+    let dir = TestDir::new(name);
     let built = build_image(&dir, "img");
     // A bound on the background fill (64 MB/s: the restorer's ~22 MiB take at least a third
     // of a second) keeps its regions registered while the storms run, a few ms after the
@@ -275,7 +290,7 @@ fn snapshot_then_lazy_restore_verifies_every_page_under_fork_mremap_dontneed_mun
         &dir,
         "restore",
         &built.img,
-        &["--fill-rate", "64000000"],
+        &["--fill-rate", "64000000", "--fill-threads", fill_threads],
         &[],
     );
     let ok = assert_restored(&run);
@@ -334,6 +349,7 @@ fn snapshot_then_lazy_restore_verifies_every_page_under_fork_mremap_dontneed_mun
     run.assert_ge("events.unmap", ok.u64("unmaps_under_uffd"), "the munmaps");
     run.assert_ge("faults", 1, "the restorer's reads fault");
     run.assert_eq("spaces_live", 0, "everything closed at the end");
+    run
 }
 
 // ----- 2 ------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ pub struct LazyPagesArgs {
     /// Bound the background fill to this many bytes per second.
     #[arg(long, value_name = "BYTES_PER_S")]
     pub fill_rate: Option<u64>,
+    /// Threads copying the background fill while no fault waits: 1 (the loop) or 2 (the
+    /// loop and a second copier) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub fill_threads: Option<u8>,
     /// Fetch the lazy pages from CRIU's page server (`criu dump --lazy-pages --port P`)
     /// instead of the images' pages files.
     #[arg(long, requires = "port")]
@@ -316,6 +320,7 @@ fn lazy_pages(args: LazyPagesArgs) -> Result<i32, String> {
         chunk_max: 2 << 20,
         prefetch: Arc::new(Vec::new()),
         cgroup: None,
+        fill_threads: crate::copier::fill_threads(args.fill_threads),
     });
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;

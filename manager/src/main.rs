@@ -2,6 +2,7 @@
 
 mod attach;
 mod control;
+mod copier;
 mod coverage;
 mod criu_page_server;
 mod daemon;
@@ -141,6 +142,10 @@ struct RestoreArgs {
     /// Background fill chunk, in bytes: it adapts between 256 KiB and this (at least 256 KiB).
     #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
     fill_chunk_max: u64,
+    /// Threads copying the background fill while no fault waits: 1 (the loop) or 2 (the
+    /// loop and a second copier) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
+    fill_threads: Option<u8>,
     /// Verify every chunk of the image before serving anything (else each chunk is verified
     /// before its first use). With --image only.
     #[arg(long, conflicts_with = "source")]

@@ -18,7 +18,7 @@ use umm::image::{Image, Manifest};
 use umm::layout::{Layout, PageState, Run};
 use umm::protocol::NackCode;
 use umm::sys::proc;
-use umm::uffd::{Features, RegisterMode, Uffd};
+use umm::uffd::{Features, RegisterMode, Uffd, UffdError};
 use umm::PAGE_SIZE;
 
 use crate::manager::{event_for, Manager};
@@ -47,6 +47,9 @@ pub struct RestoreConfig {
     pub prefetch: Arc<Vec<u64>>,
     /// The restore's cgroup, killed as a whole on fail-stop.
     pub cgroup: Option<PathBuf>,
+    /// Threads copying the background fill when no fault is waiting: 1 (the loop) or 2 (the
+    /// loop and a copier, copier.rs).
+    pub fill_threads: usize,
 }
 
 impl std::fmt::Debug for RestoreConfig {
@@ -128,6 +131,8 @@ pub struct RestoreBook {
     pub keep_running: bool,
     /// The whole restore was stopped (fail-stop of everything, not one process).
     pub stopped_all: bool,
+    /// The second copier of the background fill (started at its first use).
+    pub copier: Option<crate::copier::Copier>,
     /// The image read-ahead helper, and how far into the data file it was asked to read.
     pub readahead: Option<crate::readahead::ReadAhead>,
     pub ahead_until: u64,
@@ -497,6 +502,9 @@ impl Manager {
         } else {
             FILL_PIECE * 2
         };
+        // Quiet, and a second copier: pieces in pairs, one copied by each (fork-join, see
+        // copier.rs).
+        let paired = !faults_this_turn && rc.fill_threads > 1 && self.shared_source(pick).is_some();
         let mut at = run.range.start;
         while at < run.range.end {
             let end = (at + piece_len).min(run.range.end);
@@ -505,7 +513,18 @@ impl Manager {
                 state: run.state,
                 source: run.source.map(|s| s + (at - run.range.start)),
             };
-            let done = self.fill_piece(pick, &piece, rc.fill_rate);
+            let (done, end) = if paired && end < run.range.end {
+                let end2 = (end + piece_len).min(run.range.end);
+                let second = Run {
+                    range: end..end2,
+                    state: run.state,
+                    source: run.source.map(|s| s + (end - run.range.start)),
+                };
+                let done = self.fill_pair(pick, &piece, &second, rc.fill_rate);
+                (done, end2)
+            } else {
+                (self.fill_piece(pick, &piece, rc.fill_rate), end)
+            };
             if done < end - at || self.spaces.get(pick).is_none() {
                 break;
             }
@@ -530,9 +549,94 @@ impl Manager {
             .is_some_and(|s| matches!(s.origin, Origin::Fork { .. }))
     }
 
+    /// The space's source, if a copier thread can read it (an image or a CRIU pages file),
+    /// for a missing run with image data.
+    fn shared_source(&self, id: Id) -> Option<crate::copier::SharedSource> {
+        use crate::copier::SharedSource;
+        match &self.spaces.get(id)?.restore.as_ref()?.source {
+            PageSource::Umm(image) => Some(SharedSource::Umm(image.clone())),
+            PageSource::Criu(pages) => Some(SharedSource::Criu(pages.clone())),
+            _ => None,
+        }
+    }
+
+    /// Two adjacent pieces of a background run: `second` by the copier thread while the loop
+    /// copies `first`; the loop waits for both before accounting for them, in order (no uffd
+    /// is read meanwhile: copier.rs). The bytes copied from the start of `first` on, as if
+    /// one piece.
+    fn fill_pair(&mut self, pick: Id, first: &Run, second: &Run, fill_rate: Option<u64>) -> u64 {
+        let handed = match (
+            second.state,
+            second.source,
+            self.shared_source(pick),
+            self.spaces.get(pick),
+        ) {
+            (PageState::Missing, Some(offset), Some(source), Some(space)) => {
+                let copier = match &self.restore.copier {
+                    Some(c) => Some(c),
+                    None => match crate::copier::Copier::start() {
+                        Ok(c) => Some(&*self.restore.copier.insert(c)),
+                        Err(e) => {
+                            log::warn!("no second copier: {e}");
+                            None
+                        }
+                    },
+                };
+                match (copier, space.uffd.as_fd().try_clone_to_owned()) {
+                    (Some(c), Ok(uffd)) => c.start_copy(crate::copier::Job {
+                        uffd,
+                        dst: second.range.start,
+                        source,
+                        offset,
+                        len: second.range.end - second.range.start,
+                    }),
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        let first_result = self.copy_run(pick, first);
+        let second_result = if handed {
+            self.restore.copier.as_ref().and_then(|c| c.finish())
+        } else {
+            None
+        };
+        let done = self.account_piece(pick, first, first_result, fill_rate);
+        let second_done = match second_result {
+            Some(r) => {
+                let n = self.account_piece(pick, second, r, fill_rate);
+                self.stats.second_copier_bytes += n;
+                n
+            }
+            // Not handed over (or the copier is gone): copy it here, as without a copier.
+            None if done == first.range.end - first.range.start => {
+                self.fill_piece(pick, second, fill_rate)
+            }
+            None => 0,
+        };
+        if done == first.range.end - first.range.start {
+            done + second_done
+        } else {
+            done
+        }
+    }
+
     /// Copy one piece of a background run and account for it; the bytes copied.
     fn fill_piece(&mut self, pick: Id, run: &Run, fill_rate: Option<u64>) -> u64 {
-        let done = match self.copy_run(pick, run) {
+        let result = self.copy_run(pick, run);
+        self.account_piece(pick, run, result, fill_rate)
+    }
+
+    /// Account for the copy of one piece of a background run (what `copy_run` returned): the
+    /// bytes copied.
+    fn account_piece(
+        &mut self,
+        pick: Id,
+        run: &Run,
+        result: Result<Result<u64, UffdError>, SourceError>,
+        fill_rate: Option<u64>,
+    ) -> u64 {
+        let done = match result {
             // ENOENT handled first: it may copy the run's first page itself.
             Ok(Err(e)) if e.errno == Errno::ENOENT && e.done == 0 => self.fill_enoent(pick, run),
             Err(SourceError::Pending) => {

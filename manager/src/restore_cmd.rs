@@ -190,6 +190,7 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
         chunk_max: args.fill_chunk_max.max(CHUNK_MIN),
         prefetch: Arc::new(prefetch),
         cgroup: cgroup_dir.clone(),
+        fill_threads: crate::copier::fill_threads(args.fill_threads),
     });
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;

@@ -141,6 +141,7 @@ pub struct Stats {
     pub restore_completed: u64,
     pub restore_killed: u64,
     pub background_bytes: u64,
+    pub second_copier_bytes: u64,
     /// Bytes the restores handed over so far had to fill from the image (at their handoff).
     pub restore_to_fill: u64,
     pub restore_first_fault_ms: Option<f64>,
@@ -160,6 +161,7 @@ impl Stats {
                 completed: self.restore_completed,
                 killed: self.restore_killed,
                 background_bytes: self.background_bytes,
+                second_copier_bytes: self.second_copier_bytes,
                 first_fault_ms: self.restore_first_fault_ms,
                 complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
                 failed: None,
@@ -240,6 +242,8 @@ pub struct RestoreReport {
     pub completed: u64,
     pub killed: u64,
     pub background_bytes: u64,
+    /// Of those, bytes the second copier copied (`--fill-threads 2`).
+    pub second_copier_bytes: u64,
     pub first_fault_ms: Option<f64>,
     pub complete_ms: Option<u64>,
     /// Why the restore was stopped (fail-stop), if it was.
