@@ -284,6 +284,54 @@ fn attach_detach_100_times_through_the_daemon_loses_no_memory_or_signal() {
     assert!(report.u64("events.remove") >= 100, "{}", report.pretty());
 }
 
+/// `umm run --control` answers `attach PID` too. Its loop reaps its children on SIGCHLD; a
+/// wait for any child of the whole process took the ptrace stops of the attach helper's
+/// tracee, and every such attach failed ("did not stop within 3.0 s").
+#[test]
+fn attach_through_the_control_socket_of_umm_run() {
+    require_root_and_uffd();
+    let dir = TestDir::new("attach_run_ctl");
+    let ctl = dir.join("run.ctl");
+    let report = dir.join("run.json");
+    let mut cmd = Command::new(umm_bin());
+    cmd.arg("run")
+        .arg("--control")
+        .arg(&ctl)
+        .arg("--report")
+        .arg(&report)
+        .args(["--", "sleep", "600"])
+        .env("RUST_LOG", "info");
+    let mut run = Proc::spawn(&dir, "run", cmd);
+    let up = poll_until(600, Duration::from_millis(50), || {
+        ctl.exists() || run.try_wait().is_some()
+    });
+    assert!(up && run.try_wait().is_none(), "{}", run.context());
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    let pid = a.pid();
+    let answer = ask(&ctl, &format!("attach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok attached pid {pid}")),
+        "{answer}\n{}",
+        run.context()
+    );
+    assert!(a.registered(), "attached but not registered");
+    a.wait_rounds(2, "attached through umm run");
+    let answer = ask(&ctl, &format!("detach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok detached pid {pid}")),
+        "{answer}"
+    );
+    assert!(!a.registered(), "detached but still registered");
+    a.wait_rounds(1, "detached");
+    a.finish();
+    // SIGTERM goes on to the command; umm run ends with it and writes its report.
+    run.signal(Signal::SIGTERM);
+    run.wait_bounded(Duration::from_secs(60));
+    let r = Report::load(&report).unwrap_or_else(|e| panic!("{e}\n{}", run.context()));
+    assert!(r.u64("faults") >= 1, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+}
+
 #[test]
 fn foreground_attach_of_a_static_binary_detaches_on_sigterm() {
     require_root_and_uffd();

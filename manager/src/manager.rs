@@ -766,10 +766,15 @@ impl Manager {
 
     /// Reap every exited child (we are a subreaper, so orphans land here too); when the
     /// command itself exits, stop.
+    ///
+    /// Only this thread's children (`__WNOTHREAD`; the command and the orphans are the main
+    /// thread's, which runs the loop): a wait for any child of the whole process also takes
+    /// the ptrace stops of a process an attach helper thread is tracing, and the helper then
+    /// waits in vain (every `attach PID` through `umm run --control` failed that way).
     fn reap_children(&mut self) {
         use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WNOTHREAD)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
                     if Some(pid.as_raw() as u32) == self.command {
                         self.command_status = Some(code);

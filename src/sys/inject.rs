@@ -252,6 +252,16 @@ impl<'f> Injector<'f> {
 
     /// Run system call `nr` with `args` in the target; its raw result (`-errno` on failure).
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, InjectError> {
+        self.syscall_within(nr, args, SYSCALL_LIMIT)
+    }
+
+    /// [`Injector::syscall`], interrupted after `limit`.
+    fn syscall_within(
+        &mut self,
+        nr: i64,
+        args: [u64; 6],
+        limit: Duration,
+    ) -> Result<i64, InjectError> {
         let tid = self.tid;
         let t = Pid::from_raw(tid as i32);
         let mut regs = self.saved;
@@ -266,7 +276,7 @@ impl<'f> Injector<'f> {
         regs.r8 = args[4];
         regs.r9 = args[5];
         ptrace::setregs(t, regs).map_err(ptrace_err(tid, "PTRACE_SETREGS"))?;
-        let deadline = Instant::now() + SYSCALL_LIMIT;
+        let mut deadline = Instant::now() + limit;
         let mut interrupted = false;
         loop {
             ptrace::cont(t, None).map_err(ptrace_err(tid, "PTRACE_CONT"))?;
@@ -305,8 +315,9 @@ impl<'f> Injector<'f> {
                     })
                 }
                 None => {
-                    // Blocked in the call too long: interrupt it; the call returns (EINTR or
-                    // a restart, which orig_rax = -1 does not allow) and reaches the int3.
+                    // Blocked in the call too long: interrupt it, and once it is stopped make
+                    // the call return EINTR to the int3 (see `stop_restart`), so that the
+                    // thread ends stopped there and everything can be put back.
                     if interrupted {
                         return Err(InjectError::Timeout { tid, nr });
                     }
@@ -325,9 +336,34 @@ impl<'f> Injector<'f> {
                         Some(_) => {}
                         None => return Err(InjectError::Timeout { tid, nr }),
                     }
+                    if self.stop_restart()? {
+                        // It had just returned to the int3: stopped there already.
+                        return Err(InjectError::Timeout { tid, nr });
+                    }
+                    deadline = Instant::now() + Duration::from_secs(2);
                 }
             }
         }
+    }
+
+    /// The thread, stopped after an interrupt: true if it stands at the int3. Otherwise the
+    /// injected call was interrupted, and its entry set `orig_rax` to its number again, so the
+    /// kernel would restart it on the way out and it would block again (then nothing could be
+    /// put back, and the thread would run on into the int3 untraced: SIGTRAP). `orig_rax = -1`
+    /// and an `-ERESTART*` result made `-EINTR` let it return to the int3 instead.
+    fn stop_restart(&mut self) -> Result<bool, InjectError> {
+        let t = Pid::from_raw(self.tid as i32);
+        let mut now = ptrace::getregs(t).map_err(ptrace_err(self.tid, "PTRACE_GETREGS"))?;
+        if now.rip == self.site + TRAP_RIP {
+            return Ok(true);
+        }
+        now.orig_rax = u64::MAX;
+        // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK (516).
+        if (-516..=-512).contains(&(now.rax as i64)) {
+            now.rax = -(libc::EINTR as i64) as u64;
+        }
+        ptrace::setregs(t, now).map_err(ptrace_err(self.tid, "PTRACE_SETREGS"))?;
+        Ok(false)
     }
 
     /// Give the target a duplicate of `fd` (which it could not open itself, e.g.
@@ -773,6 +809,57 @@ mod tests {
         assert_eq!(bad, -(libc::EBADF as i64));
         inj.finish().unwrap();
         frozen.resume().unwrap();
+        child.stdin.as_mut().unwrap().write_all(b"hello").unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "hello");
+        assert!(child.wait().unwrap().success());
+    }
+
+    #[test]
+    fn an_injected_call_that_blocks_is_interrupted_and_everything_is_put_back() {
+        // `head -c 5` blocks in read(2) of its stdin pipe; an injected read of the same
+        // (empty) pipe blocks too, past its limit.
+        let mut child = Command::new("/usr/bin/head")
+            .args(["-c", "5"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let in_read = (0..2500).any(|_| {
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            wchan.contains("pipe_read") || {
+                std::thread::sleep(Duration::from_millis(2));
+                false
+            }
+        });
+        assert!(in_read, "head never blocked in read(2)");
+        let mut frozen = match Frozen::freeze(pid, Duration::from_secs(10)) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{e} (this test needs ptrace rights over its own child: root, or Yama ptrace_scope <= 1)");
+            }
+        };
+        let mut inj = Injector::new(&mut frozen).unwrap();
+        // read(0, NULL, 1): it waits for data before it touches the buffer.
+        let got = inj.syscall_within(
+            libc::SYS_read,
+            [0, 0, 1, 0, 0, 0],
+            Duration::from_millis(300),
+        );
+        assert!(matches!(got, Err(InjectError::Timeout { .. })), "{got:?}");
+        // The thread stands at the int3: the text word and the registers go back.
+        inj.finish().unwrap();
+        frozen.resume().unwrap();
+        // Its own read (restarted) gets the bytes; it never runs into the int3.
         child.stdin.as_mut().unwrap().write_all(b"hello").unwrap();
         let mut out = String::new();
         child
