@@ -503,6 +503,17 @@ fn refusals_are_one_clear_line() {
         e.contains(&a.pid().to_string()) || e.contains("uid 65534"),
         "{e}"
     );
+    // A process under seccomp: an injected call could kill it.
+    let mut sc = Proc::spawn(&dir, "seccomped", Command::new(target("seccomped")));
+    let ready = poll_until(500, Duration::from_millis(10), || {
+        sc.stdout().contains("READY")
+    });
+    assert!(ready, "{}", sc.context());
+    let e = refused(&dir, "seccomp", attach_cmd(sc.pid));
+    assert!(e.contains("seccomp"), "{e}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sc.pid)).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    sc.kill();
     // None of this touched it.
     let status = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap();
     assert!(status.contains("TracerPid:\t0"), "{status}");

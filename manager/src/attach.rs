@@ -188,6 +188,7 @@ pub fn check_attachable(pid: u32) -> Result<(), String> {
         ));
     }
     check_yama(pid)?;
+    check_seccomp(pid)?;
     let flags = proc::vm_flags(pid).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             format!(
@@ -203,6 +204,31 @@ pub fn check_attachable(pid: u32) -> Result<(), String> {
             "pid {pid} already has memory registered with a userfaultfd (managed by umm or \
              another userfaultfd user): refusing to attach twice"
         ));
+    }
+    Ok(())
+}
+
+/// A thread under seccomp (strict or a filter) may be killed, or sent SIGSYS, for a system
+/// call umm injects (`userfaultfd` is refused by common container profiles): the target would
+/// die of the attach. Every thread is checked (filters are per thread).
+fn check_seccomp(pid: u32) -> Result<(), String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("cannot list /proc/{pid}/task: {e}"))?;
+    for tid in tasks
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let mode = proc::status_field(tid, "Seccomp")
+            .ok()
+            .and_then(|v| v.first().copied())
+            .unwrap_or(0);
+        if mode != 0 {
+            return Err(format!(
+                "pid {pid} (thread {tid}) runs under seccomp ({}): a system call umm injects \
+                 could be refused by killing it, so it is not attached",
+                if mode == 1 { "strict mode" } else { "a filter" }
+            ));
+        }
     }
     Ok(())
 }

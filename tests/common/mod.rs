@@ -57,6 +57,7 @@ pub const C_TARGETS: &[&str] = &[
     "criu_restorer",
     "mtalloc",
     "attachee",
+    "seccomped",
 ];
 
 /// The real python (the `python3` on PATH may be a pyenv bash shim).
