@@ -12,6 +12,7 @@ mod live;
 #[cfg(test)]
 mod man_check;
 mod manager;
+mod migrate_source;
 mod mm_check;
 mod net_server;
 mod net_source;
@@ -76,6 +77,10 @@ enum Command {
     /// Serve a memory image over TCP to `umm restore --source tcp://ADDR:PORT` (post-copy
     /// over the network; a pre-shared key authenticates both sides).
     PageServer(net_server::PageServerArgs),
+    /// Post-copy live migration, source side: freeze a process and serve its memory straight
+    /// from it to `umm restore --source tcp://ADDR:PORT`; killed on Complete, resumed if the
+    /// destination fails first.
+    MigrateSource(migrate_source::MigrateSourceArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
     /// Manage a running process without the agent (ptrace): serve its memory until it exits
@@ -319,6 +324,7 @@ fn main() {
         Command::LazyPages(args) => lazy_pages::main(args),
         Command::CriuPageServer(args) => criu_page_server::main(args),
         Command::PageServer(args) => net_server::main(args),
+        Command::MigrateSource(args) => migrate_source::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
             0
