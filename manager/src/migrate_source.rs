@@ -101,7 +101,12 @@ impl ProcessData {
         let mut runs = Vec::new();
         for r in &manifest.regions {
             for run in &r.runs {
-                runs.push((run.data_offset, r.start + run.offset, run.len, r.prot & 1 != 0));
+                runs.push((
+                    run.data_offset,
+                    r.start + run.offset,
+                    run.len,
+                    r.prot & 1 != 0,
+                ));
             }
         }
         runs.sort_unstable();
