@@ -6,6 +6,7 @@ mod coverage;
 mod criu_page_server;
 mod daemon;
 mod helper_thread;
+mod http_source;
 mod keeper;
 mod lazy_pages;
 mod live;
@@ -120,11 +121,13 @@ struct RestoreArgs {
         conflicts_with = "source"
     )]
     image: Option<PathBuf>,
-    /// Fetch the image from `umm page-server` instead: tcp://HOST:PORT (needs --key). The
-    /// restorer names this URL as its image (UMM_RESTORE_IMAGE).
-    #[arg(long, value_name = "URL", requires = "key")]
+    /// Fetch the image over the network instead: tcp://HOST:PORT from `umm page-server` or
+    /// `umm migrate-source` (needs --key), or http://HOST[:PORT]/PATH/, an image directory on
+    /// an HTTP server that answers Range requests (https:// is refused). The restorer names
+    /// this URL as its image (UMM_RESTORE_IMAGE).
+    #[arg(long, value_name = "URL")]
     source: Option<String>,
-    /// The pre-shared key file of the page server (--source).
+    /// The pre-shared key file of the page server (--source tcp://).
     #[arg(long, value_name = "FILE", requires = "source")]
     key: Option<PathBuf>,
     /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
