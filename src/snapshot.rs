@@ -418,6 +418,44 @@ pub fn snapshot(opts: &Options<'_>) -> Result<Summary, SnapshotError> {
     result
 }
 
+/// A live process held frozen, described as an image whose data stays in the process: what
+/// `umm migrate-source` serves. The manifest is exactly the one [`snapshot`] would write with
+/// the same options; the checksum table is computed from one read of every data page, made
+/// while the process is frozen (the page-server protocol sends it before any data).
+pub struct Described {
+    /// The process, stopped: dropping it resumes the process; `kill` ends it.
+    pub frozen: Frozen,
+    pub manifest: Manifest,
+    /// CRC-32C of each [`crate::image::CHUNK_SIZE`] chunk of the (virtual) data file.
+    pub checksums: Vec<u32>,
+    /// Populated pages that could not be read (holes in the description).
+    pub unreadable_pages: u64,
+    pub holes: u64,
+}
+
+/// Freeze process `opts.pid` and describe its private anonymous memory (or the parts in
+/// `opts.ranges`) as an image without writing one. `opts.dir` and `opts.after` are not used:
+/// the caller decides what happens to the process. On error the process is resumed.
+pub fn describe(opts: &Options<'_>) -> Result<Described, SnapshotError> {
+    sysptrace::check_target(opts.pid)?;
+    check_interrupted(opts)?;
+    let exe = proc::exe(opts.pid);
+    let name = PathBuf::from(format!("<memory of pid {}>", opts.pid));
+    let mut writer = ImageWriter::describe_only(&name, opts.pid, &exe);
+    let frozen = Frozen::freeze(opts.pid, opts.stop_timeout)?;
+    let mut tally = Tally::default();
+    capture(&frozen, &mut writer, opts, &mut tally)?;
+    check_interrupted(opts)?;
+    let (manifest, checksums) = writer.finish_description()?;
+    Ok(Described {
+        frozen,
+        manifest,
+        checksums,
+        unreadable_pages: tally.unreadable_pages,
+        holes: tally.holes,
+    })
+}
+
 fn check_interrupted(opts: &Options<'_>) -> Result<(), SnapshotError> {
     match opts.interrupted {
         Some(f) if f() => Err(SnapshotError::Interrupted),

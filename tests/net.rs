@@ -534,3 +534,186 @@ fn a_client_with_a_wrong_key_is_refused_with_a_log_line() {
     );
     server.kill();
 }
+
+/// A live `richstate build SEED` (the migration's source), its stdin a FIFO the test holds
+/// open: a line written there makes it verify its own memory and print its OK line.
+struct LiveSource {
+    proc: Proc,
+    stdin: fs::File,
+    pid: u32,
+    data_pages: u64,
+    ranges: Vec<String>,
+}
+
+fn start_live_source(dir: &TestDir) -> LiveSource {
+    let fifo = dir.join("source.stdin");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // Read and write: opening never blocks, and the source never sees EOF.
+    let stdin = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO");
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("exec \"$0\" build \"$1\" < \"$2\"")
+        .arg(richstate())
+        .arg(SEED)
+        .arg(&fifo);
+    let mut proc = Proc::spawn(dir, "source", c);
+    let ready = poll_until(3000, Duration::from_millis(10), || {
+        proc.stdout().contains("\nRANGES ") || proc.try_wait().is_some()
+    });
+    assert!(ready, "the source never became ready\n{}", proc.context());
+    let out = proc.stdout();
+    let ready_line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("READY "))
+        .expect("READY");
+    let field = |key: &str| -> u64 {
+        ready_line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {ready_line:?}"))
+    };
+    let ranges = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RANGES "))
+        .expect("RANGES")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    LiveSource {
+        pid: field("pid") as u32,
+        data_pages: field("data_pages"),
+        proc,
+        stdin,
+        ranges,
+    }
+}
+
+/// `umm migrate-source PID --listen .. --key .. --range ..` in the server namespace, serving.
+fn start_migrate_source(dir: &TestDir, net: &NetPair, src: &LiveSource) -> Proc {
+    let key = write_key(dir, "server.key", KEY);
+    let mut argv: Vec<OsString> = vec![
+        umm_bin().into(),
+        "migrate-source".into(),
+        src.pid.to_string().into(),
+        "--listen".into(),
+        net.server_listen().into(),
+        "--key".into(),
+        key.into(),
+    ];
+    argv.extend(src.ranges.iter().map(OsString::from));
+    let mut m = Proc::spawn(
+        dir,
+        "migrate-source",
+        NetPair::command(&net.server_ns, &argv),
+    );
+    let up = poll_until(3000, Duration::from_millis(10), || {
+        m.stderr().contains("serving on") || m.try_wait().is_some()
+    });
+    assert!(
+        up && m.try_wait().is_none(),
+        "umm migrate-source did not start serving\n{}",
+        m.context()
+    );
+    m
+}
+
+#[test]
+fn migrate_source_moves_a_live_process_to_the_other_namespace_and_kills_it_after_complete() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-migrate");
+    let net = NetPair::new(1, None);
+    let mut src = start_live_source(&dir);
+    let mut mig = start_migrate_source(&dir, &net, &src);
+    let _relay = net.start_relay(&dir);
+    let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let run = finish_restore(p, &report);
+    run.assert_success();
+    let ok = run.ok_line("richstate");
+    assert!(
+        ok.u64("pages") * 10 >= src.data_pages * 9,
+        "the destination verified {} data pages of {}\n{}",
+        ok.u64("pages"),
+        src.data_pages,
+        run.context()
+    );
+    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
+    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
+    run.assert_ge(
+        "restore.network.bytes_fetched",
+        src.data_pages * PAGE,
+        "every data page of the live process came over the network",
+    );
+    // Complete: the source process is killed, and migrate-source ends.
+    let st = mig.wait_bounded(Duration::from_secs(30));
+    assert!(
+        st.success() && mig.stderr().contains("completed its restore"),
+        "migrate-source: {}\n{}",
+        describe(&st),
+        mig.context()
+    );
+    let st = src.proc.wait_bounded(Duration::from_secs(30));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(9),
+        "the source was not killed after Complete: {}\n{}",
+        describe(&st),
+        src.proc.context()
+    );
+    assert!(
+        !src.proc.stdout().contains("OK richstate-build"),
+        "the source ran on\n{}",
+        src.proc.context()
+    );
+}
+
+#[test]
+fn migrate_source_resumes_the_source_when_the_destination_dies_mid_way() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-migrate-fail");
+    // 8 Mbit/s: the 23 MiB take ~25 s, so the destination dies mid-transfer.
+    let net = NetPair::new(1, Some("8mbit"));
+    let mut src = start_live_source(&dir);
+    let mut mig = start_migrate_source(&dir, &net, &src);
+    let _relay = net.start_relay(&dir);
+    let (mut p, _report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let handed = poll_until(3000, Duration::from_millis(10), || {
+        p.stdout().contains("HANDED") || p.try_wait().is_some()
+    });
+    assert!(handed, "no handoff\n{}", p.context());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        p.try_wait().is_none(),
+        "the restore ended early\n{}",
+        p.context()
+    );
+    // The destination's umm dies; its keeper stops the restored tree.
+    p.signal(nix::sys::signal::Signal::SIGKILL);
+    p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    let st = mig.wait_bounded(Duration::from_secs(60));
+    assert!(
+        !st.success() && mig.stderr().contains("resumed untouched"),
+        "migrate-source: {}\n{}",
+        describe(&st),
+        mig.context()
+    );
+    assert!(
+        src.proc.try_wait().is_none(),
+        "the source died\n{}",
+        src.proc.context()
+    );
+    // Resumed as it was: it verifies its own memory.
+    std::io::Write::write_all(&mut src.stdin, b"verify\n").expect("write to the source");
+    let st = src.proc.wait_bounded(LIMIT);
+    assert!(
+        st.success() && src.proc.stdout().contains("OK richstate-build"),
+        "the resumed source did not verify its memory: {}\n{}",
+        describe(&st),
+        src.proc.context()
+    );
+}

@@ -7,12 +7,14 @@ mod coverage;
 mod criu_page_server;
 mod daemon;
 mod helper_thread;
+mod http_source;
 mod keeper;
 mod lazy_pages;
 mod live;
 #[cfg(test)]
 mod man_check;
 mod manager;
+mod migrate_source;
 mod mm_check;
 mod net_server;
 mod net_source;
@@ -77,6 +79,10 @@ enum Command {
     /// Serve a memory image over TCP to `umm restore --source tcp://ADDR:PORT` (post-copy
     /// over the network; a pre-shared key authenticates both sides).
     PageServer(net_server::PageServerArgs),
+    /// Post-copy live migration, source side: freeze a process and serve its memory straight
+    /// from it to `umm restore --source tcp://ADDR:PORT`; killed on Complete, resumed if the
+    /// destination fails first.
+    MigrateSource(migrate_source::MigrateSourceArgs),
     /// Show a running manager's live status (through its control socket).
     Stat(stat_cmd::StatArgs),
     /// Manage a running process without the agent (ptrace): serve its memory until it exits
@@ -116,11 +122,13 @@ struct RestoreArgs {
         conflicts_with = "source"
     )]
     image: Option<PathBuf>,
-    /// Fetch the image from `umm page-server` instead: tcp://HOST:PORT (needs --key). The
-    /// restorer names this URL as its image (UMM_RESTORE_IMAGE).
-    #[arg(long, value_name = "URL", requires = "key")]
+    /// Fetch the image over the network instead: tcp://HOST:PORT from `umm page-server` or
+    /// `umm migrate-source` (needs --key), or http://HOST[:PORT]/PATH/, an image directory on
+    /// an HTTP server that answers Range requests (https:// is refused). The restorer names
+    /// this URL as its image (UMM_RESTORE_IMAGE).
+    #[arg(long, value_name = "URL")]
     source: Option<String>,
-    /// The pre-shared key file of the page server (--source).
+    /// The pre-shared key file of the page server (--source tcp://).
     #[arg(long, value_name = "FILE", requires = "source")]
     key: Option<PathBuf>,
     /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
@@ -324,6 +332,7 @@ fn main() {
         Command::LazyPages(args) => lazy_pages::main(args),
         Command::CriuPageServer(args) => criu_page_server::main(args),
         Command::PageServer(args) => net_server::main(args),
+        Command::MigrateSource(args) => migrate_source::main(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "umm", &mut std::io::stdout());
             0

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use umm::image::{Image, CHUNK_SIZE};
+use umm::image::{Image, Manifest, CHUNK_SIZE};
 use umm::netproto::{self as np, Frame, Key, Role};
 
 /// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
@@ -29,7 +29,35 @@ pub const CORRUPT_ENV: &str = "UMM_TEST_CORRUPT_CHUNK";
 
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// How a refused peer's error begins (already logged).
-const REFUSED: &str = "refused: ";
+pub const REFUSED: &str = "refused: ";
+
+/// What a page server serves: an image's manifest and checksum table, and its data by
+/// data-file offset. An image directory (`umm page-server`) or a frozen live process
+/// (`umm migrate-source`).
+pub trait ServedData: Send + Sync {
+    fn manifest(&self) -> &Manifest;
+    /// CRC-32C of each chunk of the data.
+    fn checksums(&self) -> &[u32];
+    /// `len` bytes at data offset `offset` (checked by `check_get`), verified against the
+    /// checksum table: a chunk that does not match is an error, never sent.
+    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String>;
+    /// `offset..offset + len` was written to the client's socket.
+    fn sent(&self, _offset: u64, _len: u64) {}
+}
+
+impl ServedData for Image {
+    fn manifest(&self) -> &Manifest {
+        Image::manifest(self)
+    }
+    fn checksums(&self) -> &[u32] {
+        Image::checksums(self)
+    }
+    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.data(offset, len)
+            .map(<[u8]>::to_vec)
+            .map_err(|e| format!("{e}"))
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct PageServerArgs {
@@ -68,7 +96,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
     if args.verify {
         image.verify_all().map_err(|e| format!("{e}"))?;
     }
-    let image = Arc::new(image);
+    let image: Arc<dyn ServedData> = Arc::new(image);
     let corrupt = std::env::var(CORRUPT_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
@@ -135,16 +163,28 @@ type Shared = Arc<(Mutex<Queue>, Condvar)>;
 fn connection(
     mut stream: TcpStream,
     peer: &str,
-    image: &Arc<Image>,
+    image: &Arc<dyn ServedData>,
     key: &Key,
     corrupt: Option<u64>,
 ) -> Result<bool, String> {
+    handshake(&mut stream, peer, image.as_ref(), key)?;
+    answer(stream, image, corrupt)
+}
+
+/// Authenticate the client (a refusal's error starts with [`REFUSED`]) and send it the
+/// manifest.
+pub fn handshake(
+    stream: &mut TcpStream,
+    peer: &str,
+    image: &dyn ServedData,
+    key: &Key,
+) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
-    authenticate(&mut stream, peer, key)?;
+    authenticate(stream, peer, key)?;
     let m = image.manifest();
     np::write_frame(
-        &mut stream,
+        stream,
         &Frame::Manifest {
             data_len: m.data_len,
             checksums: image.checksums().to_vec(),
@@ -154,6 +194,17 @@ fn connection(
     .map_err(|e| format!("sending the manifest: {e}"))?;
     let _ = stream.set_read_timeout(None);
     log::info!("{peer}: authenticated; manifest sent");
+    Ok(())
+}
+
+/// Answer an authenticated client's Gets until it completes (Ok(true)), closes (Ok(false)) or
+/// fails.
+pub fn answer(
+    mut stream: TcpStream,
+    image: &Arc<dyn ServedData>,
+    corrupt: Option<u64>,
+) -> Result<bool, String> {
+    let m = image.manifest();
 
     let shared: Shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let writer = {
@@ -164,7 +215,7 @@ fn connection(
         );
         std::thread::Builder::new()
             .name("umm-ps-writer".into())
-            .spawn(move || answer_gets(stream, &shared, &image, corrupt))
+            .spawn(move || answer_gets(stream, &shared, image.as_ref(), corrupt))
             .map_err(|e| format!("cannot start a writer: {e}"))?
     };
     let data_len = m.data_len;
@@ -266,7 +317,12 @@ fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), Str
 }
 
 /// The writer: answer queued Gets, urgent first, until the reader ends.
-fn answer_gets(mut stream: TcpStream, shared: &Shared, image: &Image, corrupt: Option<u64>) {
+fn answer_gets(
+    mut stream: TcpStream,
+    shared: &Shared,
+    image: &dyn ServedData,
+    corrupt: Option<u64>,
+) {
     loop {
         let next = {
             let (lock, cv) = &**shared;
@@ -285,7 +341,7 @@ fn answer_gets(mut stream: TcpStream, shared: &Shared, image: &Image, corrupt: O
             }
         };
         let (id, offset, len) = next;
-        let bytes = match image.data(offset, u64::from(len)) {
+        let mut bytes = match image.read(offset, u64::from(len)) {
             Ok(b) => b,
             Err(e) => {
                 log::error!("not sending {offset:#x}+{len:#x}: {e}");
@@ -293,15 +349,14 @@ fn answer_gets(mut stream: TcpStream, shared: &Shared, image: &Image, corrupt: O
                     &mut stream,
                     &Frame::Error {
                         code: np::ERR_IMAGE,
-                        msg: format!("{e}"),
+                        msg: e,
                     },
                 );
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
         };
-        let checksums = np::chunk_checksums(bytes);
-        let mut bytes = bytes.to_vec();
+        let checksums = np::chunk_checksums(&bytes);
         if let Some(c) = corrupt {
             let first = offset / CHUNK_SIZE;
             if c >= first && c < first + checksums.len() as u64 {
@@ -319,5 +374,6 @@ fn answer_gets(mut stream: TcpStream, shared: &Shared, image: &Image, corrupt: O
             log::info!("sending data: {e}");
             return;
         }
+        image.sent(offset, u64::from(len));
     }
 }

@@ -176,8 +176,8 @@ impl NetStore {
     }
 }
 
-/// What the reader thread hands the loop.
-enum Reply {
+/// What the network threads hand the loop (the page-server reader, or the HTTP fetchers).
+pub(crate) enum Reply {
     Data {
         id: u64,
         offset: u64,
@@ -204,6 +204,12 @@ pub struct NetClient {
     pub bytes_fetched: u64,
     /// Why the connection failed, once it did: nothing more is asked or taken.
     pub broken: Option<String>,
+}
+
+fn new_wake() -> Result<Arc<EventFd>, String> {
+    EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .map(Arc::new)
+        .map_err(|e| format!("eventfd: {e}"))
 }
 
 /// `tcp://HOST:PORT` → `HOST:PORT`.
@@ -238,14 +244,10 @@ impl NetClient {
             manifest.regions.len(),
             crate::stats::human_bytes(manifest.data_len)
         );
-        let store = Rc::new(RefCell::new(NetStore::new(manifest.data_len, background)));
         let reader = stream
             .try_clone()
             .map_err(|e| format!("{url}: socket: {e}"))?;
-        let wake = Arc::new(
-            EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| format!("eventfd: {e}"))?,
-        );
+        let wake = new_wake()?;
         let (req_tx, req_rx) = crossbeam_channel::unbounded::<Frame>();
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
         {
@@ -262,12 +264,45 @@ impl NetClient {
             })
             .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
-        Ok(NetClient {
+        Ok(NetClient::new(
+            url, manifest, background, req_tx, reply_rx, wake,
+        ))
+    }
+
+    /// An image directory on an HTTP server (`crate::http_source`): manifest and checksum
+    /// table fetched, fetcher threads started.
+    pub fn connect_http(url: &str, background: bool) -> Result<NetClient, String> {
+        let base = crate::http_source::parse_url(url)?;
+        let (manifest, table) = crate::http_source::fetch_manifest(&base)?;
+        log::info!(
+            "{url}: image of {} regions, {} of data",
+            manifest.regions.len(),
+            crate::stats::human_bytes(manifest.data_len)
+        );
+        let wake = new_wake()?;
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
+        let req_tx =
+            crate::http_source::start(&base, manifest.data_len, table, reply_tx, wake.clone())?;
+        Ok(NetClient::new(
+            url, manifest, background, req_tx, reply_rx, wake,
+        ))
+    }
+
+    fn new(
+        url: &str,
+        manifest: Manifest,
+        background: bool,
+        requests: Sender<Frame>,
+        replies: Receiver<Reply>,
+        wake: Arc<EventFd>,
+    ) -> NetClient {
+        let store = Rc::new(RefCell::new(NetStore::new(manifest.data_len, background)));
+        NetClient {
             url: url.to_string(),
             manifest: Arc::new(manifest),
             store,
-            requests: Some(req_tx),
-            replies: reply_rx,
+            requests: Some(requests),
+            replies,
             wake,
             in_flight: HashMap::new(),
             background_in_flight: 0,
@@ -276,7 +311,7 @@ impl NetClient {
             urgent_requests: 0,
             bytes_fetched: 0,
             broken: None,
-        })
+        }
     }
 
     pub fn url(&self) -> &str {

@@ -122,9 +122,19 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
             (Some(Arc::new(image)), None, image_dir)
         }
         (None, Some(url)) => {
-            let key_file = args.key.as_ref().ok_or("--source needs --key FILE")?;
-            let key = umm::netproto::Key::from_file(key_file)?;
-            let client = NetClient::connect(url, &key, !args.no_background)?;
+            let client = if url.starts_with("http://") || url.starts_with("https://") {
+                if args.key.is_some() {
+                    return Err(format!("--key is for tcp:// sources, not {url}"));
+                }
+                NetClient::connect_http(url, !args.no_background)?
+            } else {
+                let key_file = args
+                    .key
+                    .as_ref()
+                    .ok_or("--source tcp:// needs --key FILE")?;
+                let key = umm::netproto::Key::from_file(key_file)?;
+                NetClient::connect(url, &key, !args.no_background)?
+            };
             (None, Some(client), PathBuf::from(url))
         }
         (None, None) => return Err("--image DIR or --source URL is required".into()),

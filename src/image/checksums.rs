@@ -50,6 +50,44 @@ fn io_err(path: &Path, e: std::io::Error) -> ImageError {
     }
 }
 
+/// Check the bytes of a whole checksum file (fetched, not read from disk) for a data file of
+/// `data_len` bytes; `path` only names it in errors.
+pub(super) fn decode(path: &Path, bytes: &[u8], data_len: u64) -> Result<Vec<u32>, ImageError> {
+    let size = bytes.len() as u64;
+    if size < HEADER_LEN {
+        return Err(err(
+            path,
+            format!("{size} bytes, too short for the {HEADER_LEN}-byte header"),
+        ));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(err(path, "bad magic (expected \"UMMCSUM1\")"));
+    }
+    let chunk_size = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if u64::from(chunk_size) != CHUNK_SIZE {
+        return Err(err(
+            path,
+            format!("chunk size {chunk_size} (expected {CHUNK_SIZE})"),
+        ));
+    }
+    let count = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+    let expected = chunk_count(data_len);
+    let want = HEADER_LEN + 4 * expected;
+    if count != expected || size != want {
+        return Err(err(
+            path,
+            format!(
+                "{count} checksums in {size} bytes, but the {data_len}-byte data file has \
+                 {expected} chunks ({want} bytes expected)"
+            ),
+        ));
+    }
+    Ok(bytes[HEADER_LEN as usize..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 /// Read and check the checksum file of a data file of `data_len` bytes (already checked against
 /// the data file's real size, so the table is at most 1/16384 of a real file).
 pub(super) fn read(path: &Path, data_len: u64) -> Result<Vec<u32>, ImageError> {

@@ -49,7 +49,8 @@ fn sync_dir(dir: &Path) -> Result<(), ImageError> {
 pub struct ImageWriter {
     dir: PathBuf,
     data_path: PathBuf,
-    data: BufWriter<File>,
+    /// The data file; None for a writer that only describes ([`ImageWriter::describe_only`]).
+    data: Option<BufWriter<File>>,
     source_pid: u32,
     source_exe: String,
     created_unix: u64,
@@ -103,7 +104,7 @@ impl ImageWriter {
         Ok(ImageWriter {
             dir: dir.to_path_buf(),
             data_path,
-            data: BufWriter::with_capacity(1 << 20, file),
+            data: Some(BufWriter::with_capacity(1 << 20, file)),
             source_pid,
             source_exe: source_exe.to_string(),
             created_unix,
@@ -116,6 +117,33 @@ impl ImageWriter {
             chunk_crc: 0,
             poisoned: false,
         })
+    }
+
+    /// A writer that writes no file: it builds the manifest and the per-chunk checksums of
+    /// the data it is given, and drops the data (`umm migrate-source` serves the data from the
+    /// live process instead). `name` only names it in errors. Finish it with
+    /// [`ImageWriter::finish_description`].
+    pub fn describe_only(name: &Path, source_pid: u32, source_exe: &str) -> ImageWriter {
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        ImageWriter {
+            dir: name.to_path_buf(),
+            data_path: name.to_path_buf(),
+            data: None,
+            source_pid,
+            source_exe: source_exe.to_string(),
+            created_unix,
+            regions: Vec::new(),
+            open_region: false,
+            next_addr: 0,
+            data_len: 0,
+            total_runs: 0,
+            sums: Vec::new(),
+            chunk_crc: 0,
+            poisoned: false,
+        }
     }
 
     fn check_usable(&self) -> Result<(), ImageError> {
@@ -251,7 +279,7 @@ impl ImageWriter {
 
     /// Stream `bytes` to the data file, folding them into the per-chunk CRCs.
     fn append_data(&mut self, mut bytes: &[u8]) -> Result<(), ImageError> {
-        if let Err(e) = self.data.write_all(bytes) {
+        if let Some(Err(e)) = self.data.as_mut().map(|d| d.write_all(bytes)) {
             self.poisoned = true;
             return Err(io_err(&self.data_path, e));
         }
@@ -269,6 +297,39 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// The manifest and the checksum table of a [`ImageWriter::describe_only`] writer
+    /// (validated as [`Image::open`] would).
+    pub fn finish_description(mut self) -> Result<(Manifest, Vec<u32>), ImageError> {
+        self.check_usable()?;
+        if self.data.is_some() {
+            return Err(invalid(
+                &self.dir,
+                "this writer writes files: finish it with finish()",
+            ));
+        }
+        if self.data_len % CHUNK_SIZE != 0 {
+            self.sums.push(self.chunk_crc);
+        }
+        let sums = std::mem::take(&mut self.sums);
+        let dir = self.dir.clone();
+        let manifest = self.into_manifest();
+        manifest::validate(&dir, &manifest)?;
+        Ok((manifest, sums))
+    }
+
+    fn into_manifest(self) -> Manifest {
+        Manifest {
+            version: FORMAT_VERSION,
+            page_size: PAGE_SIZE,
+            chunk_size: CHUNK_SIZE,
+            data_len: self.data_len,
+            source_pid: self.source_pid,
+            source_exe: self.source_exe,
+            created_unix: self.created_unix,
+            regions: self.regions,
+        }
+    }
+
     /// Write checksums and the manifest (atomically: manifest last, via rename) and return it.
     pub fn finish(mut self) -> Result<Manifest, ImageError> {
         self.check_usable()?;
@@ -276,8 +337,13 @@ impl ImageWriter {
             self.sums.push(self.chunk_crc);
         }
         let data_path = self.data_path.clone();
-        let file = self
-            .data
+        let Some(data) = self.data.take() else {
+            return Err(invalid(
+                &self.dir,
+                "a describe-only writer has no files: finish it with finish_description()",
+            ));
+        };
+        let file = data
             .into_inner()
             .map_err(|e| io_err(&data_path, e.into_error()))?;
         file.sync_all().map_err(|e| io_err(&data_path, e))?;

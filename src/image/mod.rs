@@ -256,6 +256,13 @@ impl std::error::Error for ImageError {}
 
 pub use imp::{Image, ImageWriter};
 
+/// The per-chunk CRC-32C table in the bytes of a `checksums.bin` fetched from elsewhere (an
+/// HTTP server), checked as [`Image::open`] checks the file, for a data file of `data_len`
+/// bytes. `path` only names it in errors. An extra public item beside the contract.
+pub fn parse_checksums(path: &Path, bytes: &[u8], data_len: u64) -> Result<Vec<u32>, ImageError> {
+    checksums::decode(path, bytes, data_len)
+}
+
 mod checksums;
 mod imp;
 mod manifest;

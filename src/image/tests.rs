@@ -1186,3 +1186,59 @@ fn man_page_example_checksum_file_is_what_the_writer_writes_for_no_data() {
         .collect();
     assert_eq!(bytes, checksums::encode(&[]));
 }
+
+#[test]
+fn a_describe_only_writer_gives_the_manifest_and_checksums_a_real_one_writes() {
+    let tmp = TempDir::new("describe");
+    let dir = tmp.sub("img");
+    let sample = write_sample(&dir);
+    let image = Image::open(&dir).unwrap();
+    let mut d = ImageWriter::describe_only(Path::new("<memory>"), 4242, "/usr/bin/sample");
+    let mut region_of = sample.manifest.regions.iter();
+    let mut current = region_of.next().unwrap();
+    d.begin_region(
+        current.start,
+        current.len,
+        current.prot,
+        &current.flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        &current.name,
+    )
+    .unwrap();
+    for (addr, bytes) in &sample.written {
+        while *addr >= current.start + current.len {
+            current = region_of.next().unwrap();
+            d.begin_region(
+                current.start,
+                current.len,
+                current.prot,
+                &current.flags.iter().map(String::as_str).collect::<Vec<_>>(),
+                &current.name,
+            )
+            .unwrap();
+        }
+        d.write_pages(*addr, bytes).unwrap();
+    }
+    for r in region_of {
+        d.begin_region(
+            r.start,
+            r.len,
+            r.prot,
+            &r.flags.iter().map(String::as_str).collect::<Vec<_>>(),
+            &r.name,
+        )
+        .unwrap();
+    }
+    let (mut manifest, sums) = d.finish_description().unwrap();
+    manifest.created_unix = sample.manifest.created_unix;
+    assert_eq!(manifest, sample.manifest);
+    assert_eq!(sums, image.checksums());
+    let file = fs::read(dir.join(CHECKSUM_FILE)).unwrap();
+    assert_eq!(
+        parse_checksums(Path::new("x"), &file, manifest.data_len).unwrap(),
+        sums
+    );
+    assert!(parse_checksums(Path::new("x"), &file[..file.len() - 1], manifest.data_len).is_err());
+    // A describe-only writer has no files to finish.
+    let d = ImageWriter::describe_only(Path::new("<memory>"), 1, "x");
+    assert!(d.finish().is_err());
+}
