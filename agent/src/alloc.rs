@@ -113,11 +113,32 @@ fn next_is_glibc() -> bool {
             let (Some(m), Some(l)) = (MALLOC.get(), LIBC_MALLOC.get()) else {
                 return false;
             };
-            let yes = m == l;
+            // Other allocators alias `__libc_malloc` to their malloc too (tcmalloc does): the
+            // definition must also live in glibc itself, or its blocks have no glibc headers.
+            let yes = m == l && in_libc(m);
             GLIBC.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
             yes
         }
     }
+}
+
+/// Whether the code at `addr` belongs to glibc's `libc.so.6`.
+fn in_libc(addr: usize) -> bool {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`.
+    if unsafe { libc::dladdr(addr as *const c_void, info.as_mut_ptr()) } == 0 {
+        return false;
+    }
+    // SAFETY: dladdr succeeded, so `info` is filled; dli_fname is a NUL-terminated path (or
+    // null).
+    let name = unsafe { info.assume_init().dli_fname };
+    if name.is_null() {
+        return false;
+    }
+    // SAFETY: a NUL-terminated string owned by the loader, alive while libc is loaded.
+    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+    let base = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+    base.starts_with(b"libc.so")
 }
 
 /// Resolve everything at once (the constructor, before the program's threads exist).
@@ -339,6 +360,14 @@ mod tests {
         for i in 1..=(HEAP_PROBES * 2) {
             assert!(first_sight_of_heap(base + i * ARENA_HEAP * HEAP_SLOTS));
         }
+    }
+
+    #[test]
+    fn libc_code_is_told_from_other_code() {
+        assert!(in_libc(libc::free as *const () as usize));
+        // Code of this test binary, and of no object at all.
+        assert!(!in_libc(first_sight_of_heap as *const () as usize));
+        assert!(!in_libc(16));
     }
 
     #[test]

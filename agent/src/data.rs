@@ -28,8 +28,21 @@ pub(crate) struct Segment {
     prot: i32,
 }
 
-/// The mappings of this process that should become anonymous, from `/proc/self/smaps`.
+/// The mappings of this process that should become anonymous, from `/proc/self/smaps`: the
+/// data of loaded objects only (files that are also mapped executable), never a file the
+/// program mapped privately itself (it may reach past the end of the file, where a read
+/// faults with SIGBUS).
 fn candidates(smaps: &str) -> Vec<Segment> {
+    let loaded: std::collections::HashSet<&str> = smaps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let perms = f.nth(1)?;
+            (perms.len() == 4 && perms.as_bytes()[2] == b'x')
+                .then(|| f.nth(3))
+                .flatten()
+        })
+        .collect();
     let mut out = Vec::new();
     let mut cur: Option<(Segment, bool, bool)> = None; // (segment, writable, eligible)
     let mut finish = |c: Option<(Segment, bool, bool)>, anon: u64| {
@@ -70,8 +83,12 @@ fn candidates(smaps: &str) -> Vec<Segment> {
         finish(cur.take(), anon);
         anon = 0;
         let path = f.next().unwrap_or("");
-        let eligible =
-            p[0] == b'r' && p[2] != b'x' && p[3] == b'p' && inode != "0" && path.starts_with('/');
+        let eligible = p[0] == b'r'
+            && p[2] != b'x'
+            && p[3] == b'p'
+            && inode != "0"
+            && path.starts_with('/')
+            && loaded.contains(path);
         let mut prot = libc::PROT_READ;
         if p[1] == b'w' {
             prot |= libc::PROT_WRITE;
@@ -165,7 +182,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_private_non_executable_file_data_that_is_writable_or_written_is_chosen() {
+    fn only_private_data_of_loaded_objects_that_is_writable_or_written_is_chosen() {
         let smaps = "\
 55d0-55d1 r--p 00000000 08:01 100 /usr/bin/prog
 Anonymous:             0 kB
@@ -180,6 +197,8 @@ Anonymous:            12 kB
 7f00-7f01 rw-s 00000000 08:01 200 /dev/shm/x
 Anonymous:             0 kB
 7f01-7f02 rw-p 00000000 00:00 0 
+Anonymous:             4 kB
+7f02-7f03 rw-p 00000000 08:01 300 /var/lib/data.bin
 Anonymous:             4 kB
 ";
         let got: Vec<(usize, usize, i32)> = candidates(smaps)

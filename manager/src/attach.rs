@@ -326,6 +326,13 @@ fn copy_data_segments(inj: &mut Injector<'_>) -> u64 {
     let Ok(maps) = proc::read_maps(pid) else {
         return 0;
     };
+    // Data of loaded objects only (files also mapped executable): a file the program mapped
+    // privately itself keeps its file semantics (and may reach past the end of the file).
+    let loaded: std::collections::HashSet<&str> = maps
+        .iter()
+        .filter(|m| m.exec)
+        .map(|m| m.path.as_str())
+        .collect();
     let mut copied = 0;
     for m in maps.iter().filter(|m| {
         m.read
@@ -334,6 +341,7 @@ fn copy_data_segments(inj: &mut Injector<'_>) -> u64 {
             && !m.shared
             && m.inode != 0
             && m.path.starts_with('/')
+            && loaded.contains(m.path.as_str())
             && m.len() <= MAX_DATA_COPY
     }) {
         match inj.replace_with_anonymous(m.start, m.end, libc::PROT_READ | libc::PROT_WRITE) {
