@@ -623,6 +623,21 @@ impl Manager {
         Ok(())
     }
 
+    /// At shutdown: wait (bounded) for attach helpers still injecting. Exiting mid-injection
+    /// would leave the target with its code word patched and its registers changed (the
+    /// kernel detaches it when its tracer dies): it would crash. What they bring is dropped
+    /// unregistered; the process runs on as it was.
+    pub(crate) fn let_attaches_finish(&mut self) {
+        let limit = umm::sys::inject::SYSCALL_LIMIT + Duration::from_secs(5);
+        for a in self.attaching.drain(..) {
+            match a.result.recv_timeout(limit) {
+                Ok(Ok(_uffd)) => log::info!("pid {}: attach finished at shutdown; let go", a.pid),
+                Ok(Err(e)) => log::info!("pid {}: attach failed at shutdown: {e}", a.pid),
+                Err(_) => log::warn!("pid {}: the attach helper did not finish in time", a.pid),
+            }
+        }
+    }
+
     /// Take the uffds of finished attach helpers and answer their requests (each tick).
     pub(crate) fn attach_tick(&mut self) {
         let mut i = 0;

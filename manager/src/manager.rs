@@ -248,6 +248,7 @@ impl Manager {
         let mut background = false;
         loop {
             if let Some(s) = self.shutdown {
+                self.let_attaches_finish();
                 return Ok(s);
             }
             let spinning =
