@@ -67,6 +67,11 @@ pub struct AttachArgs {
     /// with anonymous copies, so that they can be registered: coverage).
     #[arg(long, conflicts_with = "control")]
     no_copy_data: bool,
+    /// Trace the process's mapping calls (ptrace, every thread and forked child) and register
+    /// each new private anonymous mapping, brk growth and mremap before the call returns:
+    /// coverage from the first touch, at the cost of a stop per system call.
+    #[arg(long, conflicts_with = "control")]
+    strict: bool,
     /// No summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -120,6 +125,9 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
     // Blocked before any thread exists (the coverage sampler), so every thread inherits it.
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
+    if args.strict {
+        crate::strict::block_sigchld()?;
+    }
     let opts = AttachOptions {
         grant: args.grant_device,
         copy_data: !args.no_copy_data,
@@ -145,6 +153,13 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
         crate::stats::human_bytes(registered)
     );
     mgr.attached = Some(pid);
+    if args.strict {
+        // Fail-open: without the tracer the attach still works, with rescans.
+        match mgr.start_strict(pid) {
+            Ok(()) => log::info!("pid {pid}: strict mode: tracing its mapping calls"),
+            Err(e) => log::warn!("pid {pid}: no strict mode: {e}"),
+        }
+    }
     let shutdown = mgr.run().map_err(|e| format!("event loop failed: {e}"))?;
     match shutdown {
         Shutdown::Signal(sig) => log::info!("signal {sig}: detaching from pid {pid}"),
@@ -441,6 +456,9 @@ impl Manager {
     /// Let go of `pid` and of the children it forked while managed: unregister every range,
     /// close the uffds. Returns how many address spaces were let go.
     pub(crate) fn detach_pid(&mut self, pid: u32) -> usize {
+        if self.strict.as_ref().is_some_and(|t| t.pid() == pid) {
+            self.stop_strict();
+        }
         let ids: Vec<Id> = self.spaces.ids();
         let mut mine: Vec<Id> = ids
             .iter()
@@ -475,6 +493,7 @@ impl Manager {
 
     /// Detach every space (the end of a foreground attach).
     pub(crate) fn detach_all(&mut self) {
+        self.stop_strict();
         for id in self.spaces.ids() {
             self.unregister_all(id);
             self.close_space(id, "detached");
@@ -522,6 +541,11 @@ impl Manager {
     /// time since the last one (huge maps). The regular rescans stay as the net for what
     /// keeps the size (a MAP_FIXED over an old mapping).
     pub(crate) fn watch_agentless(&mut self, now: std::time::Instant) {
+        // The tracer registers new mappings at their call; the regular rescans stay the net.
+        if self.strict.is_some() {
+            self.set_tick(None);
+            return;
+        }
         let mut any = false;
         for id in self.spaces.ids() {
             if !self.agentless(id) {
