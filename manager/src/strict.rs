@@ -325,7 +325,7 @@ impl Tracer {
                     Err(Errno::EPERM)
                         if proc::status_field(tid, "TracerPid")
                             .is_ok_and(|t| t.first() == Some(&me)) => {}
-                    Err(Errno::EPERM) if !proc::status_field(tid, "TracerPid").is_ok() => {
+                    Err(Errno::EPERM) if proc::status_field(tid, "TracerPid").is_err() => {
                         continue; // exiting
                     }
                     Err(e) => {
@@ -508,7 +508,7 @@ impl Tracer {
             None => start_brk(tgid)?,
         };
         self.brk.insert(tgid, now);
-        (requested != 0 && now > last).then(|| last..now)
+        (requested != 0 && now > last).then_some(last..now)
     }
 
     /// Ask the loop to register `range` of process `tgid`; wait (bounded) for its ack.
