@@ -147,12 +147,6 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
         mgr.attach_control(c)
             .map_err(|e| format!("cannot serve the control socket: {e}"))?;
     }
-    let (_, registered) = mgr.adopt_attached(pid, uffd)?;
-    log::info!(
-        "pid {pid}: attached, {} registered",
-        crate::stats::human_bytes(registered)
-    );
-    mgr.attached = Some(pid);
     if args.strict {
         // Fail-open: without the tracer the attach still works, with rescans.
         match mgr.start_strict(pid) {
@@ -160,6 +154,12 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
             Err(e) => log::warn!("pid {pid}: no strict mode: {e}"),
         }
     }
+    let (_, registered) = mgr.adopt_attached(pid, uffd)?;
+    log::info!(
+        "pid {pid}: attached, {} registered",
+        crate::stats::human_bytes(registered)
+    );
+    mgr.attached = Some(pid);
     let shutdown = mgr.run().map_err(|e| format!("event loop failed: {e}"))?;
     match shutdown {
         Shutdown::Signal(sig) => log::info!("signal {sig}: detaching from pid {pid}"),

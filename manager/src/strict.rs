@@ -140,6 +140,17 @@ impl StrictTracer {
         self.requests.try_iter().collect()
     }
 
+    /// Wait (bounded) until every thread is traced: its first message. Before the attach
+    /// registers anything, so that no mapping falls between the registration and the seize.
+    fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        match self.requests.recv_timeout(timeout) {
+            Ok(ToLoop::Ready) => Ok(()),
+            Ok(ToLoop::Failed(why)) => Err(why),
+            Ok(other) => Err(format!("unexpected first message {other:?}")),
+            Err(_) => Err(format!("not every thread traced within {timeout:?}")),
+        }
+    }
+
     pub(crate) fn ack(&self, seq: u64) {
         let _ = self.acks.send(seq);
     }
@@ -611,9 +622,11 @@ use crate::slab::{Id, Token};
 use crate::space::Origin;
 
 impl Manager {
-    /// Start strict mode for the attached process `pid` (its space is adopted already).
+    /// Start strict mode for process `pid` and wait until every thread is traced (call it
+    /// before its space is adopted: the adoption's registration then misses nothing).
     pub(crate) fn start_strict(&mut self, pid: u32) -> Result<(), String> {
         let tracer = StrictTracer::start(pid)?;
+        tracer.wait_ready(DETACH_TIMEOUT)?;
         self.epoll
             .add(tracer.wake_fd(), event_for(Token::Tracer))
             .map_err(|e| format!("epoll add of the tracer's eventfd: {e}"))?;
