@@ -759,3 +759,173 @@ func main() {
 	fmt.Printf("OK gochurn checksum=%016x rounds=%d\n", sum, rounds)
 }
 "#;
+
+// ----- umm attach --strict ----------------------------------------------------------------
+//
+// A ptrace syscall tracer (a thread of umm) keeps every thread of the process traced and has
+// new private anonymous mappings registered at the mapping call's return.
+
+/// The tracer of `pid` (TracerPid: the tracing thread's id), 0 if none.
+fn tracer_of(pid: i32) -> u32 {
+    umm::sys::proc::status_field(pid as u32, "TracerPid")
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0) as u32
+}
+
+/// Wait (bounded) until `pid` is traced by umm's strict-mode tracer: a thread of umm other
+/// than its main thread (which is the tracer only for the attach's injection).
+fn wait_traced_by(pid: i32, umm: &mut Proc) {
+    let umm_pid = umm.pid as u32;
+    let ok = poll_until(2000, Duration::from_millis(5), || {
+        let t = tracer_of(pid);
+        (t != 0 && t != umm_pid && umm::sys::proc::tgid_of(t).ok() == Some(umm_pid))
+            || umm.try_wait().is_some()
+    });
+    assert!(
+        ok && umm.try_wait().is_none(),
+        "pid {pid} never got traced by umm (TracerPid {})\n{}",
+        tracer_of(pid),
+        umm.context()
+    );
+}
+
+/// SIGTERM a foreground attach and check it ended well.
+fn end_attach(mut umm: Proc) {
+    umm.signal(Signal::SIGTERM);
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm.context()
+    );
+}
+
+#[test]
+fn strict_attach_detach_20_times_loses_no_memory_or_signal_and_leaves_no_tracer() {
+    require_root_and_uffd();
+    let dir = TestDir::new("strict_20");
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    let sender = Sender::start(a.pid(), a.state.clone());
+    let mut served = 0;
+    for i in 0..20 {
+        let (mut umm, report) = attach_fg_with(&dir, &format!("attach{i}"), a.pid(), &["--strict"]);
+        wait_registered(&a, &mut umm);
+        wait_traced_by(a.pid(), &mut umm);
+        a.wait_rounds(2, "strictly attached");
+        end_attach(umm);
+        assert_eq!(tracer_of(a.pid()), 0, "still traced after detach {i}");
+        assert!(!a.registered(), "still registered after detach {i}");
+        a.wait_rounds(2, "detached");
+        served += Report::load(&report).unwrap().u64("pages_served");
+    }
+    let sent = sender.finish();
+    let ok = a.finish();
+    assert_eq!(ok.u64("usr1"), sent, "signals sent = received");
+    assert!(sent >= 20, "the sender ran ({sent} signals)");
+    // Every round MADV_DONTNEEDs a slice and refills it: faults the manager served.
+    assert!(
+        served >= 20 * 64,
+        "pages served over the 20 attaches: {served}"
+    );
+}
+
+#[test]
+fn sigstop_and_sigcont_work_on_a_strictly_attached_process() {
+    require_root_and_uffd();
+    let dir = TestDir::new("strict_stop");
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    let (mut umm, report) = attach_fg_with(&dir, "attach", a.pid(), &["--strict"]);
+    wait_registered(&a, &mut umm);
+    wait_traced_by(a.pid(), &mut umm);
+    a.wait_rounds(2, "strictly attached");
+    kill(Pid::from_raw(a.pid()), Signal::SIGSTOP).unwrap();
+    // Group-stopped: 'T', or 't' for a traced thread that stays stopped (PTRACE_LISTEN).
+    let stopped = poll_until(2000, Duration::from_millis(5), || {
+        matches!(umm::sys::proc::task_state(a.pid() as u32), Ok('T' | 't'))
+    });
+    assert!(stopped, "SIGSTOP did not stop it\n{}", umm.context());
+    let at = a.word(ROUNDS);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.word(ROUNDS), at, "it ran on while stopped");
+    kill(Pid::from_raw(a.pid()), Signal::SIGCONT).unwrap();
+    a.wait_rounds(3, "after SIGCONT");
+    // Stopped again, then detached while stopped: it stays stopped, and continues on SIGCONT.
+    kill(Pid::from_raw(a.pid()), Signal::SIGSTOP).unwrap();
+    assert!(poll_until(2000, Duration::from_millis(5), || {
+        matches!(umm::sys::proc::task_state(a.pid() as u32), Ok('T' | 't'))
+    }));
+    end_attach(umm);
+    assert_eq!(tracer_of(a.pid()), 0, "still traced after the detach");
+    kill(Pid::from_raw(a.pid()), Signal::SIGCONT).unwrap();
+    a.wait_rounds(3, "detached, after SIGCONT");
+    a.finish();
+    let r = Report::load(&report).unwrap();
+    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+}
+
+#[test]
+fn a_forked_child_under_strict_mode_gets_its_new_mappings_registered() {
+    require_root_and_uffd();
+    let dir = TestDir::new("strict_fork");
+    let fifo = dir.join("gate");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut cmd = Command::new(target("forkmap"));
+    cmd.arg(&fifo);
+    let mut p = Proc::spawn(&dir, "forkmap", cmd);
+    let (mut umm, report) = attach_fg_with(&dir, "attach", p.pid, &["--strict"]);
+    wait_traced_by(p.pid, &mut umm);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .and_then(|mut f| f.write_all(b"go"))
+        .expect("open the gate");
+    let st = p.wait_bounded(Duration::from_secs(60));
+    assert!(st.success(), "forkmap: {}\n{}", describe(&st), p.context());
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "umm attach: {}\n{}",
+        describe(&st),
+        umm.context()
+    );
+    let ok = OkLine::find(&p.stdout(), "forkmap")
+        .unwrap_or_else(|| panic!("no OK line\n{}", p.context()));
+    assert_eq!(ok.checksum(), "8e5992bbca693c46", "{}", p.context());
+    assert_eq!(ok.u64("parent_registered"), 1, "{}", umm.context());
+    assert_eq!(ok.u64("child_registered"), 1, "{}", umm.context());
+    let r = Report::load(&report).unwrap();
+    assert!(r.u64("events.fork") >= 1, "{}", r.pretty());
+    assert!(r.u64("strict_registers") >= 2, "{}", r.pretty());
+    // Both 16 MiB mappings were registered before their first touch: every page is served.
+    assert!(r.u64("pages_served") >= 2 * 4096, "{}", r.pretty());
+}
+
+#[test]
+fn killing_umm_while_strict_leaves_the_target_running_with_its_memory() {
+    require_root_and_uffd();
+    let dir = TestDir::new("strict_kill");
+    let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
+    let sender = Sender::start(a.pid(), a.state.clone());
+    let (mut umm, _report) = attach_fg_with(&dir, "attach", a.pid(), &["--strict"]);
+    wait_registered(&a, &mut umm);
+    wait_traced_by(a.pid(), &mut umm);
+    a.wait_rounds(3, "strictly attached");
+    umm.signal(Signal::SIGKILL);
+    let st = umm.wait_bounded(Duration::from_secs(60));
+    assert!(!st.success(), "umm was killed: {}", describe(&st));
+    // The kernel detaches the tracees of a dead tracer and closes its uffds.
+    assert!(
+        poll_until(2000, Duration::from_millis(5), || tracer_of(a.pid()) == 0),
+        "still traced after umm died"
+    );
+    assert!(
+        poll_until(2000, Duration::from_millis(5), || !a.registered()),
+        "still registered after umm died"
+    );
+    a.wait_rounds(5, "after umm died");
+    let sent = sender.finish();
+    let ok = a.finish();
+    assert_eq!(ok.u64("usr1"), sent, "signals sent = received");
+}

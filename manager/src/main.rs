@@ -35,6 +35,7 @@ mod snapshot_cmd;
 mod space;
 mod stat_cmd;
 mod stats;
+mod strict;
 mod trace;
 mod version;
 

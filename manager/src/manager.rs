@@ -147,6 +147,8 @@ pub struct Manager {
     pub(crate) attached: Option<u32>,
     /// It was detached (a `detach` request).
     pub(crate) detached: bool,
+    /// `umm attach --strict`: the syscall tracer of the attached process.
+    pub(crate) strict: Option<crate::strict::StrictTracer>,
     /// `umm daemon`: attach requests whose injection runs on a helper thread.
     pub(crate) attaching: Vec<crate::attach::PendingAttach>,
     /// The coverage helper thread (None if it could not start).
@@ -225,6 +227,7 @@ impl Manager {
             command_status: None,
             attached: None,
             detached: false,
+            strict: None,
             attaching: Vec::new(),
             restore: Default::default(),
             criu: None,
@@ -342,6 +345,7 @@ impl Manager {
             // A CRIU page server (lazy-pages) or an umm one (restore --source): never both.
             Some(Token::PageServer) if self.restore.net.is_some() => self.on_net_readable(),
             Some(Token::PageServer) => self.on_page_server_readable(),
+            Some(Token::Tracer) => self.on_tracer_readable(),
             Some(Token::ControlListener) => self.accept_control(false),
             Some(Token::MetricsListener) => self.accept_control(true),
             Some(Token::ControlConn(t)) => {

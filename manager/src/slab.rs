@@ -127,6 +127,8 @@ pub enum Token {
     ControlConn(Id),
     /// `umm lazy-pages --page-server`: replies from the page server are waiting.
     PageServer,
+    /// `umm attach --strict`: the syscall tracer has requests.
+    Tracer,
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -146,6 +148,7 @@ impl Token {
             Token::MetricsListener => (9, None),
             Token::ControlConn(id) => (10, Some(id)),
             Token::PageServer => (11, None),
+            Token::Tracer => (12, None),
         };
         let id_bits = id.map_or(0, |id| {
             ((id.generation as u64 & GEN_MASK) << 32) | id.index as u64
@@ -172,6 +175,7 @@ impl Token {
             9 => Token::MetricsListener,
             10 => Token::ControlConn(id),
             11 => Token::PageServer,
+            12 => Token::Tracer,
             _ => return None,
         })
     }
@@ -220,6 +224,7 @@ mod tests {
             Token::MetricsListener,
             Token::ControlConn(id),
             Token::PageServer,
+            Token::Tracer,
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

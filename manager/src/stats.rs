@@ -129,6 +129,9 @@ pub struct Stats {
     pub registered_now: u64,
     pub peak_registered_bytes: u64,
     pub register_requests: u64,
+    /// `umm attach --strict`: ranges the syscall tracer had registered before the mapping
+    /// call returned.
+    pub strict_registers: u64,
     pub rescans: u64,
     pub latency_us: Histogram,
     pub coverage_last: Option<f64>,
@@ -200,6 +203,7 @@ impl Stats {
             protocol_errors: self.protocol_errors,
             abandoned: self.abandoned,
             register_requests: self.register_requests,
+            strict_registers: self.strict_registers,
             rescans: self.rescans,
             spaces_closed: self.spaces_closed,
             spaces_live,
@@ -299,6 +303,7 @@ pub struct Report {
     pub protocol_errors: u64,
     pub abandoned: u64,
     pub register_requests: u64,
+    pub strict_registers: u64,
     pub rescans: u64,
     pub spaces_closed: u64,
     pub spaces_live: usize,

@@ -480,6 +480,26 @@ impl Drop for Frozen {
     }
 }
 
+/// `PTRACE_LISTEN`: let a tracee that reported a group-stop (`PTRACE_EVENT_STOP` with a
+/// stop signal, after `PTRACE_SEIZE`) stay stopped, but report again when it is woken
+/// (SIGCONT): the way a tracer keeps job control working. (nix 0.32 has no wrapper.)
+pub fn listen(tid: u32) -> Result<(), Errno> {
+    // SAFETY: PTRACE_LISTEN takes a tid and ignores addr and data; it touches no memory of
+    // ours.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_LISTEN,
+            tid as libc::pid_t,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 /// The memory of another process, for reading (it should be frozen).
 pub struct ProcessMemory {
     pid: u32,

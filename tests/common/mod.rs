@@ -43,6 +43,7 @@ pub const C_TARGETS: &[&str] = &[
     "readinto",
     "registered",
     "forkhold",
+    "forkmap",
     "outlive",
     "sparse",
     "richstate",
