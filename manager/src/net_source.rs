@@ -11,8 +11,9 @@
 //!
 //! Order: a fault's chunks are asked at once, flagged urgent (the server answers them before
 //! its queued background requests); the rest is asked in the background, in data-file order,
-//! large requests, several in flight. A bad chunk, a server error or a lost connection stops
-//! the restore (fail-stop): missing pages never read as zeros, bad data never becomes memory.
+//! large requests, several in flight. A bad chunk, a frame that fails its MAC (every frame
+//! after the handshake is sealed), a server error or a lost connection stops the restore
+//! (fail-stop): missing pages never read as zeros, bad data never becomes memory.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +28,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use umm::image::{Manifest, CHUNK_SIZE};
-use umm::netproto::{self as np, Frame, Key, Role};
+use umm::netproto::{self as np, Frame, Key, Opener, Role, Sealer};
 
 use crate::page_source::PageSource;
 
@@ -237,7 +238,7 @@ impl NetClient {
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
-        let (manifest, table) = handshake(&mut stream, url, key)?;
+        let (manifest, table, sealer, opener) = handshake(&mut stream, url, key)?;
         let _ = stream.set_read_timeout(None);
         log::info!(
             "{url}: authenticated; image of {} regions, {} of data",
@@ -253,14 +254,14 @@ impl NetClient {
         {
             let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
             crate::helper_thread::spawn("umm-net-writer", move || {
-                write_requests(stream, req_rx, reply_tx, wake)
+                write_requests(stream, sealer, req_rx, reply_tx, wake)
             })
             .map_err(|e| format!("cannot start the network writer: {e}"))?;
         }
         {
             let (wake, table) = (wake.clone(), Arc::new(table));
             crate::helper_thread::spawn("umm-net-reader", move || {
-                read_replies(reader, table, reply_tx, wake)
+                read_replies(reader, opener, table, reply_tx, wake)
             })
             .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
@@ -436,8 +437,17 @@ impl NetClient {
     }
 }
 
-fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, String> {
-    match np::read_frame(stream) {
+fn expect_frame(
+    stream: &mut TcpStream,
+    opener: Option<&mut Opener>,
+    url: &str,
+    what: &str,
+) -> Result<Frame, String> {
+    let read = match opener {
+        Some(o) => o.read(stream, usize::MAX),
+        None => np::read_frame(stream),
+    };
+    match read {
         Ok(Frame::Error { code, msg }) => {
             Err(format!("{url}: the page server refused ({code}): {msg}"))
         }
@@ -446,8 +456,14 @@ fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, 
     }
 }
 
-/// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest.
-fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, Vec<u32>), String> {
+/// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest (the
+/// first sealed frame). Ok: the manifest, its checksum table, and the connection's sealing
+/// state.
+fn handshake(
+    stream: &mut TcpStream,
+    url: &str,
+    key: &Key,
+) -> Result<(Manifest, Vec<u32>, Sealer, Opener), String> {
     let send = |s: &mut TcpStream, f: &Frame| {
         np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
     };
@@ -457,7 +473,8 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             features: np::FEATURES,
         },
     )?;
-    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, url, "challenge")? else {
+    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, None, url, "challenge")?
+    else {
         return Err(format!("{url}: the server did not send a challenge"));
     };
     let client = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
@@ -468,7 +485,8 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             mac: key.mac(Role::Client, &server, &client),
         },
     )?;
-    let Frame::Welcome { mac } = expect_frame(stream, url, "answer to the authentication")? else {
+    let Frame::Welcome { mac } = expect_frame(stream, None, url, "answer to the authentication")?
+    else {
         return Err(format!("{url}: no Welcome after the authentication"));
     };
     if !key.verify(Role::Server, &server, &client, &mac) {
@@ -477,11 +495,13 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
              server meant)"
         ));
     }
+    let session = key.session(&server, &client);
+    let mut opener = session.opener(Role::Server);
     let Frame::Manifest {
         data_len,
         checksums,
         json,
-    } = expect_frame(stream, url, "manifest")?
+    } = expect_frame(stream, Some(&mut opener), url, "manifest")?
     else {
         return Err(format!("{url}: no manifest after the authentication"));
     };
@@ -492,18 +512,19 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             manifest.data_len
         ));
     }
-    Ok((manifest, checksums))
+    Ok((manifest, checksums, session.sealer(Role::Client), opener))
 }
 
 /// The writer thread: send each frame the loop hands it.
 fn write_requests(
     mut stream: TcpStream,
+    mut sealer: Sealer,
     requests: Receiver<Frame>,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
 ) {
     for f in requests.iter() {
-        if let Err(e) = np::write_frame(&mut stream, &f) {
+        if let Err(e) = sealer.write(&mut stream, &f) {
             let _ = replies.send(Reply::Failed(format!(
                 "page server connection lost sending {f:?}: {e}"
             )));
@@ -513,10 +534,11 @@ fn write_requests(
     }
 }
 
-/// The reader thread: read each frame, verify Data against the image's checksum table, hand
-/// it over.
+/// The reader thread: open each sealed frame, verify Data against the image's checksum table,
+/// hand it over.
 fn read_replies(
     mut stream: TcpStream,
+    mut opener: Opener,
     table: Arc<Vec<u32>>,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
@@ -527,7 +549,7 @@ fn read_replies(
         ok
     };
     loop {
-        let reply = match np::read_frame(&mut stream) {
+        let reply = match opener.read(&mut stream, usize::MAX) {
             Ok(Frame::Data {
                 id,
                 offset,
@@ -542,6 +564,9 @@ fn read_replies(
                 Reply::Failed(format!("the page server failed ({code}): {msg}"))
             }
             Ok(f) => Reply::Failed(format!("unexpected {f:?} from the page server")),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Reply::Failed(format!("refused a frame from the page server: {e}"))
+            }
             Err(e) => Reply::Failed(format!("page server connection lost: {e}")),
         };
         let last = !matches!(reply, Reply::Data { .. });
