@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """Writes the seed corpora in fuzz/corpus/<target>/ (small valid inputs; see fuzz/README.md).
 Run from anywhere: /usr/bin/python3 fuzz/make_seeds.py"""
+import hashlib
+import hmac
 import os
 import struct
 
@@ -104,8 +106,23 @@ VmFlags: rd wr mr mw me ac
 
 
 # ---- page-server protocol (src/netproto/mod.rs): len:u32 version:u16 kind:u16 payload ----
-def nframe(kind, payload, version=1):
+def nframe(kind, payload, version=2):
     return struct.pack("<IHH", 4 + len(payload), version, kind) + payload
+
+
+# Sealed frames (every frame after Welcome): frame ‖ HMAC-SHA256(session, dir ‖ seq ‖ frame),
+# with the fuzz target's fixed key and nonces.
+SEED_KEY = b"umm fuzz seed key, 32 bytes long"
+SEED_SESSION = hmac.new(SEED_KEY, b"umm session" + b"\x11" * 32 + b"\x22" * 32,
+                        hashlib.sha256).digest()
+
+
+def sealed(frames, direction=b"umm-net-2 s2c"):
+    out = b""
+    for seq, f in enumerate(frames):
+        out += f + hmac.new(SEED_SESSION, direction + struct.pack("<Q", seq) + f,
+                            hashlib.sha256).digest()
+    return out
 
 
 put("netproto_stream", "handshake",
@@ -117,3 +134,8 @@ put("netproto_stream", "manifest_get_data",
     + nframe(7, struct.pack("<QQI", 1, 0, 1) + struct.pack("<I", 0) + b"\x00" * 4096))
 put("netproto_stream", "error_complete_close",
     nframe(8, struct.pack("<HH", 1, 5) + b"wrong") + nframe(9, b"") + nframe(10, b""))
+put("netproto_stream", "sealed_manifest_data_close", sealed([
+    nframe(5, struct.pack("<QI", 4096, 1) + struct.pack("<I", 0) + struct.pack("<I", 2) + b"{}"),
+    nframe(7, struct.pack("<QQI", 1, 0, 1) + struct.pack("<I", 0) + b"\x00" * 4096),
+    nframe(10, b"")]))
+put("netproto_stream", "version1_hello", nframe(1, struct.pack("<I", 1), version=1))

@@ -497,6 +497,34 @@ fn a_chunk_corrupted_in_transit_is_refused_and_stops_the_restore() {
     server.kill();
 }
 
+/// Bytes changed in the stream after the server sealed the frame (what an attacker who can
+/// inject into the TCP connection would do): the client's MAC check refuses the frame before
+/// its checksums are even looked at, and the restore stops.
+#[test]
+fn a_frame_tampered_with_after_sealing_fails_its_mac_and_stops_the_restore() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-tamper");
+    let net = NetPair::new(1, None);
+    let (img, _) = build_image(&dir);
+    let mut server = start_server(&dir, &net, &img, &[("UMM_TEST_TAMPER_SEALED_CHUNK", "3")]);
+    let _relay = net.start_relay(&dir);
+    let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
+    let run = finish_restore(p, &report);
+    assert_stopped(&run, "fails its MAC");
+    assert!(
+        !run.stderr.contains("arrived corrupt"),
+        "the CRC-32C, not the MAC, caught the tampering\n{}",
+        run.context()
+    );
+    let fired = poll_until(500, Duration::from_millis(10), || {
+        server
+            .stderr()
+            .contains("flipped a byte of chunk 3 after sealing")
+    });
+    assert!(fired, "the test hook did not fire\n{}", server.context());
+    server.kill();
+}
+
 #[test]
 fn a_client_with_a_wrong_key_is_refused_with_a_log_line() {
     require_root_and_uffd();

@@ -15,11 +15,11 @@ use crate::procs::{command, run_ok, Background, Output};
 use crate::svg::{self, Panel, Series};
 use crate::{Ctx, ImageInfo, GIB, IMAGE_ADDR, IMAGE_SEED, KIB, MIB};
 
-fn s<T: ToString>(v: T) -> String {
+pub fn s<T: ToString>(v: T) -> String {
     v.to_string()
 }
 
-fn hex(v: u64) -> String {
+pub fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
@@ -33,12 +33,12 @@ pub(crate) fn size_label(b: u64) -> String {
     }
 }
 
-fn load_report(p: &Path) -> Result<Value, String> {
+pub fn load_report(p: &Path) -> Result<Value, String> {
     let t = fs::read_to_string(p).map_err(|e| format!("report {}: {e}", p.display()))?;
     serde_json::from_str(&t).map_err(|e| format!("report {}: {e}", p.display()))
 }
 
-fn field(v: &Value, path: &str) -> Option<f64> {
+pub fn field(v: &Value, path: &str) -> Option<f64> {
     path.split('.')
         .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_f64)
@@ -60,7 +60,7 @@ fn drop_cache(p: &Path) -> Result<(), String> {
 }
 
 /// Latencies written by a program (ns, one per line), in µs, sorted.
-fn latencies(p: &Path) -> Result<Vec<f64>, String> {
+pub fn latencies(p: &Path) -> Result<Vec<f64>, String> {
     let t = fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
     let mut v: Vec<f64> = t
         .lines()
@@ -80,8 +80,14 @@ fn need(o: &Output, key: &str) -> Result<f64, String> {
 /// Build the image of figures 1, 3 and 4: `bench_image build` fills a region at a fixed
 /// address with a function of (seed, address); `umm snapshot --kill` writes it.
 pub fn build_image(ctx: &mut Ctx) -> Result<(), String> {
-    let len = ctx.image_len;
     let dir = ctx.work.join("image");
+    ctx.image = Some(build_image_at(ctx, &dir, ctx.image_len)?);
+    Ok(())
+}
+
+/// The image of a `bench_image build` region of `len` bytes, snapshotted into `dir`.
+pub fn build_image_at(ctx: &Ctx, dir: &Path, len: u64) -> Result<ImageInfo, String> {
+    let dir = dir.to_path_buf();
     let mut b = Background::spawn(
         &ctx.work,
         "image-build",
@@ -133,12 +139,11 @@ pub fn build_image(ctx: &mut Ctx) -> Result<(), String> {
             "the image is not one dense region of {len} bytes: {m}"
         ));
     }
-    ctx.image = Some(ImageInfo {
+    Ok(ImageInfo {
         dir,
         len,
         data_off: parse(&run[2]).unwrap_or(0),
-    });
-    Ok(())
+    })
 }
 
 fn image(ctx: &Ctx, f: &mut Figure) -> Option<ImageInfo> {
@@ -328,7 +333,7 @@ fn progress(p: &Path, pages: f64) -> Vec<(f64, f64)> {
 // ---- figure 2 ---------------------------------------------------------------------------
 
 /// p50, p99, max of sorted µs latencies.
-fn pcts(v: &[f64]) -> Option<(f64, f64, f64)> {
+pub fn pcts(v: &[f64]) -> Option<(f64, f64, f64)> {
     Some((quantile(v, 0.5)?, quantile(v, 0.99)?, *v.last()?))
 }
 

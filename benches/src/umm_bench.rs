@@ -16,6 +16,7 @@
 mod criu_fig;
 mod figures;
 mod model;
+mod net_fig;
 mod procs;
 mod svg;
 
@@ -141,7 +142,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         quick: false,
         out: PathBuf::from("target/bench"),
-        only: (1..=7).collect(),
+        only: (1..=8).collect(),
         reps: None,
     };
     let mut it = std::env::args().skip(1);
@@ -236,8 +237,10 @@ fn compile_targets(bin: &Path) -> Result<(), String> {
             ));
         }
     }
-    std::fs::copy(src.join("alloc.py"), bin.join("alloc.py"))
-        .map_err(|e| format!("copy alloc.py: {e}"))?;
+    for script in ["alloc.py", "tcp_blast.py"] {
+        std::fs::copy(src.join(script), bin.join(script))
+            .map_err(|e| format!("copy {script}: {e}"))?;
+    }
     Ok(())
 }
 
@@ -407,6 +410,7 @@ fn run(args: &Args) -> Result<i32, String> {
             5 => figures::fig5(&mut ctx),
             6 => figures::fig6(&mut ctx),
             7 => criu_fig::fig7(&mut ctx),
+            8 => net_fig::fig8(&mut ctx),
             _ => continue,
         };
         f.seconds = t.elapsed().as_secs_f64();

@@ -406,18 +406,18 @@ fn serve_one_destination(
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        match net_server::handshake(&mut stream, &peer, data.as_ref(), key) {
-            Ok(()) => {}
+        let session = match net_server::handshake(&mut stream, &peer, data.as_ref(), key) {
+            Ok(s) => s,
             Err(e) if e.starts_with(REFUSED) => continue,
             Err(e) => {
                 log::warn!("{peer}: {e}");
                 continue;
             }
-        }
+        };
         // The one destination: no more connections.
         drop(listener);
         let _ = events.send(Event::Destination(peer));
-        let ended = net_server::answer(stream, data, None);
+        let ended = net_server::answer(stream, session, data, net_server::TestHooks::default());
         let _ = events.send(Event::Ended(ended));
         return;
     }

@@ -9,7 +9,9 @@
 //! the Data being written and what the socket buffers hold (bounded by the client's window).
 //!
 //! Every chunk sent is verified against the image's checksum table first (`Image::data`); a
-//! bad chunk is never sent: the client gets an Error and its restore stops.
+//! bad chunk is never sent: the client gets an Error and its restore stops. Every frame after
+//! the handshake is sealed (MAC and sequence number, `np::Sealer`); a client frame that fails
+//! its MAC drops the connection at once.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -21,13 +23,18 @@ use std::time::Duration;
 use clap::Args;
 
 use umm::image::{Image, Manifest, CHUNK_SIZE};
-use umm::netproto::{self as np, Frame, Key, Role};
+use umm::netproto::{self as np, Frame, Key, Opener, Role, Sealer};
 
 /// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
 /// after its checksum was computed (corruption in transit). Documented in umm(1) as test-only.
 pub const CORRUPT_ENV: &str = "UMM_TEST_CORRUPT_CHUNK";
+/// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
+/// AFTER the frame was sealed (an injection into the TCP stream). Test-only, like CORRUPT_ENV.
+pub const TAMPER_ENV: &str = "UMM_TEST_TAMPER_SEALED_CHUNK";
 
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// A client that stops reading does not hold a writer thread forever.
+const WRITE_WAIT: Duration = Duration::from_secs(120);
 /// How a refused peer's error begins (already logged).
 pub const REFUSED: &str = "refused: ";
 
@@ -97,12 +104,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
         image.verify_all().map_err(|e| format!("{e}"))?;
     }
     let image: Arc<dyn ServedData> = Arc::new(image);
-    let corrupt = std::env::var(CORRUPT_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(c) = corrupt {
-        log::warn!("{CORRUPT_ENV}={c}: TEST HOOK, a byte of chunk {c} is flipped when sent");
-    }
+    let corrupt = TestHooks::from_env();
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener
@@ -148,6 +150,42 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Test-only damage to the Data frames sent (umm(1), ENVIRONMENT).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestHooks {
+    /// Flip a byte of this chunk before the frame is sealed (the CRC-32C catches it).
+    pub corrupt_chunk: Option<u64>,
+    /// Flip a byte of this chunk after the frame is sealed (the MAC catches it).
+    pub tamper_chunk: Option<u64>,
+}
+
+impl TestHooks {
+    pub fn from_env() -> TestHooks {
+        let chunk = |name: &str| {
+            let c = std::env::var(name).ok()?.parse::<u64>().ok()?;
+            log::warn!("{name}={c}: TEST HOOK, a byte of chunk {c} is flipped when sent");
+            Some(c)
+        };
+        TestHooks {
+            corrupt_chunk: chunk(CORRUPT_ENV),
+            tamper_chunk: chunk(TAMPER_ENV),
+        }
+    }
+}
+
+/// Flip a byte of `chunk` in `bytes` (the data at `offset`), if it is there.
+fn flip_chunk(bytes: &mut [u8], offset: u64, chunk: u64) -> bool {
+    let first = offset / CHUNK_SIZE;
+    let at = chunk
+        .checked_sub(first)
+        .map(|i| i * CHUNK_SIZE)
+        .filter(|&i| i < bytes.len() as u64);
+    if let Some(i) = at {
+        bytes[i as usize] ^= 0x40;
+    }
+    at.is_some()
+}
+
 /// The Gets a connection has queued: faults' first.
 #[derive(Default)]
 struct Queue {
@@ -155,6 +193,8 @@ struct Queue {
     background: VecDeque<(u64, u64, u32)>,
     /// The reader is done: Some(true) on Complete, Some(false) on close or error.
     ended: Option<bool>,
+    /// What the writer tells the client before it closes (a bad request).
+    error: Option<String>,
 }
 
 type Shared = Arc<(Mutex<Queue>, Condvar)>;
@@ -165,46 +205,61 @@ fn connection(
     peer: &str,
     image: &Arc<dyn ServedData>,
     key: &Key,
-    corrupt: Option<u64>,
+    hooks: TestHooks,
 ) -> Result<bool, String> {
-    handshake(&mut stream, peer, image.as_ref(), key)?;
-    answer(stream, image, corrupt)
+    let session = handshake(&mut stream, peer, image.as_ref(), key)?;
+    answer(stream, session, image, hooks)
+}
+
+/// One authenticated connection's sealing state, both directions.
+pub struct Session {
+    pub sealer: Sealer,
+    pub opener: Opener,
 }
 
 /// Authenticate the client (a refusal's error starts with [`REFUSED`]) and send it the
-/// manifest.
+/// manifest, sealed.
 pub fn handshake(
     stream: &mut TcpStream,
     peer: &str,
     image: &dyn ServedData,
     key: &Key,
-) -> Result<(), String> {
+) -> Result<Session, String> {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
-    authenticate(stream, peer, key)?;
+    let _ = stream.set_write_timeout(Some(WRITE_WAIT));
+    let session_key = authenticate(stream, peer, key)?;
+    let mut session = Session {
+        sealer: session_key.sealer(Role::Server),
+        opener: session_key.opener(Role::Client),
+    };
     let m = image.manifest();
-    np::write_frame(
-        stream,
-        &Frame::Manifest {
-            data_len: m.data_len,
-            checksums: image.checksums().to_vec(),
-            json: m.to_json().into_bytes(),
-        },
-    )
-    .map_err(|e| format!("sending the manifest: {e}"))?;
+    session
+        .sealer
+        .write(
+            stream,
+            &Frame::Manifest {
+                data_len: m.data_len,
+                checksums: image.checksums().to_vec(),
+                json: m.to_json().into_bytes(),
+            },
+        )
+        .map_err(|e| format!("sending the manifest: {e}"))?;
     let _ = stream.set_read_timeout(None);
     log::info!("{peer}: authenticated; manifest sent");
-    Ok(())
+    Ok(session)
 }
 
 /// Answer an authenticated client's Gets until it completes (Ok(true)), closes (Ok(false)) or
 /// fails.
 pub fn answer(
     mut stream: TcpStream,
+    session: Session,
     image: &Arc<dyn ServedData>,
-    corrupt: Option<u64>,
+    hooks: TestHooks,
 ) -> Result<bool, String> {
     let m = image.manifest();
+    let Session { sealer, mut opener } = session;
 
     let shared: Shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let writer = {
@@ -215,14 +270,19 @@ pub fn answer(
         );
         std::thread::Builder::new()
             .name("umm-ps-writer".into())
-            .spawn(move || answer_gets(stream, &shared, image.as_ref(), corrupt))
+            .spawn(move || answer_gets(stream, sealer, &shared, image.as_ref(), hooks))
             .map_err(|e| format!("cannot start a writer: {e}"))?
     };
     let data_len = m.data_len;
     let ended = loop {
-        let frame = match np::read_frame_max(&mut stream, np::MAX_SMALL_FRAME) {
+        let frame = match opener.read(&mut stream, np::MAX_SMALL_FRAME) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Nothing more is said to a stream someone may be writing into.
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                break Err(format!("connection dropped: refused a request: {e}"));
+            }
             Err(e) => break Err(format!("reading a request: {e}")),
         };
         match frame {
@@ -250,28 +310,21 @@ pub fn answer(
         }
     };
     {
+        // The writer says a bad request's error (it owns the sending sequence) and closes.
         let (lock, cv) = &*shared;
         let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
         q.ended = Some(matches!(ended, Ok(true)));
+        q.error = ended.as_ref().err().cloned();
         cv.notify_one();
-    }
-    if let Err(e) = &ended {
-        let _ = np::write_frame(
-            &mut stream,
-            &Frame::Error {
-                code: np::ERR_PROTOCOL,
-                msg: e.clone(),
-            },
-        );
-        let _ = stream.shutdown(std::net::Shutdown::Both);
     }
     let _ = writer.join();
     ended
 }
 
 /// Hello → Challenge; Auth checked; → Welcome. A wrong key is refused with one log line.
-fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), String> {
-    let refuse = |stream: &mut TcpStream, why: String| -> Result<(), String> {
+/// Ok: the connection's session key.
+fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<np::SessionKey, String> {
+    let refuse = |stream: &mut TcpStream, why: String| -> Result<np::SessionKey, String> {
         log::warn!("refused {peer}: {why}");
         let _ = np::write_frame(
             stream,
@@ -313,15 +366,17 @@ fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<(), Str
             mac: key.mac(Role::Server, &server, &client),
         },
     )
-    .map_err(|e| format!("sending Welcome: {e}"))
+    .map_err(|e| format!("sending Welcome: {e}"))?;
+    Ok(key.session(&server, &client))
 }
 
 /// The writer: answer queued Gets, urgent first, until the reader ends.
 fn answer_gets(
     mut stream: TcpStream,
+    mut sealer: Sealer,
     shared: &Shared,
     image: &dyn ServedData,
-    corrupt: Option<u64>,
+    hooks: TestHooks,
 ) {
     loop {
         let next = {
@@ -330,7 +385,14 @@ fn answer_gets(
             loop {
                 if let Some(ended) = q.ended {
                     if ended {
-                        let _ = np::write_frame(&mut stream, &Frame::Close);
+                        let _ = sealer.write(&mut stream, &Frame::Close);
+                    } else if let Some(msg) = q.error.take() {
+                        let error = Frame::Error {
+                            code: np::ERR_PROTOCOL,
+                            msg,
+                        };
+                        let _ = sealer.write(&mut stream, &error);
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
                     }
                     return;
                 }
@@ -345,22 +407,18 @@ fn answer_gets(
             Ok(b) => b,
             Err(e) => {
                 log::error!("not sending {offset:#x}+{len:#x}: {e}");
-                let _ = np::write_frame(
-                    &mut stream,
-                    &Frame::Error {
-                        code: np::ERR_IMAGE,
-                        msg: e,
-                    },
-                );
+                let error = Frame::Error {
+                    code: np::ERR_IMAGE,
+                    msg: e,
+                };
+                let _ = sealer.write(&mut stream, &error);
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
         };
         let checksums = np::chunk_checksums(&bytes);
-        if let Some(c) = corrupt {
-            let first = offset / CHUNK_SIZE;
-            if c >= first && c < first + checksums.len() as u64 {
-                bytes[((c - first) * CHUNK_SIZE) as usize] ^= 0x40;
+        if let Some(c) = hooks.corrupt_chunk {
+            if flip_chunk(&mut bytes, offset, c) {
                 log::warn!("TEST HOOK: flipped a byte of chunk {c} in the Data sent");
             }
         }
@@ -370,7 +428,14 @@ fn answer_gets(
             checksums,
             bytes,
         };
-        if let Err(e) = stream.write_all(&frame.encode()) {
+        let mut sealed = sealer.seal(&frame);
+        if let Some(c) = hooks.tamper_chunk {
+            let header = sealed.len() - np::MAC_LEN - len as usize;
+            if flip_chunk(&mut sealed[header..header + len as usize], offset, c) {
+                log::warn!("TEST HOOK: flipped a byte of chunk {c} after sealing the Data sent");
+            }
+        }
+        if let Err(e) = stream.write_all(&sealed) {
             log::info!("sending data: {e}");
             return;
         }

@@ -11,8 +11,9 @@
 //!
 //! Order: a fault's chunks are asked at once, flagged urgent (the server answers them before
 //! its queued background requests); the rest is asked in the background, in data-file order,
-//! large requests, several in flight. A bad chunk, a server error or a lost connection stops
-//! the restore (fail-stop): missing pages never read as zeros, bad data never becomes memory.
+//! large requests, several in flight. A bad chunk, a frame that fails its MAC (every frame
+//! after the handshake is sealed), a server error or a lost connection stops the restore
+//! (fail-stop): missing pages never read as zeros, bad data never becomes memory.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +28,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use umm::image::{Manifest, CHUNK_SIZE};
-use umm::netproto::{self as np, Frame, Key, Role};
+use umm::netproto::{self as np, Frame, Key, Opener, Role, Sealer};
 
 use crate::page_source::PageSource;
 
@@ -35,6 +36,10 @@ use crate::page_source::PageSource;
 const BACKGROUND_CHUNKS: u64 = 16;
 /// Background requests in flight at once (16 MiB): covers a 10 ms RTT at 1.6 GB/s.
 const WINDOW: usize = 16;
+/// A fault (or the fill) on a chunk a background request already asked waits for that reply
+/// when at most this many background requests are before it in the server's queue (1 MiB);
+/// farther back, it asks again, urgently.
+const NEAR_REQUESTS: u64 = 1;
 /// Largest urgent request, in chunks.
 const MAX_URGENT_CHUNKS: u64 = np::MAX_GET as u64 / CHUNK_SIZE;
 /// Bounds on connecting, on the handshake, and on the end of the conversation.
@@ -47,9 +52,14 @@ pub struct NetStore {
     data: Vec<u8>,
     arrived: Vec<bool>,
     requested: Vec<bool>,
-    /// Asked by a fault (urgent): a fault on a chunk only the background asked for asks it
-    /// again, urgently, rather than wait behind the background requests queued before it.
+    /// Asked by a fault (urgent).
     urgently: Vec<bool>,
+    /// The serial number (from 1) of the background request that asked each chunk, 0: none.
+    /// The server answers background requests in order, so serial - `background_answered` is
+    /// how far back in its queue a chunk is.
+    background_serial: Vec<u64>,
+    background_sent: u64,
+    background_answered: u64,
     /// Chunk ranges faults need, asked first.
     urgent: VecDeque<Range<u64>>,
     /// The next chunk the background asks for (data-file order).
@@ -66,6 +76,9 @@ impl NetStore {
             arrived: vec![false; chunks],
             requested: vec![false; chunks],
             urgently: vec![false; chunks],
+            background_serial: vec![0; chunks],
+            background_sent: 0,
+            background_answered: 0,
             urgent: VecDeque::new(),
             cursor: 0,
             background,
@@ -146,8 +159,10 @@ impl NetStore {
                 stop += 1;
             }
         } else {
+            self.background_sent += 1;
             while stop < end && stop - first < max && !self.requested[stop as usize] {
                 self.requested[stop as usize] = true;
+                self.background_serial[stop as usize] = self.background_sent;
                 stop += 1;
             }
         }
@@ -159,9 +174,18 @@ impl NetStore {
         Some((offset, len, urgent))
     }
 
-    /// Whether a fault on `chunk` needs no request: it arrived, or a fault asked for it.
+    /// Whether a fault on `chunk` needs no request: it arrived, a fault asked for it, or a
+    /// background request near the head of the server's queue did.
     fn asked_for_fault(&self, chunk: u64) -> bool {
-        self.arrived[chunk as usize] || self.urgently[chunk as usize]
+        let serial = self.background_serial[chunk as usize];
+        self.arrived[chunk as usize]
+            || self.urgently[chunk as usize]
+            || (serial != 0 && serial <= self.background_answered + NEAR_REQUESTS)
+    }
+
+    /// A background request was answered (they are answered in the order asked).
+    fn background_reply(&mut self) {
+        self.background_answered += 1;
     }
 
     /// Verified data arrived for `offset` (a chunk asked twice arrives twice: same bytes).
@@ -237,7 +261,7 @@ impl NetClient {
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
-        let (manifest, table) = handshake(&mut stream, url, key)?;
+        let (manifest, table, sealer, opener) = handshake(&mut stream, url, key)?;
         let _ = stream.set_read_timeout(None);
         log::info!(
             "{url}: authenticated; image of {} regions, {} of data",
@@ -253,14 +277,14 @@ impl NetClient {
         {
             let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
             crate::helper_thread::spawn("umm-net-writer", move || {
-                write_requests(stream, req_rx, reply_tx, wake)
+                write_requests(stream, sealer, req_rx, reply_tx, wake)
             })
             .map_err(|e| format!("cannot start the network writer: {e}"))?;
         }
         {
             let (wake, table) = (wake.clone(), Arc::new(table));
             crate::helper_thread::spawn("umm-net-reader", move || {
-                read_replies(reader, table, reply_tx, wake)
+                read_replies(reader, opener, table, reply_tx, wake)
             })
             .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
@@ -390,10 +414,13 @@ impl NetClient {
                             bytes.len()
                         ));
                     }
+                    let mut store = self.store.borrow_mut();
                     if !urgent {
                         self.background_in_flight -= 1;
+                        store.background_reply();
                     }
-                    self.store.borrow_mut().arrived(offset, &bytes)?;
+                    store.arrived(offset, &bytes)?;
+                    drop(store);
                     self.bytes_fetched += bytes.len() as u64;
                     got += 1;
                 }
@@ -436,8 +463,17 @@ impl NetClient {
     }
 }
 
-fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, String> {
-    match np::read_frame(stream) {
+fn expect_frame(
+    stream: &mut TcpStream,
+    opener: Option<&mut Opener>,
+    url: &str,
+    what: &str,
+) -> Result<Frame, String> {
+    let read = match opener {
+        Some(o) => o.read(stream, usize::MAX),
+        None => np::read_frame(stream),
+    };
+    match read {
         Ok(Frame::Error { code, msg }) => {
             Err(format!("{url}: the page server refused ({code}): {msg}"))
         }
@@ -446,8 +482,14 @@ fn expect_frame(stream: &mut TcpStream, url: &str, what: &str) -> Result<Frame, 
     }
 }
 
-/// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest.
-fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, Vec<u32>), String> {
+/// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest (the
+/// first sealed frame). Ok: the manifest, its checksum table, and the connection's sealing
+/// state.
+fn handshake(
+    stream: &mut TcpStream,
+    url: &str,
+    key: &Key,
+) -> Result<(Manifest, Vec<u32>, Sealer, Opener), String> {
     let send = |s: &mut TcpStream, f: &Frame| {
         np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
     };
@@ -457,7 +499,8 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             features: np::FEATURES,
         },
     )?;
-    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, url, "challenge")? else {
+    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, None, url, "challenge")?
+    else {
         return Err(format!("{url}: the server did not send a challenge"));
     };
     let client = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
@@ -468,7 +511,8 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             mac: key.mac(Role::Client, &server, &client),
         },
     )?;
-    let Frame::Welcome { mac } = expect_frame(stream, url, "answer to the authentication")? else {
+    let Frame::Welcome { mac } = expect_frame(stream, None, url, "answer to the authentication")?
+    else {
         return Err(format!("{url}: no Welcome after the authentication"));
     };
     if !key.verify(Role::Server, &server, &client, &mac) {
@@ -477,11 +521,13 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
              server meant)"
         ));
     }
+    let session = key.session(&server, &client);
+    let mut opener = session.opener(Role::Server);
     let Frame::Manifest {
         data_len,
         checksums,
         json,
-    } = expect_frame(stream, url, "manifest")?
+    } = expect_frame(stream, Some(&mut opener), url, "manifest")?
     else {
         return Err(format!("{url}: no manifest after the authentication"));
     };
@@ -492,18 +538,19 @@ fn handshake(stream: &mut TcpStream, url: &str, key: &Key) -> Result<(Manifest, 
             manifest.data_len
         ));
     }
-    Ok((manifest, checksums))
+    Ok((manifest, checksums, session.sealer(Role::Client), opener))
 }
 
 /// The writer thread: send each frame the loop hands it.
 fn write_requests(
     mut stream: TcpStream,
+    mut sealer: Sealer,
     requests: Receiver<Frame>,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
 ) {
     for f in requests.iter() {
-        if let Err(e) = np::write_frame(&mut stream, &f) {
+        if let Err(e) = sealer.write(&mut stream, &f) {
             let _ = replies.send(Reply::Failed(format!(
                 "page server connection lost sending {f:?}: {e}"
             )));
@@ -513,10 +560,11 @@ fn write_requests(
     }
 }
 
-/// The reader thread: read each frame, verify Data against the image's checksum table, hand
-/// it over.
+/// The reader thread: open each sealed frame, verify Data against the image's checksum table,
+/// hand it over.
 fn read_replies(
     mut stream: TcpStream,
+    mut opener: Opener,
     table: Arc<Vec<u32>>,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
@@ -527,7 +575,7 @@ fn read_replies(
         ok
     };
     loop {
-        let reply = match np::read_frame(&mut stream) {
+        let reply = match opener.read(&mut stream, usize::MAX) {
             Ok(Frame::Data {
                 id,
                 offset,
@@ -542,6 +590,9 @@ fn read_replies(
                 Reply::Failed(format!("the page server failed ({code}): {msg}"))
             }
             Ok(f) => Reply::Failed(format!("unexpected {f:?} from the page server")),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Reply::Failed(format!("refused a frame from the page server: {e}"))
+            }
             Err(e) => Reply::Failed(format!("page server connection lost: {e}")),
         };
         let last = !matches!(reply, Reply::Data { .. });
@@ -626,21 +677,29 @@ mod tests {
     }
 
     #[test]
-    fn a_fault_asks_again_urgently_what_only_the_background_asked() {
-        let mut s = NetStore::new(64 * CHUNK_SIZE, true);
-        assert_eq!(s.next_request(false), Some((0, 16 * CHUNK_SIZE, false)));
-        s.want(5 * CHUNK_SIZE, 4096);
-        assert_eq!(
-            s.next_request(false),
-            Some((5 * CHUNK_SIZE, CHUNK_SIZE, true))
-        );
-        s.want(5 * CHUNK_SIZE, 4096);
-        assert_eq!(
-            s.next_request(false),
-            Some((16 * CHUNK_SIZE, 16 * CHUNK_SIZE, false)),
-            "asked urgently once only"
-        );
-        s.arrived(0, &vec![1u8; 16 * CHUNK_SIZE as usize]).unwrap();
+    fn a_fault_waits_for_a_near_background_request_and_asks_again_a_far_one() {
+        let per = BACKGROUND_CHUNKS * CHUNK_SIZE;
+        let mut s = NetStore::new(8 * per, true);
+        for i in 0..6 {
+            assert_eq!(s.next_request(false), Some((i * per, per, false)));
+        }
+        let near = NEAR_REQUESTS;
+        // Request `near` of 6 is near the head of the server's queue: wait for its reply.
+        s.want((near - 1) * per + 5 * CHUNK_SIZE, 4096);
+        assert_eq!(s.next_request(true), None, "near: not asked again");
+        // Request 6 is more than NEAR_REQUESTS behind: asked again, urgently, once.
+        s.want(5 * per + 5 * CHUNK_SIZE, 4096);
+        let far = Some((5 * per + 5 * CHUNK_SIZE, CHUNK_SIZE, true));
+        assert_eq!(s.next_request(true), far);
+        s.want(5 * per + 5 * CHUNK_SIZE, 4096);
+        assert_eq!(s.next_request(true), None, "asked urgently once only");
+        // Once the replies before it came, request 6 is near too.
+        for _ in 0..6 - near {
+            s.background_reply();
+        }
+        s.want(5 * per + 7 * CHUNK_SIZE, 4096);
+        assert_eq!(s.next_request(true), None, "now near");
+        s.arrived(0, &vec![1u8; per as usize]).unwrap();
         s.want(6 * CHUNK_SIZE, 4096);
         assert_eq!(s.next_request(true), None, "arrived already");
     }

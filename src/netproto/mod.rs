@@ -2,17 +2,24 @@
 //! Pure data plus blocking frame I/O over any `Read`/`Write`; documented in umm-protocol(5),
 //! section "Page server".
 //!
-//! WIRE FORMAT (version 1). All integers little endian.
+//! WIRE FORMAT (version 2). All integers little endian.
 //! ```text
-//! frame := len:u32 version:u16 kind:u16 payload      len = 4 + payload length
+//! frame  := len:u32 version:u16 kind:u16 payload      len = 4 + payload length
+//! sealed := frame mac[32]                             every frame after Welcome, both ways
+//!   mac = HMAC-SHA256(session_key, direction ‖ seq:u64 ‖ frame)
+//!   session_key = HMAC-SHA256(key, "umm session" ‖ server_nonce ‖ client_nonce)
+//!   direction = "umm-net-2 c2s" or "umm-net-2 s2c"; seq counts that direction's sealed
+//!   frames from 0 (so a dropped, replayed or reordered frame fails its MAC)
 //! ```
 //! Conversation (C = the restoring manager, S = the page server):
 //! 1. C→S Hello     features:u32
 //! 2. S→C Challenge features:u32 server_nonce[32]
 //! 3. C→S Auth      client_nonce[32] mac[32]
-//!    mac = HMAC-SHA256(key, "umm-net-1 client" ‖ server_nonce ‖ client_nonce)
-//! 4. S→C Welcome   mac[32] = HMAC-SHA256(key, "umm-net-1 server" ‖ server_nonce ‖ client_nonce)
+//!    mac = HMAC-SHA256(key, "umm-net-2 client" ‖ server_nonce ‖ client_nonce)
+//! 4. S→C Welcome   mac[32] = HMAC-SHA256(key, "umm-net-2 server" ‖ server_nonce ‖ client_nonce)
 //!    (mutual: the client knows the server holds the key too), or Error and close.
+//!    From here on every frame is sealed (a wrong MAC: the client stops, the server drops
+//!    the connection).
 //! 5. S→C Manifest  data_len:u64 count:u32 crc[count]:u32 json_len:u32 json[json_len]
 //!    (the image's manifest.json and its per-chunk CRC-32C table, count = ⌈data_len/CHUNK⌉)
 //! 6. C→S Get       id:u64 offset:u64 len:u32 flags:u32     (many in flight)
@@ -36,7 +43,7 @@ use sha2::Sha256;
 use crate::image::CHUNK_SIZE;
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The server answers urgent Gets before queued background ones.
 pub const FEATURE_URGENT_FIRST: u32 = 1 << 0;
 /// Every feature this build knows.
@@ -599,8 +606,8 @@ impl Key {
     fn hmac(&self, role: Role, server: &[u8; NONCE_LEN], client: &[u8; NONCE_LEN]) -> Hmac<Sha256> {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
         m.update(match role {
-            Role::Client => b"umm-net-1 client",
-            Role::Server => b"umm-net-1 server",
+            Role::Client => b"umm-net-2 client",
+            Role::Server => b"umm-net-2 server",
         });
         m.update(server);
         m.update(client);
@@ -629,6 +636,152 @@ impl Key {
         mac: &[u8; MAC_LEN],
     ) -> bool {
         self.hmac(role, server, client).verify_slice(mac).is_ok()
+    }
+}
+
+impl Key {
+    /// The key of one connection's sealed frames, from both nonces: a frame sealed for one
+    /// connection never opens on another.
+    pub fn session(&self, server: &[u8; NONCE_LEN], client: &[u8; NONCE_LEN]) -> SessionKey {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
+        m.update(b"umm session");
+        m.update(server);
+        m.update(client);
+        SessionKey(m.finalize().into_bytes().into())
+    }
+}
+
+/// One connection's key for sealed frames (see the wire format).
+#[derive(Clone)]
+pub struct SessionKey([u8; MAC_LEN]);
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey")
+    }
+}
+
+impl SessionKey {
+    /// Seals the frames `from` sends.
+    pub fn sealer(&self, from: Role) -> Sealer {
+        Sealer(self.direction(from))
+    }
+
+    /// Opens the frames `from` sends.
+    pub fn opener(&self, from: Role) -> Opener {
+        Opener(self.direction(from))
+    }
+
+    fn direction(&self, from: Role) -> Direction {
+        Direction {
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key"),
+            from,
+            seq: 0,
+        }
+    }
+}
+
+/// One direction of a connection: its key and the sequence number of its next frame.
+struct Direction {
+    mac: Hmac<Sha256>,
+    from: Role,
+    seq: u64,
+}
+
+impl Direction {
+    /// The MAC of the next frame, whose bytes are `frame`; counts it.
+    fn next_mac(&mut self, frame: &[u8]) -> Hmac<Sha256> {
+        let mut m = self.mac.clone();
+        m.update(match self.from {
+            Role::Client => b"umm-net-2 c2s",
+            Role::Server => b"umm-net-2 s2c",
+        });
+        m.update(&self.seq.to_le_bytes());
+        m.update(frame);
+        self.seq += 1;
+        m
+    }
+
+    fn check(&mut self, frame: &[u8], mac: &[u8]) -> Result<(), DecodeError> {
+        let seq = self.seq;
+        if self.next_mac(frame).verify_slice(mac).is_err() {
+            let kind = frame
+                .get(6..8)
+                .map_or(0, |k| u16::from_le_bytes([k[0], k[1]]));
+            return invalid(format!(
+                "sealed frame {seq} (kind {kind}) from the {} fails its MAC: tampered with, \
+                 replayed or reordered",
+                match self.from {
+                    Role::Client => "client",
+                    Role::Server => "server",
+                }
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Seals the frames one side sends after the handshake.
+pub struct Sealer(Direction);
+
+impl Sealer {
+    /// The frame on the wire, its MAC appended.
+    pub fn seal(&mut self, f: &Frame) -> Vec<u8> {
+        let mut bytes = f.encode();
+        let mac = self.0.next_mac(&bytes).finalize().into_bytes();
+        bytes.extend_from_slice(&mac);
+        bytes
+    }
+
+    /// Write one sealed frame to a blocking stream.
+    pub fn write(&mut self, w: &mut impl Write, f: &Frame) -> io::Result<()> {
+        w.write_all(&self.seal(f))
+    }
+}
+
+/// Opens the frames the peer sends after the handshake: the MAC is checked before the payload
+/// is decoded.
+pub struct Opener(Direction);
+
+impl Opener {
+    /// Open one sealed frame from the start of `buf`: the frame and the bytes it used.
+    pub fn open(&mut self, buf: &[u8]) -> Result<(Frame, usize), DecodeError> {
+        if buf.len() < HEADER_LEN {
+            return Err(DecodeError::Incomplete);
+        }
+        let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_le_bytes([buf[6], buf[7]]);
+        check_header(len, u16::from_le_bytes([buf[4], buf[5]]), kind)?;
+        if buf.len() < 4 + len + MAC_LEN {
+            return Err(DecodeError::Incomplete);
+        }
+        self.0
+            .check(&buf[..4 + len], &buf[4 + len..4 + len + MAC_LEN])?;
+        let frame = decode_payload(kind, &buf[HEADER_LEN..4 + len])?;
+        Ok((frame, 4 + len + MAC_LEN))
+    }
+
+    /// Read one sealed frame from a blocking stream, refusing (before allocating) a body
+    /// longer than `max`. A wrong MAC is an `InvalidData` error that says so.
+    pub fn read(&mut self, r: &mut impl Read, max: usize) -> io::Result<Frame> {
+        let bad = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut header = [0u8; HEADER_LEN];
+        r.read_exact(&mut header)?;
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_le_bytes([header[6], header[7]]);
+        check_header(len, u16::from_le_bytes([header[4], header[5]]), kind).map_err(bad)?;
+        if len > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of kind {kind} with length {len}, above {max} here"),
+            ));
+        }
+        let mut frame = vec![0u8; 4 + len + MAC_LEN];
+        frame[..HEADER_LEN].copy_from_slice(&header);
+        r.read_exact(&mut frame[HEADER_LEN..])?;
+        let (bytes, mac) = frame.split_at(4 + len);
+        self.0.check(bytes, mac).map_err(bad)?;
+        decode_payload(kind, &bytes[HEADER_LEN..]).map_err(bad)
     }
 }
 

@@ -64,8 +64,8 @@ fn every_frame_round_trips_through_bytes_and_streams() {
 #[test]
 fn bad_version_kind_length_and_trailing_bytes_are_refused() {
     let mut b = Frame::Complete.encode();
-    b[4] = 2;
-    assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid(e)) if e.contains("version 2")));
+    b[4] = 3;
+    assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid(e)) if e.contains("version 3")));
     let mut b = Frame::Complete.encode();
     b[6] = 99;
     assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid(e)) if e.contains("kind 99")));
@@ -171,7 +171,129 @@ fn macs_depend_on_key_role_and_both_nonces() {
     assert_ne!(nonce().unwrap(), nonce().unwrap());
 }
 
+fn session() -> (SessionKey, SessionKey) {
+    let key = Key::new(b"0123456789abcdef").unwrap();
+    let (s, c) = ([1; NONCE_LEN], [2; NONCE_LEN]);
+    (key.session(&s, &c), key.session(&s, &c))
+}
+
+#[test]
+fn sealed_frames_open_in_order_on_both_streams_and_buffers() {
+    let (server, client) = session();
+    let mut sealer = server.sealer(Role::Server);
+    let mut stream = Vec::new();
+    for f in samples() {
+        sealer.write(&mut stream, &f).unwrap();
+    }
+    let mut opener = client.opener(Role::Server);
+    let mut r = &stream[..];
+    for f in samples() {
+        assert_eq!(opener.read(&mut r, usize::MAX).unwrap(), f);
+    }
+    let mut opener = client.opener(Role::Server);
+    let mut at = 0;
+    for f in samples() {
+        for cut in at..at + f.encode().len() + MAC_LEN {
+            assert_eq!(opener.open(&stream[at..cut]), Err(DecodeError::Incomplete));
+        }
+        let (g, used) = opener.open(&stream[at..]).unwrap();
+        assert_eq!((g, used), (f.clone(), f.encode().len() + MAC_LEN));
+        at += used;
+    }
+}
+
+fn data_frame(byte: u8) -> Frame {
+    let bytes = vec![byte; 4096];
+    Frame::Data {
+        id: 1,
+        offset: 0,
+        checksums: chunk_checksums(&bytes),
+        bytes,
+    }
+}
+
+#[test]
+fn a_tampered_sealed_frame_is_refused_even_with_consistent_checksums() {
+    let (server, client) = session();
+    let mut sealed = server.sealer(Role::Server).seal(&data_frame(5));
+    // What an attacker in the stream would do: other bytes, their CRC-32C fixed up.
+    let forged = data_frame(6).encode();
+    sealed[..forged.len()].copy_from_slice(&forged);
+    assert!(
+        Frame::decode(&sealed).is_ok(),
+        "the forgery decodes as a frame"
+    );
+    let e = client
+        .opener(Role::Server)
+        .read(&mut &sealed[..], usize::MAX)
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("fails its MAC"), "{e}");
+    // A flipped MAC byte, too.
+    let mut sealed = server.sealer(Role::Server).seal(&Frame::Close);
+    *sealed.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        client.opener(Role::Server).open(&sealed),
+        Err(DecodeError::Invalid(e)) if e.contains("fails its MAC")
+    ));
+}
+
+#[test]
+fn replayed_reordered_reflected_or_foreign_frames_are_refused() {
+    let (server, client) = session();
+    let mut sealer = server.sealer(Role::Server);
+    let first = sealer.seal(&data_frame(1));
+    let second = sealer.seal(&data_frame(2));
+    // Replay: the first frame again where the second belongs.
+    let mut opener = client.opener(Role::Server);
+    opener.open(&first).unwrap();
+    assert!(opener.open(&first).is_err(), "replayed");
+    // Reordered: the second first.
+    assert!(
+        client.opener(Role::Server).open(&second).is_err(),
+        "reordered"
+    );
+    // Reflected: a server frame is no client frame.
+    assert!(
+        client.opener(Role::Client).open(&first).is_err(),
+        "reflected"
+    );
+    // Another connection (other nonces): its key opens nothing of this one.
+    let key = Key::new(b"0123456789abcdef").unwrap();
+    let other = key.session(&[1; NONCE_LEN], &[3; NONCE_LEN]);
+    assert!(
+        other.opener(Role::Server).open(&first).is_err(),
+        "other session"
+    );
+    // A plain (unsealed) frame where a sealed one is due.
+    let mut plain = data_frame(1).encode();
+    plain.extend_from_slice(&Frame::Close.encode());
+    plain.resize(plain.len() + MAC_LEN, 0);
+    assert!(
+        client.opener(Role::Server).open(&plain).is_err(),
+        "unsealed"
+    );
+}
+
+#[test]
+fn a_version_1_peer_is_refused_by_name() {
+    let mut b = Frame::Hello { features: 1 }.encode();
+    b[4] = 1;
+    let e = read_frame(&mut &b[..]).unwrap_err().to_string();
+    assert!(
+        e.contains("protocol version 1; this build speaks version 2"),
+        "{e}"
+    );
+}
+
 proptest! {
+    #[test]
+    fn opening_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let (_, client) = session();
+        let _ = client.opener(Role::Client).open(&bytes);
+        let _ = client.opener(Role::Client).read(&mut &bytes[..], MAX_SMALL_FRAME);
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = Frame::decode(&bytes);
@@ -187,4 +309,20 @@ proptest! {
             prop_assert_eq!(f.encode().len(), used);
         }
     }
+}
+
+#[test]
+fn the_fuzz_seed_sealed_by_python_opens_here() {
+    // fuzz/make_seeds.py seals this seed with its own HMAC code: the two agree on the format.
+    let seed = include_bytes!("../../fuzz/corpus/netproto_stream/sealed_manifest_data_close");
+    let session = Key::new(b"umm fuzz seed key, 32 bytes long")
+        .unwrap()
+        .session(&[0x11; NONCE_LEN], &[0x22; NONCE_LEN]);
+    let mut opener = session.opener(Role::Server);
+    let mut r = &seed[..];
+    let kinds: Vec<u16> = (0..3)
+        .map(|_| opener.read(&mut r, usize::MAX).unwrap().kind())
+        .collect();
+    assert_eq!(kinds, [KIND_MANIFEST, KIND_DATA, KIND_CLOSE]);
+    assert!(r.is_empty());
 }
