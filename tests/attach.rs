@@ -777,9 +777,14 @@ fn tracer_of(pid: i32) -> u32 {
 /// than its main thread (which is the tracer only for the attach's injection).
 fn wait_traced_by(pid: i32, umm: &mut Proc) {
     let umm_pid = umm.pid as u32;
+    // Traced by umm's tracer thread, and registered: the tracer seizes the process before the
+    // attach registers its memory, and a fork before that is no FORK event.
     let ok = poll_until(2000, Duration::from_millis(5), || {
         let t = tracer_of(pid);
-        (t != 0 && t != umm_pid && umm::sys::proc::tgid_of(t).ok() == Some(umm_pid))
+        (t != 0
+            && t != umm_pid
+            && umm::sys::proc::tgid_of(t).ok() == Some(umm_pid)
+            && umm.stderr().contains(&format!("pid {pid}: attached")))
             || umm.try_wait().is_some()
     });
     assert!(
