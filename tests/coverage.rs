@@ -326,6 +326,21 @@ fn assert_attached_success(run: &UmmRun) {
     run.report.check_shape();
 }
 
+/// `program`, waiting at the gate `fifo`, attached ([`attach_at_gate`]) and run to its end;
+/// it and the attach exited 0.
+fn run_attached_at_gate(
+    dir: &TestDir,
+    label: &str,
+    program: &mut Proc,
+    fifo: &Path,
+    extra: &[&str],
+) -> UmmRun {
+    let (umm, report) = attach_at_gate(dir, program, fifo, extra);
+    let run = attached_run(label, program, umm, &report);
+    assert_attached_success(&run);
+    run
+}
+
 /// Coverage `last` >= the goal; `min` printed (and >= `min_floor`).
 fn assert_last_covered(run: &UmmRun, min_floor: f64) {
     run.assert_ge(
@@ -363,9 +378,7 @@ fn attached_python(tag: &str, extra: &[&str]) -> UmmRun {
     let mut cmd = Command::new(PYTHON);
     cmd.arg("-c").arg(stub).arg(&fifo).arg(&script).arg("256");
     let mut py = Proc::spawn(&dir, "py_cover", cmd);
-    let (umm, report) = attach_at_gate(&dir, &mut py, &fifo, extra);
-    let run = attached_run("py_cover", &mut py, umm, &report);
-    assert_attached_success(&run);
+    let run = run_attached_at_gate(&dir, "py_cover", &mut py, &fifo, extra);
     let ok = run.ok_line("py_cover");
     assert_eq!(ok.checksum(), PY_COVER_CHECKSUM, "{}", run.context());
     assert_eq!(ok.u64("objects"), PY_COVER_OBJECTS);
@@ -457,9 +470,7 @@ fn attached_mtalloc(tag: &str, extra: &[&str]) -> UmmRun {
     let mut cmd = Command::new(&exe);
     cmd.arg(&fifo).arg("16");
     let mut p = Proc::spawn(&dir, "mtalloc", cmd);
-    let (umm, report) = attach_at_gate(&dir, &mut p, &fifo, extra);
-    let run = attached_run("mtalloc", &mut p, umm, &report);
-    assert_attached_success(&run);
+    let run = run_attached_at_gate(&dir, "mtalloc", &mut p, &fifo, extra);
     let ok = run.ok_line("mtalloc");
     assert_eq!(ok.checksum(), MTALLOC_CHECKSUM, "{}", run.context());
     assert_eq!(ok.u64("bytes"), MTALLOC_BYTES);
