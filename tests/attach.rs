@@ -78,8 +78,7 @@ impl Attachee {
     }
 
     fn set_stop(&self) {
-        let f = OpenOptions::new().write(true).open(&self.state).unwrap();
-        f.write_all_at(&1u64.to_ne_bytes(), STOP * 8).unwrap();
+        set_stop(&self.state);
     }
 
     fn wait_rounds(&self, n: u64, what: &str) {
@@ -93,13 +92,7 @@ impl Attachee {
     /// Stop it (the stop flag), and return its OK line.
     fn finish(mut self) -> OkLine {
         self.set_stop();
-        let st = self.proc.wait_bounded(Duration::from_secs(60));
-        assert!(
-            st.success(),
-            "attachee: {}\n{}",
-            describe(&st),
-            self.proc.context()
-        );
+        self.proc.wait_success("attachee", Duration::from_secs(60));
         OkLine::find(&self.proc.stdout(), "attachee")
             .unwrap_or_else(|| panic!("no OK line\n{}", self.proc.context()))
     }
@@ -115,6 +108,12 @@ fn word(state: &Path, i: u64) -> u64 {
         Ok(8) => u64::from_ne_bytes(b),
         _ => 0,
     }
+}
+
+/// Set the stop word of a state file: the program ends after its round.
+fn set_stop(state: &Path) {
+    let f = OpenOptions::new().write(true).open(state).unwrap();
+    f.write_all_at(&1u64.to_ne_bytes(), STOP * 8).unwrap();
 }
 
 /// Wait (bounded) for `n` more completed rounds: the program makes progress.
@@ -198,20 +197,31 @@ fn ask(ctl: &Path, request: &str) -> String {
     out
 }
 
-fn attach_fg(dir: &TestDir, label: &str, pid: i32) -> (Proc, PathBuf) {
-    attach_fg_with(dir, label, pid, &[])
+/// `attach PID` through a control socket must answer ok (`what` and `context` explain a failure).
+fn ask_attach(ctl: &Path, pid: i32, what: &str, context: impl Fn() -> String) {
+    let answer = ask(ctl, &format!("attach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok attached pid {pid}")),
+        "{what}: {answer}\n{}",
+        context()
+    );
 }
 
-fn attach_fg_with(dir: &TestDir, label: &str, pid: i32, extra: &[&str]) -> (Proc, PathBuf) {
-    let report = dir.join(format!("{label}.json"));
-    let mut cmd = Command::new(umm_bin());
-    cmd.arg("attach")
-        .arg(pid.to_string())
-        .args(extra)
-        .arg("--report")
-        .arg(&report)
-        .env("RUST_LOG", "info");
-    (Proc::spawn(dir, label, cmd), report)
+/// `detach PID` through a control socket must answer ok.
+fn ask_detach(ctl: &Path, pid: i32, what: &str) {
+    let answer = ask(ctl, &format!("detach {pid}"));
+    assert!(
+        answer.starts_with(&format!("ok detached pid {pid}")),
+        "{what}: {answer}"
+    );
+}
+
+/// The attach's report: it served faults, at least `min_pages` pages.
+fn assert_served(report: &Path, min_pages: u64) -> Report {
+    let r = Report::load(report).unwrap();
+    assert!(r.u64("faults") > 0, "{}", r.pretty());
+    assert!(r.u64("pages_served") >= min_pages, "{}", r.pretty());
+    r
 }
 
 fn wait_registered(a: &Attachee, umm: &mut Proc) {
@@ -236,12 +246,7 @@ fn attach_detach_100_times_through_the_daemon_loses_no_memory_or_signal() {
     let sender = Sender::start(a.pid(), a.state.clone());
     let pid = a.pid();
     for i in 0..100 {
-        let answer = ask(&ctl, &format!("attach {pid}"));
-        assert!(
-            answer.starts_with(&format!("ok attached pid {pid}")),
-            "cycle {i}: {answer}\n{}",
-            d.proc.context()
-        );
+        ask_attach(&ctl, pid, &format!("cycle {i}"), || d.proc.context());
         assert!(a.registered(), "cycle {i}: attached but not registered");
         if i == 0 {
             // Twice is refused, clearly; the first attach stays.
@@ -254,11 +259,7 @@ fn attach_detach_100_times_through_the_daemon_loses_no_memory_or_signal() {
         }
         // At least one whole round (MADV_DONTNEED, zero check, fill, verify) while attached.
         a.wait_rounds(2, &format!("cycle {i}, attached"));
-        let answer = ask(&ctl, &format!("detach {pid}"));
-        assert!(
-            answer.starts_with(&format!("ok detached pid {pid}")),
-            "cycle {i}: {answer}"
-        );
+        ask_detach(&ctl, pid, &format!("cycle {i}"));
         assert!(!a.registered(), "cycle {i}: detached but still registered");
         a.wait_rounds(1, &format!("cycle {i}, detached"));
     }
@@ -308,28 +309,18 @@ fn attach_through_the_control_socket_of_umm_run() {
     assert!(up && run.try_wait().is_none(), "{}", run.context());
     let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
     let pid = a.pid();
-    let answer = ask(&ctl, &format!("attach {pid}"));
-    assert!(
-        answer.starts_with(&format!("ok attached pid {pid}")),
-        "{answer}\n{}",
-        run.context()
-    );
+    ask_attach(&ctl, pid, "umm run", || run.context());
     assert!(a.registered(), "attached but not registered");
     a.wait_rounds(2, "attached through umm run");
-    let answer = ask(&ctl, &format!("detach {pid}"));
-    assert!(
-        answer.starts_with(&format!("ok detached pid {pid}")),
-        "{answer}"
-    );
+    ask_detach(&ctl, pid, "umm run");
     assert!(!a.registered(), "detached but still registered");
     a.wait_rounds(1, "detached");
     a.finish();
     // SIGTERM goes on to the command; umm run ends with it and writes its report.
     run.signal(Signal::SIGTERM);
     run.wait_bounded(Duration::from_secs(60));
-    let r = Report::load(&report).unwrap_or_else(|e| panic!("{e}\n{}", run.context()));
-    assert!(r.u64("faults") >= 1, "{}", r.pretty());
-    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+    assert!(report.exists(), "no report\n{}", run.context());
+    assert_served(&report, 64);
 }
 
 #[test]
@@ -354,17 +345,10 @@ fn foreground_attach_of_a_static_binary_detaches_on_sigterm() {
     let a = Attachee::start(&dir, "attachee", &exe, false);
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", a.pid())).unwrap();
     assert!(!maps.contains("ld-linux"), "not a static binary:\n{maps}");
-    let (mut umm, report) = attach_fg(&dir, "attach", a.pid());
+    let (mut umm, report) = spawn_umm_attach(&dir, "attach", a.pid(), &[]);
     wait_registered(&a, &mut umm);
     a.wait_rounds(3, "attached");
-    umm.signal(Signal::SIGTERM);
-    let st = umm.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
-    );
+    end_attach(&mut umm);
     assert!(!a.registered(), "still registered after the detach");
     assert!(
         umm.stderr().contains("umm: 1 processes"),
@@ -373,9 +357,7 @@ fn foreground_attach_of_a_static_binary_detaches_on_sigterm() {
     );
     a.wait_rounds(3, "detached");
     a.finish();
-    let r = Report::load(&report).unwrap();
-    assert!(r.u64("faults") > 0, "{}", r.pretty());
-    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+    assert_served(&report, 64);
 }
 
 #[test]
@@ -401,23 +383,18 @@ fn a_thread_blocked_in_read_gets_its_bytes_and_attach_ends_with_the_process() {
     assert!(reading, "the main thread never blocked in read(2)");
     let registered = || registered(pid, &state);
     // First attach: interrupts the read, detached by SIGTERM.
-    let (mut umm1, _) = attach_fg(&dir, "attach1", pid);
+    let (mut umm1, _) = spawn_umm_attach(&dir, "attach1", pid, &[]);
     assert!(
         poll_until(2000, Duration::from_millis(5), registered),
         "{}",
         umm1.context()
     );
     wait_rounds(&state, 4, "first attach");
-    umm1.signal(Signal::SIGTERM);
-    assert!(
-        umm1.wait_bounded(Duration::from_secs(60)).success(),
-        "{}",
-        umm1.context()
-    );
+    end_attach(&mut umm1);
     assert!(!registered());
     // Second attach: the bytes arrive while attached; the process exits and the attach ends
     // by itself.
-    let (mut umm2, report) = attach_fg(&dir, "attach2", pid);
+    let (mut umm2, report) = spawn_umm_attach(&dir, "attach2", pid, &[]);
     assert!(
         poll_until(2000, Duration::from_millis(5), registered),
         "{}",
@@ -430,21 +407,13 @@ fn a_thread_blocked_in_read_gets_its_bytes_and_attach_ends_with_the_process() {
         .unwrap()
         .write_all(b"0123456789abcdef")
         .unwrap();
-    let st = umm2.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm2.context()
-    );
+    umm2.wait_success("umm attach", Duration::from_secs(60));
     let status = child.wait().unwrap();
     let out = std::fs::read_to_string(dir.join("reader.stdout")).unwrap();
     assert!(status.success(), "attachee: {status:?}\n{out}");
     let ok = OkLine::find(&out, "attachee").unwrap_or_else(|| panic!("no OK line: {out}"));
     assert_eq!(ok.str("input"), "0123456789abcdef");
-    let r = Report::load(&report).unwrap();
-    assert!(r.u64("faults") > 0, "{}", r.pretty());
-    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
+    assert_served(&report, 64);
 }
 
 fn refused(dir: &TestDir, label: &str, mut cmd: Command) -> String {
@@ -557,7 +526,7 @@ fn an_unprivileged_process_is_attached_with_the_grant_and_refused_without() {
         "the refused attach left fds in it"
     );
     // With the grant: served, and it keeps neither the device nor a socket nor a uffd.
-    let (mut umm, report) = attach_fg_with(&dir, "grant", pid, &["--grant-device"]);
+    let (mut umm, report) = spawn_umm_attach(&dir, "grant", pid, &["--grant-device"]);
     wait_registered(&a, &mut umm);
     assert!(
         grant_leftovers(pid).is_empty(),
@@ -567,14 +536,7 @@ fn an_unprivileged_process_is_attached_with_the_grant_and_refused_without() {
     );
     assert_eq!(fd_list(pid), fds_before, "the attach changed its fds");
     a.wait_rounds(3, "attached with the grant");
-    umm.signal(Signal::SIGTERM);
-    let st = umm.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
-    );
+    end_attach(&mut umm);
     assert!(
         umm.stderr()
             .contains("made one from a granted /dev/userfaultfd"),
@@ -582,26 +544,15 @@ fn an_unprivileged_process_is_attached_with_the_grant_and_refused_without() {
         umm.context()
     );
     assert!(!a.registered(), "still registered after the detach");
-    let r = Report::load(&report).unwrap();
+    let r = assert_served(&report, 64);
     assert_eq!(r.u64("processes"), 1, "{}", r.pretty());
-    assert!(r.u64("faults") > 0, "{}", r.pretty());
-    assert!(r.u64("pages_served") >= 64, "{}", r.pretty());
     // The daemon's --grant-device applies to its attach requests too.
     let mut d = UmmDaemon::start_with(&dir, "daemon", dir.join("umm.sock"), &["--grant-device"]);
     let ctl = dir.join("umm.sock.ctl");
-    let answer = ask(&ctl, &format!("attach {pid}"));
-    assert!(
-        answer.starts_with(&format!("ok attached pid {pid}")),
-        "{answer}\n{}",
-        d.proc.context()
-    );
+    ask_attach(&ctl, pid, "daemon --grant-device", || d.proc.context());
     assert!(a.registered());
     a.wait_rounds(3, "attached by the daemon");
-    let answer = ask(&ctl, &format!("detach {pid}"));
-    assert!(
-        answer.starts_with(&format!("ok detached pid {pid}")),
-        "{answer}"
-    );
+    ask_detach(&ctl, pid, "daemon --grant-device");
     assert!(!a.registered());
     a.wait_rounds(1, "detached from the daemon");
     d.assert_fds_back("a granted attach and its detach");
@@ -654,44 +605,21 @@ fn a_go_program_is_attached_served_and_detached() {
         "the Go program did not start\n{}",
         p.context()
     );
-    let (mut umm, report) = attach_fg(&dir, "attach", p.pid);
-    let go_registered = || {
-        umm::sys::proc::vm_flags(p.pid as u32)
-            .is_ok_and(|f| f.values().any(|f| f.iter().any(|f| f == "um")))
-    };
-    assert!(
-        poll_until(1000, Duration::from_millis(10), || go_registered()
-            || umm.try_wait().is_some())
-            && go_registered(),
-        "nothing of the Go program got registered\n{}",
-        umm.context()
-    );
+    let (mut umm, report) = spawn_umm_attach(&dir, "attach", p.pid, &[]);
+    wait_attach_registered(p.pid, &mut umm, "nothing of the Go program got registered");
     wait_rounds(&state, 20, "attached Go program");
-    umm.signal(Signal::SIGTERM);
-    let st = umm.wait_bounded(Duration::from_secs(60));
+    end_attach(&mut umm);
     assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
+        !any_uffd_registered(p.pid),
+        "still registered after the detach"
     );
-    assert!(!go_registered(), "still registered after the detach");
     wait_rounds(&state, 5, "detached Go program");
-    let f = OpenOptions::new().write(true).open(&state).unwrap();
-    f.write_all_at(&1u64.to_ne_bytes(), STOP * 8).unwrap();
-    let st = p.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "Go program: {}\n{}",
-        describe(&st),
-        p.context()
-    );
+    set_stop(&state);
+    p.wait_success("Go program", Duration::from_secs(60));
     let ok = OkLine::find(&p.stdout(), "gochurn")
         .unwrap_or_else(|| panic!("no OK line\n{}", p.context()));
     assert!(ok.u64("rounds") >= 25);
-    let r = Report::load(&report).unwrap();
-    assert!(r.u64("faults") > 0, "{}", r.pretty());
-    assert!(r.u64("pages_served") >= 256, "{}", r.pretty());
+    assert_served(&report, 256);
 }
 
 /// 8 goroutines; each round every one fills a fresh 4 MiB slice (new memory from the Go heap,
@@ -796,15 +724,9 @@ fn wait_traced_by(pid: i32, umm: &mut Proc) {
 }
 
 /// SIGTERM a foreground attach and check it ended well.
-fn end_attach(mut umm: Proc) {
+fn end_attach(umm: &mut Proc) {
     umm.signal(Signal::SIGTERM);
-    let st = umm.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
-    );
+    umm.wait_success("umm attach", Duration::from_secs(60));
 }
 
 #[test]
@@ -815,11 +737,12 @@ fn strict_attach_detach_20_times_loses_no_memory_or_signal_and_leaves_no_tracer(
     let sender = Sender::start(a.pid(), a.state.clone());
     let mut served = 0;
     for i in 0..20 {
-        let (mut umm, report) = attach_fg_with(&dir, &format!("attach{i}"), a.pid(), &["--strict"]);
+        let (mut umm, report) =
+            spawn_umm_attach(&dir, &format!("attach{i}"), a.pid(), &["--strict"]);
         wait_registered(&a, &mut umm);
         wait_traced_by(a.pid(), &mut umm);
         a.wait_rounds(2, "strictly attached");
-        end_attach(umm);
+        end_attach(&mut umm);
         assert_eq!(tracer_of(a.pid()), 0, "still traced after detach {i}");
         assert!(!a.registered(), "still registered after detach {i}");
         a.wait_rounds(2, "detached");
@@ -841,7 +764,7 @@ fn sigstop_and_sigcont_work_on_a_strictly_attached_process() {
     require_root_and_uffd();
     let dir = TestDir::new("strict_stop");
     let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
-    let (mut umm, report) = attach_fg_with(&dir, "attach", a.pid(), &["--strict"]);
+    let (mut umm, report) = spawn_umm_attach(&dir, "attach", a.pid(), &["--strict"]);
     wait_registered(&a, &mut umm);
     wait_traced_by(a.pid(), &mut umm);
     a.wait_rounds(2, "strictly attached");
@@ -861,7 +784,7 @@ fn sigstop_and_sigcont_work_on_a_strictly_attached_process() {
     assert!(poll_until(2000, Duration::from_millis(5), || {
         matches!(umm::sys::proc::task_state(a.pid() as u32), Ok('T' | 't'))
     }));
-    end_attach(umm);
+    end_attach(&mut umm);
     assert_eq!(tracer_of(a.pid()), 0, "still traced after the detach");
     kill(Pid::from_raw(a.pid()), Signal::SIGCONT).unwrap();
     a.wait_rounds(3, "detached, after SIGCONT");
@@ -879,22 +802,15 @@ fn a_forked_child_under_strict_mode_gets_its_new_mappings_registered() {
     let mut cmd = Command::new(target("forkmap"));
     cmd.arg(&fifo);
     let mut p = Proc::spawn(&dir, "forkmap", cmd);
-    let (mut umm, report) = attach_fg_with(&dir, "attach", p.pid, &["--strict"]);
+    let (mut umm, report) = spawn_umm_attach(&dir, "attach", p.pid, &["--strict"]);
     wait_traced_by(p.pid, &mut umm);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&fifo)
         .and_then(|mut f| f.write_all(b"go"))
         .expect("open the gate");
-    let st = p.wait_bounded(Duration::from_secs(60));
-    assert!(st.success(), "forkmap: {}\n{}", describe(&st), p.context());
-    let st = umm.wait_bounded(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
-    );
+    p.wait_success("forkmap", Duration::from_secs(60));
+    umm.wait_success("umm attach", Duration::from_secs(60));
     let ok = OkLine::find(&p.stdout(), "forkmap")
         .unwrap_or_else(|| panic!("no OK line\n{}", p.context()));
     assert_eq!(ok.checksum(), "8e5992bbca693c46", "{}", p.context());
@@ -913,7 +829,7 @@ fn killing_umm_while_strict_leaves_the_target_running_with_its_memory() {
     let dir = TestDir::new("strict_kill");
     let a = Attachee::start(&dir, "attachee", &target("attachee"), false);
     let sender = Sender::start(a.pid(), a.state.clone());
-    let (mut umm, _report) = attach_fg_with(&dir, "attach", a.pid(), &["--strict"]);
+    let (mut umm, _report) = spawn_umm_attach(&dir, "attach", a.pid(), &["--strict"]);
     wait_registered(&a, &mut umm);
     wait_traced_by(a.pid(), &mut umm);
     a.wait_rounds(3, "strictly attached");

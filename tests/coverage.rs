@@ -140,79 +140,114 @@ fn redis_sets(n: u64) -> Vec<u8> {
     out
 }
 
-#[test]
-fn redis_with_300k_keys_and_bgsave_is_covered() {
-    require_root_and_uffd();
-    let installed = ["redis-server", "redis-cli"].iter().all(|t| {
+/// Keys `fill_bgsave_check_and_shut_down` writes.
+const REDIS_KEYS: u64 = 300_000;
+
+fn redis_installed() -> bool {
+    ["redis-server", "redis-cli"].iter().all(|t| {
         Command::new(t)
             .arg("--version")
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
-    });
-    if !installed {
-        println!("SKIPPED: redis_with_300k_keys_and_bgsave_is_covered: redis-server/redis-cli not installed (make test-deps installs them)");
-        return;
-    }
-    const KEYS: u64 = 300_000;
-    let dir = TestDir::new("cov-redis");
-    let sock = dir.join("redis.sock");
-    let input = write_file(&dir, "sets.resp", &redis_sets(KEYS));
-    // A private server: no TCP port, a unix socket in the test dir, no automatic saves.
-    let sock_s = sock.to_string_lossy().into_owned();
-    let dir_s = dir.path().to_string_lossy().into_owned();
-    let args = [
+    })
+}
+
+/// A private server: no TCP port, a unix socket `sock`, no automatic saves, its files in `dir`.
+fn redis_server_command(dir: &TestDir, sock: &Path) -> Vec<String> {
+    let sock = sock.to_string_lossy().into_owned();
+    let dir = dir.path().to_string_lossy().into_owned();
+    [
         "redis-server",
         "--port",
         "0",
         "--unixsocket",
-        &sock_s,
+        &sock,
         "--save",
         "",
         "--appendonly",
         "no",
         "--dir",
-        &dir_s,
+        &dir,
         "--daemonize",
         "no",
-    ];
-    let (cmd, report_path) = umm_run_command(&dir, "redis", &args);
-    let mut p = Proc::spawn(&dir, "redis", cmd);
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts the server command `cmd` and waits (bounded) for its socket.
+fn spawn_redis(dir: &TestDir, cmd: Command, sock: &Path) -> Proc {
+    let p = Proc::spawn(dir, "redis", cmd);
     assert!(
         poll_until(600, Duration::from_millis(50), || sock.exists()),
         "redis-server did not open its socket\n{}",
         p.context()
     );
-    let piped = redis_cli(&sock, &["--pipe"], Some(&input));
+    p
+}
+
+/// REDIS_KEYS SETs through `redis-cli --pipe`, a BGSAVE (a forked child) that must succeed,
+/// the keys read back, then SHUTDOWN NOSAVE.
+fn fill_bgsave_check_and_shut_down(dir: &TestDir, sock: &Path) {
+    let input = write_file(dir, "sets.resp", &redis_sets(REDIS_KEYS));
+    let piped = redis_cli(sock, &["--pipe"], Some(&input));
     assert!(
-        piped.contains("errors: 0") && piped.contains(&format!("replies: {KEYS}")),
+        piped.contains("errors: 0") && piped.contains(&format!("replies: {REDIS_KEYS}")),
         "redis-cli --pipe: {piped}"
     );
-    assert!(redis_cli(&sock, &["BGSAVE"], None).contains("Background saving started"));
+    assert!(redis_cli(sock, &["BGSAVE"], None).contains("Background saving started"));
     let saved = poll_until(1200, Duration::from_millis(50), || {
-        redis_cli(&sock, &["INFO", "persistence"], None).contains("rdb_bgsave_in_progress:0")
+        redis_cli(sock, &["INFO", "persistence"], None).contains("rdb_bgsave_in_progress:0")
     });
-    let persistence = redis_cli(&sock, &["INFO", "persistence"], None);
+    let persistence = redis_cli(sock, &["INFO", "persistence"], None);
     assert!(
         saved && persistence.contains("rdb_last_bgsave_status:ok"),
         "BGSAVE did not finish well: {persistence}"
     );
     assert!(dir.join("dump.rdb").is_file(), "BGSAVE wrote no dump.rdb");
-    assert_eq!(redis_cli(&sock, &["DBSIZE"], None), KEYS.to_string());
+    assert_eq!(redis_cli(sock, &["DBSIZE"], None), REDIS_KEYS.to_string());
     for i in [0, 12_345, 299_999] {
         assert_eq!(
-            redis_cli(&sock, &["GET", &format!("key:{i}")], None),
+            redis_cli(sock, &["GET", &format!("key:{i}")], None),
             redis_value(i)
         );
     }
-    // SHUTDOWN closes the connection without a reply; the server's exit ends `umm run`.
+    // SHUTDOWN closes the connection without a reply; the server exits.
     let _ = Command::new("redis-cli")
         .arg("-s")
-        .arg(&sock)
+        .arg(sock)
         .args(["SHUTDOWN", "NOSAVE"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// The manager saw the BGSAVE child and served the server's data.
+fn assert_redis_and_its_child_served(run: &UmmRun) {
+    run.assert_ge("events.fork", 1, "BGSAVE forks a child");
+    run.assert_ge("processes", 2, "the server and its BGSAVE child");
+    // 300k keys take ~57 MiB in redis (used_memory): jemalloc maps it through the interposed
+    // mmap (or the attach registers it), and the manager serves it.
+    run.assert_ge(
+        "pages_served",
+        40 * MIB / PAGE,
+        "redis's ~57 MiB of keys and values",
+    );
+}
+
+#[test]
+fn redis_with_300k_keys_and_bgsave_is_covered() {
+    require_root_and_uffd();
+    if !redis_installed() {
+        println!("SKIPPED: redis_with_300k_keys_and_bgsave_is_covered: redis-server/redis-cli not installed (make test-deps installs them)");
+        return;
+    }
+    let dir = TestDir::new("cov-redis");
+    let sock = dir.join("redis.sock");
+    let (cmd, report_path) = umm_run_command(&dir, "redis", &redis_server_command(&dir, &sock));
+    let mut p = spawn_redis(&dir, cmd, &sock);
+    fill_bgsave_check_and_shut_down(&dir, &sock);
     let status = p.wait_bounded(LIMIT);
     p.assert_group_gone();
     let report =
@@ -226,15 +261,7 @@ fn redis_with_300k_keys_and_bgsave_is_covered() {
     };
     run.assert_success();
     assert_covered(&run);
-    run.assert_ge("events.fork", 1, "BGSAVE forks a child");
-    run.assert_ge("processes", 2, "the server and its BGSAVE child");
-    // 300k keys take ~57 MiB in redis (used_memory): jemalloc maps it through the interposed
-    // mmap, and the manager serves it.
-    run.assert_ge(
-        "pages_served",
-        40 * MIB / PAGE,
-        "redis's ~57 MiB of keys and values",
-    );
+    assert_redis_and_its_child_served(&run);
 }
 
 // ----- the same programs managed through `umm attach` (no agent) ------------------------------
@@ -269,25 +296,8 @@ fn attach_at_gate(
             .is_ok_and(|w| w.contains("wait_for_partner") || w.contains("pipe"))
     });
     assert!(waiting, "never waited at its gate\n{}", program.context());
-    let report = dir.join("attach.json");
-    let mut cmd = Command::new(umm_bin());
-    cmd.arg("attach")
-        .arg(pid.to_string())
-        .arg("--report")
-        .arg(&report)
-        .args(extra)
-        .env("RUST_LOG", "info");
-    let mut umm = Proc::spawn(dir, "attach", cmd);
-    let registered = poll_until(1000, Duration::from_millis(10), || {
-        umm::sys::proc::vm_flags(pid as u32)
-            .is_ok_and(|f| f.values().any(|f| f.iter().any(|f| f == "um")))
-            || umm.try_wait().is_some()
-    });
-    assert!(
-        registered && umm.try_wait().is_none(),
-        "the attach registered nothing\n{}",
-        umm.context()
-    );
+    let (mut umm, report) = spawn_umm_attach(dir, "attach", pid, extra);
+    wait_attach_registered(pid, &mut umm, "the attach registered nothing");
     std::fs::OpenOptions::new()
         .write(true)
         .open(fifo)
@@ -299,13 +309,7 @@ fn attach_at_gate(
 /// The attach's end (with the program's exit) and its report as a [`UmmRun`] of the program.
 fn attached_run(label: &str, program: &mut Proc, mut umm: Proc, report: &Path) -> UmmRun {
     let status = program.wait_bounded(LIMIT);
-    let st = umm.wait_bounded(LIMIT);
-    assert!(
-        st.success(),
-        "umm attach: {}\n{}",
-        describe(&st),
-        umm.context()
-    );
+    umm.wait_success("umm attach", LIMIT);
     let report = Report::load(report).unwrap_or_else(|e| panic!("{e}\n{}", umm.context()));
     UmmRun {
         label: label.into(),
@@ -320,6 +324,21 @@ fn attached_run(label: &str, program: &mut Proc, mut umm: Proc, report: &Path) -
 fn assert_attached_success(run: &UmmRun) {
     assert!(run.status.success(), "expected exit 0\n{}", run.context());
     run.report.check_shape();
+}
+
+/// `program`, waiting at the gate `fifo`, attached ([`attach_at_gate`]) and run to its end;
+/// it and the attach exited 0.
+fn run_attached_at_gate(
+    dir: &TestDir,
+    label: &str,
+    program: &mut Proc,
+    fifo: &Path,
+    extra: &[&str],
+) -> UmmRun {
+    let (umm, report) = attach_at_gate(dir, program, fifo, extra);
+    let run = attached_run(label, program, umm, &report);
+    assert_attached_success(&run);
+    run
 }
 
 /// Coverage `last` >= the goal; `min` printed (and >= `min_floor`).
@@ -359,9 +378,7 @@ fn attached_python(tag: &str, extra: &[&str]) -> UmmRun {
     let mut cmd = Command::new(PYTHON);
     cmd.arg("-c").arg(stub).arg(&fifo).arg(&script).arg("256");
     let mut py = Proc::spawn(&dir, "py_cover", cmd);
-    let (umm, report) = attach_at_gate(&dir, &mut py, &fifo, extra);
-    let run = attached_run("py_cover", &mut py, umm, &report);
-    assert_attached_success(&run);
+    let run = run_attached_at_gate(&dir, "py_cover", &mut py, &fifo, extra);
     let ok = run.ok_line("py_cover");
     assert_eq!(ok.checksum(), PY_COVER_CHECKSUM, "{}", run.context());
     assert_eq!(ok.u64("objects"), PY_COVER_OBJECTS);
@@ -453,9 +470,7 @@ fn attached_mtalloc(tag: &str, extra: &[&str]) -> UmmRun {
     let mut cmd = Command::new(&exe);
     cmd.arg(&fifo).arg("16");
     let mut p = Proc::spawn(&dir, "mtalloc", cmd);
-    let (umm, report) = attach_at_gate(&dir, &mut p, &fifo, extra);
-    let run = attached_run("mtalloc", &mut p, umm, &report);
-    assert_attached_success(&run);
+    let run = run_attached_at_gate(&dir, "mtalloc", &mut p, &fifo, extra);
     let ok = run.ok_line("mtalloc");
     assert_eq!(ok.checksum(), MTALLOC_CHECKSUM, "{}", run.context());
     assert_eq!(ok.u64("bytes"), MTALLOC_BYTES);
@@ -524,93 +539,21 @@ fn strictly_attached_redis_with_300k_keys_and_bgsave_is_covered() {
 /// redis-server attached with `extra` arguments, filled with 300k keys, BGSAVEd, checked and
 /// shut down (None without redis-server).
 fn attached_redis(tag: &str, extra: &[&str]) -> Option<UmmRun> {
-    if Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !redis_installed() {
         return None;
     }
-    const KEYS: u64 = 300_000;
     let dir = TestDir::new(tag);
     let sock = dir.join("redis.sock");
-    let input = write_file(&dir, "sets.resp", &redis_sets(KEYS));
-    let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", "0", "--unixsocket"])
-        .arg(&sock)
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-        ])
-        .arg(dir.path());
-    let mut p = Proc::spawn(&dir, "redis", cmd);
-    assert!(
-        poll_until(600, Duration::from_millis(50), || sock.exists()),
-        "redis-server did not open its socket\n{}",
-        p.context()
-    );
+    let server = redis_server_command(&dir, &sock);
+    let mut cmd = Command::new(&server[0]);
+    cmd.args(&server[1..]);
+    let mut p = spawn_redis(&dir, cmd, &sock);
     // An idle server is its own gate.
-    let report = dir.join("attach.json");
-    let mut ucmd = Command::new(umm_bin());
-    ucmd.arg("attach")
-        .arg(p.pid.to_string())
-        .arg("--report")
-        .arg(&report)
-        .args(extra)
-        .env("RUST_LOG", "info");
-    let mut umm = Proc::spawn(&dir, "attach", ucmd);
-    let pid = p.pid as u32;
-    assert!(
-        poll_until(1000, Duration::from_millis(10), || {
-            umm::sys::proc::vm_flags(pid)
-                .is_ok_and(|f| f.values().any(|f| f.iter().any(|f| f == "um")))
-                || umm.try_wait().is_some()
-        }),
-        "the attach registered nothing\n{}",
-        umm.context()
-    );
-    let piped = redis_cli(&sock, &["--pipe"], Some(&input));
-    assert!(
-        piped.contains("errors: 0") && piped.contains(&format!("replies: {KEYS}")),
-        "{piped}"
-    );
-    assert!(redis_cli(&sock, &["BGSAVE"], None).contains("Background saving started"));
-    let saved = poll_until(1200, Duration::from_millis(50), || {
-        redis_cli(&sock, &["INFO", "persistence"], None).contains("rdb_bgsave_in_progress:0")
-    });
-    let persistence = redis_cli(&sock, &["INFO", "persistence"], None);
-    assert!(
-        saved && persistence.contains("rdb_last_bgsave_status:ok"),
-        "{persistence}"
-    );
-    assert_eq!(redis_cli(&sock, &["DBSIZE"], None), KEYS.to_string());
-    for i in [0, 12_345, 299_999] {
-        assert_eq!(
-            redis_cli(&sock, &["GET", &format!("key:{i}")], None),
-            redis_value(i)
-        );
-    }
-    let _ = Command::new("redis-cli")
-        .arg("-s")
-        .arg(&sock)
-        .args(["SHUTDOWN", "NOSAVE"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    let (mut umm, report) = spawn_umm_attach(&dir, "attach", p.pid, extra);
+    wait_attach_registered(p.pid, &mut umm, "the attach registered nothing");
+    fill_bgsave_check_and_shut_down(&dir, &sock);
     let run = attached_run("redis", &mut p, umm, &report);
     assert_attached_success(&run);
-    run.assert_ge("events.fork", 1, "BGSAVE forks a child");
-    run.assert_ge("processes", 2, "the server and its BGSAVE child");
-    run.assert_ge(
-        "pages_served",
-        40 * MIB / PAGE,
-        "redis's ~57 MiB of keys and values",
-    );
+    assert_redis_and_its_child_served(&run);
     Some(run)
 }

@@ -123,6 +123,13 @@ impl Workload {
     fn all_gone(&self) -> bool {
         self.pids.iter().all(|&p| !is_memtest(p))
     }
+
+    /// SIGKILL them all; they must be gone (bounded wait).
+    fn kill_and_wait(&self) {
+        self.kill_all();
+        let gone = poll_until(1000, Duration::from_millis(10), || self.all_gone());
+        assert!(gone, "restored memtest processes survived SIGKILL");
+    }
 }
 
 impl Drop for Workload {
@@ -173,6 +180,74 @@ fn summaries(stderr: &str) -> BTreeMap<u32, (String, u64, u64)> {
         );
     }
     out
+}
+
+/// The restored tasks `log_pids` (pids as memtest logs them) go on verifying in memtest's log
+/// after byte `before_restore`: each logs passes with bad=0, and nothing logs a mismatch (main
+/// area, scratch refill, zeros after DONTNEED) or a failed grandchild. Returns `ctx` with the
+/// log's tail, for the caller's further checks.
+fn assert_log_verifying(
+    log_path: &Path,
+    before_restore: usize,
+    log_pids: &[i32],
+    ctx: &str,
+) -> String {
+    let after = || fs::read_to_string(log_path).unwrap_or_default()[before_restore..].to_string();
+    let passes_of = |text: &str, pid: i32| {
+        text.lines()
+            .filter_map(parse_pass)
+            .filter(|p| p.pid == pid)
+            .count()
+    };
+    let verified = poll_until(3000, Duration::from_millis(20), || {
+        let a = after();
+        a.contains("MISMATCH")
+            || a.contains("FAILED")
+            || log_pids
+                .iter()
+                .all(|&p| passes_of(&a, p) >= PASSES_AFTER_RESTORE)
+    });
+    let a = after();
+    let ctx = format!(
+        "--- memtest log after the restore ---\n{}\n{ctx}",
+        tail(&a, 40)
+    );
+    assert!(verified, "the restored tasks stopped logging\n{ctx}");
+    assert!(!a.contains("MISMATCH") && !a.contains("FAILED"), "{ctx}");
+    for p in a.lines().filter_map(parse_pass) {
+        assert_eq!(p.bad, 0, "pid {}\n{ctx}", p.pid);
+    }
+    ctx
+}
+
+/// umm's summary lines of the tasks `pids` (image pids): each says "restore complete", and
+/// pages were served both by faults and by the fill. Returns the lines.
+fn assert_served_by_faults_and_fill(umm_stderr: &str, pids: &[u32], ctx: &str) -> Vec<String> {
+    let sums = summaries(umm_stderr);
+    let lines: Vec<String> = pids
+        .iter()
+        .map(|pid| {
+            let (line, _, _) = sums
+                .get(pid)
+                .unwrap_or_else(|| panic!("no summary line for pid {pid}\n{ctx}"));
+            assert!(line.contains("restore complete"), "{line}\n{ctx}");
+            line.clone()
+        })
+        .collect();
+    let faulted: u64 = sums.values().map(|s| s.1).sum();
+    let filled: u64 = sums.values().map(|s| s.2).sum();
+    assert!(faulted > 0, "no page served by a fault\n{ctx}");
+    assert!(filled > 0, "no page served by the fill\n{ctx}");
+    lines
+}
+
+/// The report of a restore: at least the two tasks completed (forked grandchildren and a
+/// zombie caught at dump time may add to it), none killed, the forks and the DONTNEEDs seen.
+fn assert_restore_counters(rep: &Report) {
+    assert!(rep.u64("restore.completed") >= 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
+    assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
+    assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
 }
 
 /// memtest, as the fixture was made, dumped to `DIR/img` with a plain `criu dump` (the tree
@@ -275,48 +350,17 @@ impl Dumped {
         );
     }
 
-    /// The restored processes go on verifying: each logs passes with bad=0, and nothing logs
-    /// a mismatch (main area, scratch refill, zeros after DONTNEED) or a failed grandchild.
-    /// Returns the log since the restore (for the caller's context).
-    fn assert_verifying(&self, ctx: &str) -> String {
-        let after = || {
-            fs::read_to_string(&self.log_path).unwrap_or_default()[self.before_restore..]
-                .to_string()
-        };
-        let passes_of = |text: &str, pid: i32| {
-            text.lines()
-                .filter_map(parse_pass)
-                .filter(|p| p.pid == pid)
-                .count()
-        };
-        let verified = poll_until(3000, Duration::from_millis(20), || {
-            let a = after();
-            a.contains("MISMATCH")
-                || a.contains("FAILED")
-                || [self.parent, self.child_pid]
-                    .iter()
-                    .all(|&p| passes_of(&a, p) >= PASSES_AFTER_RESTORE)
-        });
-        let a = after();
-        let ctx = format!(
-            "--- memtest log after the restore ---\n{}\n{ctx}",
-            tail(&a, 40)
-        );
-        assert!(verified, "the restored tasks stopped logging\n{ctx}");
-        assert!(!a.contains("MISMATCH") && !a.contains("FAILED"), "{ctx}");
-        for p in a.lines().filter_map(parse_pass) {
-            assert_eq!(p.bad, 0, "pid {}\n{ctx}", p.pid);
-        }
-        for pid in [self.parent, self.child_pid] {
+    /// The restored processes go on verifying ([`assert_log_verifying`]) and still run.
+    fn assert_verifying(&self, ctx: &str) {
+        let pids = [self.parent, self.child_pid];
+        let ctx = assert_log_verifying(&self.log_path, self.before_restore, &pids, ctx);
+        for pid in pids {
             assert!(is_memtest(pid), "restored pid {pid} is not running\n{ctx}");
         }
-        a
     }
 
     fn kill(&self) {
-        self.workload.kill_all();
-        let gone = poll_until(1000, Duration::from_millis(10), || self.workload.all_gone());
-        assert!(gone, "restored memtest processes survived SIGKILL");
+        self.workload.kill_and_wait();
     }
 }
 
@@ -345,39 +389,22 @@ fn criu_restore_lazy_pages_served_by_umm_keeps_memtest_verifying() {
     let up = poll_until(1000, Duration::from_millis(10), || sock.exists());
     assert!(up, "no {}\n{}", sock.display(), umm.context());
     dumped.restore(&dir, &criu);
-    let ust = umm.wait_bounded(Duration::from_secs(120));
-    assert!(
-        ust.success(),
-        "umm lazy-pages failed: {}\n{}",
-        describe(&ust),
-        umm.context()
-    );
+    umm.wait_success("umm lazy-pages failed", Duration::from_secs(120));
     dumped.assert_verifying(&umm.context());
     let ctx = umm.context();
 
     // umm served them: every task handed over completed, both by faults and by the fill.
-    let sums = summaries(&umm.stderr());
-    for pid in [dumped.parent as u32, dumped.child_pid as u32] {
-        let (line, _, _) = sums
-            .get(&pid)
-            .unwrap_or_else(|| panic!("no summary line for pid {pid}\n{ctx}"));
-        assert!(line.contains("restore complete"), "{line}\n{ctx}");
+    let pids = [dumped.parent as u32, dumped.child_pid as u32];
+    for line in assert_served_by_faults_and_fill(&umm.stderr(), &pids, &ctx) {
         assert!(line.contains(" lazy pages"), "{line}\n{ctx}");
     }
-    let faulted: u64 = sums.values().map(|s| s.1).sum();
-    let filled: u64 = sums.values().map(|s| s.2).sum();
-    assert!(faulted > 0, "no page served by a fault\n{ctx}");
-    assert!(filled > 0, "no page served by the fill\n{ctx}");
     let rep = Report::load(&report).unwrap();
     let handoffs = rep.u64("restore.handoffs");
     assert!(handoffs >= 2, "{}", rep.pretty());
     // The two live tasks completed (their summaries say so); a zombie caught at dump time may
     // be handed over too (as -pid, nothing to fill), so completions are not compared with
     // handoffs.
-    assert!(rep.u64("restore.completed") >= 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
-    assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
-    assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
+    assert_restore_counters(&rep);
     dumped.kill();
 }
 
@@ -816,32 +843,7 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
     // The restored tasks (pids 1 and 2 in their new namespace) go on verifying every word,
     // dropping and refilling, forking: passes with bad=0 and nothing else. The dumped tasks
     // were frozen from the dump on, so what follows is the restored tasks' log.
-    let after = || lazy.log()[before_restore..].to_string();
-    let passes_of = |text: &str, pid: i32| {
-        text.lines()
-            .filter_map(parse_pass)
-            .filter(|p| p.pid == pid)
-            .count()
-    };
-    let verified = poll_until(3000, Duration::from_millis(20), || {
-        let a = after();
-        a.contains("MISMATCH")
-            || a.contains("FAILED")
-            || [1, 2]
-                .iter()
-                .all(|&p| passes_of(&a, p) >= PASSES_AFTER_RESTORE)
-    });
-    let a = after();
-    let ctx = format!(
-        "--- memtest log after the restore ---\n{}\n{}",
-        tail(&a, 40),
-        umm.context()
-    );
-    assert!(verified, "the restored tasks stopped logging\n{ctx}");
-    assert!(!a.contains("MISMATCH") && !a.contains("FAILED"), "{ctx}");
-    for p in a.lines().filter_map(parse_pass) {
-        assert_eq!(p.bad, 0, "pid {}\n{ctx}", p.pid);
-    }
+    let ctx = assert_log_verifying(&lazy.log_path, before_restore, &[1, 2], &umm.context());
     let root = root.unwrap();
     assert!(
         is_memtest(root),
@@ -852,19 +854,10 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
     // pages of both tasks, each once. All of them in every run here (the fetch runs ahead of
     // the rate-bound fill); only pages a task dropped before they were asked may be left out,
     // at most the two 4 MiB scratch areas memtest drops (-r).
-    let sums = summaries(&umm.stderr());
-    let mut lazy_pages = 0;
-    for pid in [1, 2] {
-        let (line, _, _) = sums
-            .get(&pid)
-            .unwrap_or_else(|| panic!("no summary line for pid {pid}\n{ctx}"));
-        assert!(line.contains("restore complete"), "{line}\n{ctx}");
-        lazy_pages += lazy_pages_of(line);
-    }
-    let faulted: u64 = sums.values().map(|s| s.1).sum();
-    let filled: u64 = sums.values().map(|s| s.2).sum();
-    assert!(faulted > 0, "no page served by a fault\n{ctx}");
-    assert!(filled > 0, "no page served by the fill\n{ctx}");
+    let lazy_pages: u64 = assert_served_by_faults_and_fill(&umm.stderr(), &[1, 2], &ctx)
+        .iter()
+        .map(|line| lazy_pages_of(line))
+        .sum();
     let rep = Report::load(&report).unwrap();
     let (requests, _short, pages, bytes) = page_server_counters(&rep);
     assert!(lazy_pages > 1000, "{lazy_pages} lazy pages?\n{ctx}");
@@ -876,11 +869,7 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
     );
     assert_eq!(bytes, pages * 4096, "{}", rep.pretty());
     assert!(requests > 0 && requests <= pages, "{}", rep.pretty());
-    // Forked grandchildren complete too: at least the two tasks.
-    assert!(rep.u64("restore.completed") >= 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
-    assert!(rep.u64("events.fork") >= 1, "{}", rep.pretty());
-    assert!(rep.u64("events.remove") >= 1, "{}", rep.pretty());
+    assert_restore_counters(&rep);
     let dump_log = fs::read_to_string(lazy.dump_dir().join("dump.log")).unwrap_or_default();
     assert!(
         dump_log.contains("Lazy pages transfer finished successfully"),
@@ -888,9 +877,7 @@ fn criu_lazy_dump_in_another_netns_serves_umm_lazy_pages_remote() {
         lazy.dump_log()
     );
 
-    lazy.workload.kill_all();
-    let gone = poll_until(1000, Duration::from_millis(10), || lazy.workload.all_gone());
-    assert!(gone, "restored memtest processes survived SIGKILL");
+    lazy.workload.kill_and_wait();
 }
 
 #[test]

@@ -191,12 +191,7 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
     // --early-fill: each task's RSTF waits until the fill made one of its lazy pages resident,
     // so the fill must begin at the handoff (as the issue asks), not at RSTF.
     let (r, st, ust, ctx) = run_restorer_with(&dir, &mut umm, &images, &["--early-fill"]);
-    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
-    assert!(
-        ust.success(),
-        "umm lazy-pages failed: {}\n{ctx}",
-        describe(&ust)
-    );
+    assert_restore_and_umm_succeeded(&st, &ust, &ctx);
     let out = r.stdout();
     for pid in [PARENT, CHILD] {
         assert!(
@@ -428,6 +423,31 @@ fn fake_page_server(
     (port, handle)
 }
 
+/// The restorer (`st`) and `umm lazy-pages` (`ust`) both exited 0.
+fn assert_restore_and_umm_succeeded(st: &ExitStatus, ust: &ExitStatus, ctx: &str) {
+    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(st));
+    assert!(
+        ust.success(),
+        "umm lazy-pages failed: {}\n{ctx}",
+        describe(ust)
+    );
+}
+
+/// What came over the page server (`fetched` bytes) is at least half of the lazy memory the
+/// two tasks mapped (their restorer output `out`): the remote path carried the memory.
+fn assert_fetched_half_of_the_lazy_memory(
+    images: &umm::criu::ImageDir,
+    out: &str,
+    fetched: u64,
+    ctx: &str,
+) {
+    let lazy_mapped = lazy_in_mapped(images, PARENT, out) + lazy_in_mapped(images, CHILD, out);
+    assert!(
+        fetched >= lazy_mapped / 2,
+        "{fetched} < {lazy_mapped}/2\n{ctx}"
+    );
+}
+
 /// umm's `page server ...: N requests, M short replies, P pages fetched, B bytes fetched`
 /// line: (N, M, B).
 fn page_server_line(stderr: &str) -> (u64, u64, u64) {
@@ -477,8 +497,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
         ),
     );
     let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
-    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
-    assert!(ust.success(), "umm failed: {}\n{ctx}", describe(&ust));
+    assert_restore_and_umm_succeeded(&st, &ust, &ctx);
     let (answered, server_short, server_bytes) = server
         .join()
         .unwrap()
@@ -501,11 +520,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
     assert_eq!(requests, answered, "{ctx}");
     assert_eq!((short, fetched), (server_short, server_bytes), "{ctx}");
     assert!(short > 0, "no short reply was exercised\n{ctx}");
-    let lazy_mapped = lazy_in_mapped(&images, PARENT, &out) + lazy_in_mapped(&images, CHILD, &out);
-    assert!(
-        fetched >= lazy_mapped / 2,
-        "{fetched} < {lazy_mapped}/2\n{ctx}"
-    );
+    assert_fetched_half_of_the_lazy_memory(&images, &out, fetched, &ctx);
     let rep = Report::load(&report).unwrap();
     assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
@@ -631,12 +646,7 @@ fn umm_criu_page_server_serves_umm_lazy_pages_remote() {
     let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     let sst = server.wait_bounded(Duration::from_secs(30));
     let ctx = format!("{ctx}\n{}", server.context());
-    assert!(st.success(), "restorer failed: {}\n{ctx}", describe(&st));
-    assert!(
-        ust.success(),
-        "umm lazy-pages failed: {}\n{ctx}",
-        describe(&ust)
-    );
+    assert_restore_and_umm_succeeded(&st, &ust, &ctx);
     // PS_IOV_CLOSE ended the server, cleanly.
     assert!(sst.success(), "criu-page-server: {}\n{ctx}", describe(&sst));
     let out = r.stdout();
@@ -649,11 +659,7 @@ fn umm_criu_page_server_serves_umm_lazy_pages_remote() {
     let (answered, server_short, pages) = criu_page_server_line(&server.stderr());
     assert_eq!((requests, short), (answered, server_short), "{ctx}");
     assert_eq!(fetched, pages * 4096, "{ctx}");
-    let lazy_mapped = lazy_in_mapped(&images, PARENT, &out) + lazy_in_mapped(&images, CHILD, &out);
-    assert!(
-        fetched >= lazy_mapped / 2,
-        "{fetched} < {lazy_mapped}/2\n{ctx}"
-    );
+    assert_fetched_half_of_the_lazy_memory(&images, &out, fetched, &ctx);
     let rep = Report::load(&report).unwrap();
     assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
     assert_eq!(rep.u64("restore.page_server.bytes_fetched"), fetched);

@@ -1,5 +1,6 @@
 //! `umm` — a non-cooperative userfaultfd memory manager.
 
+mod abort_signals;
 mod attach;
 mod control;
 mod copier;

@@ -29,14 +29,13 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use crossbeam_channel::RecvTimeoutError;
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use umm::image::{Manifest, CHUNK_SIZE};
 use umm::netproto::Key;
 use umm::snapshot::{self, Options};
 use umm::sys::ptrace::{ProcessMemory, IOV_MAX};
 
+use crate::abort_signals::AbortSignals;
 use crate::net_server::{self, ServedData, REFUSED};
 
 #[derive(Args, Debug)]
@@ -250,28 +249,11 @@ enum Event {
     Ended(Result<bool, String>),
 }
 
-fn signal_fd() -> Option<SignalFd> {
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        mask.add(s);
-    }
-    mask.thread_block().ok()?;
-    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok()
-}
-
 fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
     let key = Key::from_file(&args.key)?;
     // Before the freeze (helper threads inherit the mask): a signal resumes the process.
-    let sigfd = signal_fd();
-    let caught = std::cell::Cell::new(None);
-    let interrupted = || {
-        if caught.get().is_none() {
-            if let Some(Ok(Some(info))) = sigfd.as_ref().map(|fd| fd.read_signal()) {
-                caught.set(Some(info.ssi_signo as i32));
-            }
-        }
-        caught.get().is_some()
-    };
+    let signals = AbortSignals::block();
+    let interrupted = || signals.interrupted();
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener
@@ -324,7 +306,7 @@ fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
         if interrupted() {
             break Outcome::Resume(format!(
                 "signal {} before the destination completed",
-                caught.get().unwrap_or(0)
+                signals.caught().unwrap_or(0)
             ));
         }
         if all_sent_at.is_none() && data.all_sent.load(Ordering::Acquire) {
@@ -378,7 +360,7 @@ fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
                 .resume()
                 .map_err(|e| format!("{why}; resuming pid {pid} failed: {e}"))?;
             eprintln!("umm: migrate-source: {why} ({dest}); pid {pid} resumed untouched");
-            Ok(caught.get().map_or(1, |s| 128 + s))
+            Ok(signals.caught().map_or(1, |s| 128 + s))
         }
     }
 }

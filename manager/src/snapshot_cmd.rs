@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-
 use umm::snapshot::{self, After, Options};
 use umm::sys::proc;
 
+use crate::abort_signals::AbortSignals;
 use crate::progress::Progress;
 
 #[derive(Args, Debug)]
@@ -50,22 +48,8 @@ pub struct SnapshotArgs {
 pub fn main(args: SnapshotArgs) -> i32 {
     // SIGINT/SIGTERM/SIGHUP abort the snapshot cleanly (release the process, remove the
     // partial image) instead of killing umm with the process held.
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        mask.add(s);
-    }
-    let sigfd = mask.thread_block().ok().and_then(|()| {
-        SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok()
-    });
-    let caught = std::cell::Cell::new(None);
-    let interrupted = || {
-        if caught.get().is_none() {
-            if let Some(Ok(Some(info))) = sigfd.as_ref().map(|fd| fd.read_signal()) {
-                caught.set(Some(info.ssi_signo as i32));
-            }
-        }
-        caught.get().is_some()
-    };
+    let signals = AbortSignals::block();
+    let interrupted = || signals.interrupted();
     // The total is an estimate: the anonymous pages resident or swapped now (not known with
     // --range, where the line shows bytes and rate only).
     let estimate = if args.ranges.is_empty() {
@@ -101,7 +85,7 @@ pub fn main(args: SnapshotArgs) -> i32 {
         }
         Err(e) => {
             eprintln!("umm: snapshot of pid {} failed: {e}", args.pid);
-            match caught.get() {
+            match signals.caught() {
                 Some(sig) => 128 + sig,
                 None => 1,
             }

@@ -770,19 +770,17 @@ pub fn tgkill(pid: u32, tid: u32, sig: Signal) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::process::{Command, Stdio};
+    use std::process::{Child, Command, Stdio};
 
-    #[test]
-    fn getpid_runs_in_the_target_and_an_interrupted_read_resumes() {
-        // `head -c 5` blocks in read(2) of its stdin pipe.
-        let mut child = Command::new("/usr/bin/head")
+    /// `head -c 5`, once it blocks in read(2) of its stdin pipe (bounded wait).
+    fn head_blocked_in_read() -> Child {
+        let child = Command::new("/usr/bin/head")
             .args(["-c", "5"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let pid = child.id();
-        // Let it reach the read (bounded wait).
         let in_read = (0..2500).any(|_| {
             let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
             wchan.contains("pipe_read") || {
@@ -791,24 +789,23 @@ mod tests {
             }
         });
         assert!(in_read, "head never blocked in read(2)");
-        let mut frozen = match Frozen::freeze(pid, Duration::from_secs(10)) {
+        child
+    }
+
+    /// Freezes `child`; on failure kills it (it is ours) and says what the test needs.
+    fn freeze_child(child: &mut Child) -> Frozen {
+        match Frozen::freeze(child.id(), Duration::from_secs(10)) {
             Ok(f) => f,
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("{e} (this test needs ptrace rights over its own child: root, or Yama ptrace_scope <= 1)");
             }
-        };
-        let mut inj = Injector::new(&mut frozen).unwrap();
-        let got = inj.syscall(libc::SYS_getpid, [0; 6]).unwrap();
-        assert_eq!(got, pid as i64);
-        // A bad call reports its errno, not a crash.
-        let bad = inj
-            .syscall(libc::SYS_close, [1_000_000, 0, 0, 0, 0, 0])
-            .unwrap();
-        assert_eq!(bad, -(libc::EBADF as i64));
-        inj.finish().unwrap();
-        frozen.resume().unwrap();
+        }
+    }
+
+    /// Writes "hello" to the resumed `head -c 5`: it must come out unchanged, exit status 0.
+    fn hello_goes_through(mut child: Child) {
         child.stdin.as_mut().unwrap().write_all(b"hello").unwrap();
         let mut out = String::new();
         child
@@ -822,32 +819,30 @@ mod tests {
     }
 
     #[test]
+    fn getpid_runs_in_the_target_and_an_interrupted_read_resumes() {
+        // `head -c 5` blocks in read(2) of its stdin pipe.
+        let mut child = head_blocked_in_read();
+        let pid = child.id();
+        let mut frozen = freeze_child(&mut child);
+        let mut inj = Injector::new(&mut frozen).unwrap();
+        let got = inj.syscall(libc::SYS_getpid, [0; 6]).unwrap();
+        assert_eq!(got, pid as i64);
+        // A bad call reports its errno, not a crash.
+        let bad = inj
+            .syscall(libc::SYS_close, [1_000_000, 0, 0, 0, 0, 0])
+            .unwrap();
+        assert_eq!(bad, -(libc::EBADF as i64));
+        inj.finish().unwrap();
+        frozen.resume().unwrap();
+        hello_goes_through(child);
+    }
+
+    #[test]
     fn an_injected_call_that_blocks_is_interrupted_and_everything_is_put_back() {
         // `head -c 5` blocks in read(2) of its stdin pipe; an injected read of the same
         // (empty) pipe blocks too, past its limit.
-        let mut child = Command::new("/usr/bin/head")
-            .args(["-c", "5"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let in_read = (0..2500).any(|_| {
-            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-            wchan.contains("pipe_read") || {
-                std::thread::sleep(Duration::from_millis(2));
-                false
-            }
-        });
-        assert!(in_read, "head never blocked in read(2)");
-        let mut frozen = match Frozen::freeze(pid, Duration::from_secs(10)) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{e} (this test needs ptrace rights over its own child: root, or Yama ptrace_scope <= 1)");
-            }
-        };
+        let mut child = head_blocked_in_read();
+        let mut frozen = freeze_child(&mut child);
         let mut inj = Injector::new(&mut frozen).unwrap();
         // read(0, NULL, 1): it waits for data before it touches the buffer.
         let got = inj.syscall_within(
@@ -860,16 +855,7 @@ mod tests {
         inj.finish().unwrap();
         frozen.resume().unwrap();
         // Its own read (restarted) gets the bytes; it never runs into the int3.
-        child.stdin.as_mut().unwrap().write_all(b"hello").unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        assert_eq!(out, "hello");
-        assert!(child.wait().unwrap().success());
+        hello_goes_through(child);
     }
 
     #[test]
@@ -901,14 +887,7 @@ mod tests {
     fn give_fd_installs_a_duplicate_in_the_target() {
         let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
         let pid = child.id();
-        let mut frozen = match Frozen::freeze(pid, Duration::from_secs(10)) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{e} (this test needs ptrace rights over its own child: root, or Yama ptrace_scope <= 1)");
-            }
-        };
+        let mut frozen = freeze_child(&mut child);
         let fds = |pid: u32| {
             std::fs::read_dir(format!("/proc/{pid}/fd"))
                 .unwrap()

@@ -415,6 +415,18 @@ impl Proc {
         }
     }
 
+    /// [`Proc::wait_bounded`], and the exit must be 0 (`what` names it in the failure).
+    pub fn wait_success(&mut self, what: &str, limit: Duration) -> ExitStatus {
+        let st = self.wait_bounded(limit);
+        assert!(
+            st.success(),
+            "{what}: {}\n{}",
+            describe(&st),
+            self.context()
+        );
+        st
+    }
+
     /// After the exit: nothing of the process group may be left, in D state or at all
     /// ([`assert_group_gone`]).
     pub fn assert_group_gone(&mut self) {
@@ -1193,4 +1205,38 @@ print(count('heatmap', 'cell'), count('fill', 'fill'), count('latency', 'bar'))
         fill_lines: n[1],
         latency_bars: n[2],
     }
+}
+
+// ----- umm attach ---------------------------------------------------------------------------
+
+/// `umm attach PID EXTRA...` started (RUST_LOG=info), its report to be at `dir/LABEL.json`.
+pub fn spawn_umm_attach(dir: &TestDir, label: &str, pid: i32, extra: &[&str]) -> (Proc, PathBuf) {
+    let report = dir.join(format!("{label}.json"));
+    let mut cmd = Command::new(umm_bin());
+    cmd.arg("attach")
+        .arg(pid.to_string())
+        .args(extra)
+        .arg("--report")
+        .arg(&report)
+        .env("RUST_LOG", "info");
+    (Proc::spawn(dir, label, cmd), report)
+}
+
+/// Whether any mapping of `pid` is registered with a userfaultfd (the kernel's `um` flag in
+/// its smaps).
+pub fn any_uffd_registered(pid: i32) -> bool {
+    umm::sys::proc::vm_flags(pid as u32)
+        .is_ok_and(|f| f.values().any(|f| f.iter().any(|f| f == "um")))
+}
+
+/// Wait (bounded) until the running `umm attach` registered some memory of `pid`.
+pub fn wait_attach_registered(pid: i32, umm: &mut Proc, what: &str) {
+    let ended = poll_until(1000, Duration::from_millis(10), || {
+        any_uffd_registered(pid) || umm.try_wait().is_some()
+    });
+    assert!(
+        ended && any_uffd_registered(pid) && umm.try_wait().is_none(),
+        "{what}\n{}",
+        umm.context()
+    );
 }
