@@ -87,52 +87,8 @@ impl Drop for Nginx {
 /// An image of `richstate build SEED` (its four regions) in `DIR/www/img`, and the number of
 /// data pages.
 fn build_image(dir: &TestDir) -> (PathBuf, u64) {
-    let mut b = Command::new(richstate());
-    b.args(["build", SEED]).current_dir(dir.path());
-    let mut builder = Proc::spawn(dir, "build", b);
-    let ready = poll_until(3000, Duration::from_millis(10), || {
-        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
-    });
-    assert!(
-        ready,
-        "the builder never became ready\n{}",
-        builder.context()
-    );
-    let out = builder.stdout();
-    let ready_line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("READY "))
-        .expect("READY");
-    let field = |key: &str| -> String {
-        ready_line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let data_pages: u64 = field("data_pages").parse().expect("data_pages");
-    let ranges: Vec<&str> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("RANGES "))
-        .expect("RANGES")
-        .split_whitespace()
-        .collect();
     let img = dir.join("www/img");
-    let mut s = Command::new(umm_bin());
-    s.arg("snapshot")
-        .arg(field("pid"))
-        .arg("-o")
-        .arg(&img)
-        .args(&ranges);
-    let mut snap = Proc::spawn(dir, "snapshot", s);
-    let st = snap.wait_bounded(LIMIT);
-    assert!(
-        st.success(),
-        "umm snapshot: {}\n{}",
-        describe(&st),
-        snap.context()
-    );
-    builder.kill();
+    let data_pages = snapshot_richstate(dir, SEED, &img);
     (img, data_pages)
 }
 

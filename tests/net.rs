@@ -189,52 +189,8 @@ impl Drop for NetPair {
 
 /// An image of `richstate build SEED` (its four regions), and the builder's data pages.
 fn build_image(dir: &TestDir) -> (PathBuf, u64) {
-    let mut b = Command::new(richstate());
-    b.args(["build", SEED]).current_dir(dir.path());
-    let mut builder = Proc::spawn(dir, "build", b);
-    let ready = poll_until(3000, Duration::from_millis(10), || {
-        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
-    });
-    let out = builder.stdout();
-    assert!(
-        ready,
-        "the builder never became ready\n{}",
-        builder.context()
-    );
-    let field = |prefix: &str, key: &str| -> String {
-        out.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            })
-            .unwrap_or_default()
-            .to_string()
-    };
-    let pid = field("READY ", "pid");
-    let data_pages: u64 = field("READY ", "data_pages").parse().expect("data_pages");
-    let ranges: Vec<&str> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("RANGES "))
-        .expect("RANGES")
-        .split_whitespace()
-        .collect();
     let img = dir.join("img");
-    let mut s = Command::new(umm_bin());
-    s.arg("snapshot")
-        .arg(&pid)
-        .arg("-o")
-        .arg(&img)
-        .args(&ranges);
-    let mut snap = Proc::spawn(dir, "snapshot", s);
-    let st = snap.wait_bounded(LIMIT);
-    assert!(
-        st.success(),
-        "umm snapshot: {}\n{}",
-        describe(&st),
-        snap.context()
-    );
-    builder.kill();
+    let data_pages = snapshot_richstate(dir, SEED, &img);
     (img, data_pages)
 }
 

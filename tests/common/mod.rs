@@ -1240,3 +1240,54 @@ pub fn wait_attach_registered(pid: i32, umm: &mut Proc, what: &str) {
         umm.context()
     );
 }
+
+/// `richstate build SEED` snapshotted by `umm snapshot` into `img` (its four regions); the
+/// builder is killed after. Returns the data pages the builder counted.
+pub fn snapshot_richstate(dir: &TestDir, seed: &str, img: &Path) -> u64 {
+    let limit = Duration::from_secs(120);
+    let mut b = Command::new(target("richstate"));
+    b.args(["build", seed]).current_dir(dir.path());
+    let mut builder = Proc::spawn(dir, "build", b);
+    let ready = poll_until(3000, Duration::from_millis(10), || {
+        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
+    });
+    let out = builder.stdout();
+    assert!(
+        ready,
+        "the builder never became ready\n{}",
+        builder.context()
+    );
+    let field = |key: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix("READY "))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            })
+            .unwrap_or_default()
+            .to_string()
+    };
+    let data_pages: u64 = field("data_pages").parse().expect("data_pages");
+    let ranges: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RANGES "))
+        .expect("RANGES")
+        .split_whitespace()
+        .collect();
+    let mut s = Command::new(umm_bin());
+    s.arg("snapshot")
+        .arg(field("pid"))
+        .arg("-o")
+        .arg(img)
+        .args(&ranges);
+    let mut snap = Proc::spawn(dir, "snapshot", s);
+    let st = snap.wait_bounded(limit);
+    assert!(
+        st.success(),
+        "umm snapshot: {}\n{}",
+        describe(&st),
+        snap.context()
+    );
+    builder.kill();
+    data_pages
+}
