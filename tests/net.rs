@@ -430,27 +430,12 @@ fn img_data_len(img: &Path) -> u64 {
 
 #[test]
 fn a_chunk_corrupted_in_transit_is_refused_and_stops_the_restore() {
-    require_root_and_uffd();
-    let dir = TestDir::new("net-corrupt");
-    let net = NetPair::new(1, None);
-    let (img, _) = build_image(&dir);
-    // Chunk 3 is in the first background request: it arrives before the restorer can finish.
-    let mut server = start_server(&dir, &net, &img, &[("UMM_TEST_CORRUPT_CHUNK", "3")]);
-    let _relay = net.start_relay(&dir);
-    let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let run = finish_restore(p, &report);
-    assert_stopped(&run, "chunk 3");
-    assert!(
-        run.stderr.contains("arrived corrupt"),
-        "no line about the corrupt chunk\n{}",
-        run.context()
+    restore_with_a_flipped_byte(
+        "net-corrupt",
+        ("UMM_TEST_CORRUPT_CHUNK", "flipped a byte of chunk 3"),
+        "chunk 3",
+        (Some("arrived corrupt"), None),
     );
-    // The server may log the flip after the client already acted on it.
-    let fired = poll_until(500, Duration::from_millis(10), || {
-        server.stderr().contains("flipped a byte of chunk 3")
-    });
-    assert!(fired, "the test hook did not fire\n{}", server.context());
-    server.kill();
 }
 
 /// Bytes changed in the stream after the server sealed the frame (what an attacker who can
@@ -458,24 +443,45 @@ fn a_chunk_corrupted_in_transit_is_refused_and_stops_the_restore() {
 /// its checksums are even looked at, and the restore stops.
 #[test]
 fn a_frame_tampered_with_after_sealing_fails_its_mac_and_stops_the_restore() {
+    restore_with_a_flipped_byte(
+        "net-tamper",
+        (
+            "UMM_TEST_TAMPER_SEALED_CHUNK",
+            "flipped a byte of chunk 3 after sealing",
+        ),
+        "fails its MAC",
+        // The CRC-32C must not be what caught it.
+        (None, Some("arrived corrupt")),
+    );
+}
+
+/// A restore from a server whose test hook (`hook.0`=3, logging `hook.1`) flips a byte of chunk
+/// 3: it stops for `reason`; its stderr has `lines.0` and lacks `lines.1`.
+fn restore_with_a_flipped_byte(
+    name: &str,
+    hook: (&str, &str),
+    reason: &str,
+    lines: (Option<&str>, Option<&str>),
+) {
     require_root_and_uffd();
-    let dir = TestDir::new("net-tamper");
+    let dir = TestDir::new(name);
     let net = NetPair::new(1, None);
     let (img, _) = build_image(&dir);
-    let mut server = start_server(&dir, &net, &img, &[("UMM_TEST_TAMPER_SEALED_CHUNK", "3")]);
+    // Chunk 3 is in the first background request: it arrives before the restorer can finish.
+    let mut server = start_server(&dir, &net, &img, &[(hook.0, "3")]);
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
     let run = finish_restore(p, &report);
-    assert_stopped(&run, "fails its MAC");
-    assert!(
-        !run.stderr.contains("arrived corrupt"),
-        "the CRC-32C, not the MAC, caught the tampering\n{}",
-        run.context()
-    );
+    assert_stopped(&run, reason);
+    if let Some(l) = lines.0 {
+        assert!(run.stderr.contains(l), "no `{l}` line\n{}", run.context());
+    }
+    if let Some(l) = lines.1 {
+        assert!(!run.stderr.contains(l), "a `{l}` line\n{}", run.context());
+    }
+    // The server may log the flip after the client already acted on it.
     let fired = poll_until(500, Duration::from_millis(10), || {
-        server
-            .stderr()
-            .contains("flipped a byte of chunk 3 after sealing")
+        server.stderr().contains(hook.1)
     });
     assert!(fired, "the test hook did not fire\n{}", server.context());
     server.kill();
