@@ -244,6 +244,18 @@ pub fn fig1(ctx: &mut Ctx) -> Figure {
                 Err(e) => f.error(&name, "GB/s", e),
             }
         }
+        // The second copier (opt-in): the restorer touches nothing, so every turn is quiet.
+        let two = "umm restore, default chunk, --fill-threads 2";
+        f.row(two, || Row::new("", "GB/s").vs("ceiling, chunk 2 MiB"));
+        let args = [s("--fill-threads"), s(2)];
+        let cmd = ctx.umm_restore(&report, &args, &fill_argv(ctx, &img, None));
+        warm(&img.pages());
+        match run_ok(&ctx.work, "umm-restore-fill-2", cmd, ctx.limit)
+            .and_then(|o| need(&o, "fill_us"))
+        {
+            Ok(us) => f.push(two, "GB/s", gbs(us)),
+            Err(e) => f.error(two, "GB/s", e),
+        }
         let pop = "ceiling, chunk 2 MiB, source pre-faulted (MAP_POPULATE)";
         let cmd = ceiling_cmd(ctx, &img, 2 * MIB, "populate", None);
         warm(&img.pages());
