@@ -97,25 +97,10 @@ impl ImageWriter {
             .create_new(true)
             .open(&data_path)
             .map_err(|e| io_err(&data_path, e))?;
-        let created_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         Ok(ImageWriter {
-            dir: dir.to_path_buf(),
             data_path,
             data: Some(BufWriter::with_capacity(1 << 20, file)),
-            source_pid,
-            source_exe: source_exe.to_string(),
-            created_unix,
-            regions: Vec::new(),
-            open_region: false,
-            next_addr: 0,
-            data_len: 0,
-            total_runs: 0,
-            sums: Vec::new(),
-            chunk_crc: 0,
-            poisoned: false,
+            ..ImageWriter::describe_only(dir, source_pid, source_exe)
         })
     }
 
