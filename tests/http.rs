@@ -17,7 +17,6 @@ use common::*;
 use serde_json::Value;
 
 const SEED: &str = "0x5eed";
-const LIMIT: Duration = Duration::from_secs(120);
 
 fn richstate() -> PathBuf {
     target("richstate")
@@ -113,23 +112,7 @@ fn restore_from(dir: &TestDir, label: &str, url: &str) -> UmmRun {
         .env("UMM_AGENT", agent_lib())
         .env_remove("UMM_SOCKET")
         .env_remove("LD_PRELOAD");
-    let mut p = Proc::spawn(dir, label, c);
-    let status = p.wait_bounded(LIMIT);
-    p.assert_group_gone();
-    let report = Report::load(&report).unwrap_or_else(|e| {
-        panic!(
-            "{label}: no report ({e}): {}\n{}",
-            describe(&status),
-            p.context()
-        )
-    });
-    UmmRun {
-        label: label.to_string(),
-        status,
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-        report,
-    }
+    UmmRun::finish(Proc::spawn(dir, label, c), &report)
 }
 
 #[test]

@@ -272,26 +272,6 @@ fn spawn_restore(
     (Proc::spawn(dir, label, c), report)
 }
 
-fn finish_restore(mut p: Proc, report: &Path) -> UmmRun {
-    let status = p.wait_bounded(LIMIT);
-    p.assert_group_gone();
-    let report = Report::load(report).unwrap_or_else(|e| {
-        panic!(
-            "{}: no report ({e}): {}\n{}",
-            p.label,
-            describe(&status),
-            p.context()
-        )
-    });
-    UmmRun {
-        label: p.label.clone(),
-        status,
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-        report,
-    }
-}
-
 /// A whole restore over the link `netem` describes: every page verified by the restorer, and
 /// every byte of the image fetched over the network, faults' first.
 fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
@@ -302,7 +282,7 @@ fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
     let mut server = start_server(&dir, &net, &img, &[]);
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let run = finish_restore(p, &report);
+    let run = UmmRun::finish(p, &report);
     run.assert_success();
     let ok = run.ok_line("richstate");
     assert!(!run.stdout.contains("FAIL richstate"), "{}", run.context());
@@ -412,7 +392,7 @@ fn killing_the_page_server_mid_transfer_stops_the_restored_tree() {
         p.context()
     );
     server.kill();
-    let run = finish_restore(p, &report);
+    let run = UmmRun::finish(p, &report);
     assert_stopped(&run, "page server");
     let fetched = run.report.u64("restore.network.bytes_fetched");
     assert!(
@@ -471,7 +451,7 @@ fn restore_with_a_flipped_byte(
     let mut server = start_server(&dir, &net, &img, &[(hook.0, "3")]);
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let run = finish_restore(p, &report);
+    let run = UmmRun::finish(p, &report);
     assert_stopped(&run, reason);
     if let Some(l) = lines.0 {
         assert!(run.stderr.contains(l), "no `{l}` line\n{}", run.context());
@@ -621,7 +601,7 @@ fn migrate_source_moves_a_live_process_to_the_other_namespace_and_kills_it_after
     let mut mig = start_migrate_source(&dir, &net, &src);
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let run = finish_restore(p, &report);
+    let run = UmmRun::finish(p, &report);
     run.assert_success();
     let ok = run.ok_line("richstate");
     assert!(

@@ -210,23 +210,10 @@ fn umm_restore(
     env: &[(&str, &str)],
 ) -> UmmRun {
     let (argv, report_path) = restore_argv(dir, label, img, args);
-    let mut p = Proc::spawn(dir, label, command(&argv, dir, env));
-    let status = p.wait_bounded(LIMIT);
-    p.assert_group_gone();
-    let report = Report::load(&report_path).unwrap_or_else(|e| {
-        panic!(
-            "umm restore `{label}` ({}): {e}\n{}",
-            describe(&status),
-            p.context()
-        )
-    });
-    UmmRun {
-        label: label.to_string(),
-        status,
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-        report,
-    }
+    UmmRun::finish(
+        Proc::spawn(dir, label, command(&argv, dir, env)),
+        &report_path,
+    )
 }
 
 /// The checks every successful restore passes: exit 0, one handoff, nothing killed or failed,

@@ -659,6 +659,28 @@ pub struct UmmRun {
 }
 
 impl UmmRun {
+    /// Wait (bounded) for `p`, a `umm` command writing its report to `report`, check its
+    /// process group is gone, and collect what it left.
+    pub fn finish(mut p: Proc, report: &Path) -> UmmRun {
+        let status = p.wait_bounded(Duration::from_secs(120));
+        p.assert_group_gone();
+        let report = Report::load(report).unwrap_or_else(|e| {
+            panic!(
+                "{}: no report ({e}): {}\n{}",
+                p.label,
+                describe(&status),
+                p.context()
+            )
+        });
+        UmmRun {
+            label: p.label.clone(),
+            status,
+            stdout: p.stdout(),
+            stderr: p.stderr(),
+            report,
+        }
+    }
+
     /// Everything a failure message needs.
     pub fn context(&self) -> String {
         format!(
