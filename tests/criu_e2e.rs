@@ -14,6 +14,9 @@
 //! skipped, never as passed, when there is no such CRIU.
 
 mod common;
+#[path = "fixtures/criu-4.2-memtest/memtest_log.rs"]
+#[allow(dead_code)] // `started` and `verify_ms` serve the benchmark
+mod memtest_log;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -22,6 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use memtest_log::{filled_pid, parse_pass};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -66,39 +70,6 @@ fn build_memtest(dir: &TestDir) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     exe
-}
-
-/// One log line of memtest: `<epoch> <tag> pid=<pid> pass=<n> ... bad=<n>`.
-struct Pass {
-    pid: i32,
-    bad: u64,
-}
-
-fn parse_pass(line: &str) -> Option<Pass> {
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    field("pass=")?;
-    Some(Pass {
-        pid: i32::try_from(field("pid=")?).ok()?,
-        bad: field("bad=")?,
-    })
-}
-
-/// The pid in memtest's `<tag> pid=N filled` line.
-fn filled_pid(log: &str, tag: &str) -> Option<i32> {
-    log.lines()
-        .find(|l| l.contains(&format!(" {tag} pid=")) && l.contains(" filled "))
-        .and_then(|l| {
-            l.split(" pid=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
 }
 
 fn is_memtest(pid: i32) -> bool {

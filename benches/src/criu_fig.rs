@@ -26,6 +26,10 @@ use crate::model::{Figure, Row, Target};
 use crate::procs::{run, run_ok, Background};
 use crate::{Ctx, GIB, MIB};
 
+#[path = "../../tests/fixtures/criu-4.2-memtest/memtest_log.rs"]
+mod memtest_log;
+use memtest_log::{filled_pid, parse_pass};
+
 /// The restored child's area (memtest -c), as in the fixture's dump.
 const CHILD_MIB: u64 = 64;
 
@@ -70,44 +74,6 @@ fn build_memtest(ctx: &Ctx) -> Result<PathBuf, String> {
         ));
     }
     Ok(exe)
-}
-
-/// One line of memtest's log: `<epoch> <tag> pid=<pid> pass=<n> verify_ms=<ms> ... bad=<n>`
-/// (the epoch is the pass's start, wall clock).
-struct Pass {
-    started: f64,
-    pid: i32,
-    verify_ms: f64,
-    bad: u64,
-}
-
-fn parse_pass(line: &str) -> Option<Pass> {
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    field("pass=")?;
-    Some(Pass {
-        started: line.split_whitespace().next()?.parse().ok()?,
-        pid: field("pid=")? as i32,
-        verify_ms: field("verify_ms=")?,
-        bad: field("bad=")? as u64,
-    })
-}
-
-/// The pid in memtest's `<tag> pid=N filled` line.
-fn filled_pid(log: &str, tag: &str) -> Option<i32> {
-    log.lines()
-        .find(|l| l.contains(&format!(" {tag} pid=")) && l.contains(" filled "))
-        .and_then(|l| {
-            l.split(" pid=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
 }
 
 fn is_memtest(pid: i32) -> bool {
