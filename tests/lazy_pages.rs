@@ -164,6 +164,77 @@ fn task_ok(out: &str, pid: u32, ctx: &str) -> OkLine {
     ok
 }
 
+/// One task's account after a successful restore: its OK line and its summary line.
+struct Served {
+    ok: OkLine,
+    line: String,
+    lazy: u64,
+    fill: u64,
+    /// Lazy pages in the VMAs the task mapped.
+    expected: u64,
+}
+
+/// Both tasks saw no wrong page and umm completed their restores (every range unregistered
+/// before they exited); every lazy page of a mapped VMA was served to them (image data by a
+/// fault or the fill, or zeros after the MADV_DONTNEED and the refill).
+fn assert_tasks_served(
+    images: &umm::criu::ImageDir,
+    out: &str,
+    umm_stderr: &str,
+    ctx: &str,
+) -> Vec<Served> {
+    [PARENT, CHILD]
+        .into_iter()
+        .map(|pid| {
+            let ok = task_ok(out, pid, ctx);
+            assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
+            let expected = lazy_in_mapped(images, pid, out) / 4096;
+            let (line, lazy, faults, fill) = summary(umm_stderr, pid);
+            assert!(line.contains("restore complete"), "{line}\n{ctx}");
+            assert!(
+                faults + fill >= expected,
+                "{line}: expected >= {expected}\n{ctx}"
+            );
+            Served {
+                ok,
+                line,
+                lazy,
+                fill,
+                expected,
+            }
+        })
+        .collect()
+}
+
+/// The report of a restore of both tasks that ended well, with their forks seen.
+fn assert_tree_restored(report: &Path) -> Report {
+    let rep = Report::load(report).unwrap();
+    assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
+    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
+    assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    rep
+}
+
+/// `umm lazy-pages` options for a remote restore from a page server on `port` of this host,
+/// with a fill of ~3 s: faults and the fill compete for the connection, and the tasks fork
+/// and drop pages meanwhile.
+fn remote_args(port: u16, report: &Path) -> Vec<String> {
+    [
+        "--page-server",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--report",
+        report.to_str().unwrap(),
+        "--fill-rate",
+        "8000000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[test]
 #[ignore = "needs the CRIU fixture's pages files: make lazy-pages-test"]
 fn criu_restorer_tree_is_served_from_the_pages_files() {
@@ -193,33 +264,19 @@ fn criu_restorer_tree_is_served_from_the_pages_files() {
     let (r, st, ust, ctx) = run_restorer_with(&dir, &mut umm, &images, &["--early-fill"]);
     assert_restore_and_umm_succeeded(&st, &ust, &ctx);
     let out = r.stdout();
-    for pid in [PARENT, CHILD] {
+    let served = assert_tasks_served(&images, &out, &umm.stderr(), &ctx);
+    for (pid, t) in [PARENT, CHILD].into_iter().zip(served) {
         assert!(
             out.contains(&format!("EARLY_FILL pid={pid} ")),
             "pid {pid}: no fill before RSTF\n{ctx}"
         );
-        let ok = task_ok(&out, pid, &ctx);
-        // The task saw umm complete its restore (every range unregistered) before exiting.
-        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
-        // Every lazy page in a mapped VMA was served to the task (image data by a fault or
-        // the fill; or zeros after the MADV_DONTNEED and the refill), and the memtest area
-        // was mapped.
-        let expected = lazy_in_mapped(&images, pid, &out) / 4096;
-        let (line, lazy, faults, fill) = summary(&umm.stderr(), pid);
-        assert!(line.contains("restore complete"), "{line}\n{ctx}");
-        assert_eq!(lazy, images.task_memory(pid).unwrap().lazy_bytes() / 4096);
-        assert!(expected >= ok.u64("main_pages"), "{line}\n{ctx}");
-        assert!(
-            faults + fill >= expected,
-            "{line}: expected >= {expected}\n{ctx}"
-        );
-        assert!(fill > 0, "the background fill did nothing: {line}\n{ctx}");
+        let line = &t.line;
+        assert_eq!(t.lazy, images.task_memory(pid).unwrap().lazy_bytes() / 4096);
+        // The memtest area was mapped.
+        assert!(t.expected >= t.ok.u64("main_pages"), "{line}\n{ctx}");
+        assert!(t.fill > 0, "the background fill did nothing: {line}\n{ctx}");
     }
-    let rep = Report::load(&report).unwrap();
-    assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
-    assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    let rep = assert_tree_restored(&report);
     assert!(rep.u64("events.remove") >= 2, "{}", rep.pretty());
     assert!(rep.u64("fork_pages_served") > 0, "{}", rep.pretty());
 }
@@ -475,27 +532,9 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
     let dir = TestDir::new("lazy-pages-remote");
     let report = dir.join("report.json");
     let (port, server) = fake_page_server(fixture.clone(), FakeMode::ShortReplies);
-    let port = port.to_string();
-    let mut umm = Proc::spawn(
-        &dir,
-        "umm",
-        lazy_pages_cmd(
-            &fixture,
-            dir.path(),
-            &[
-                "--page-server",
-                "--address",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--report",
-                report.to_str().unwrap(),
-                // A fill of ~3 s: faults and the fill compete for the connection.
-                "--fill-rate",
-                "8000000",
-            ],
-        ),
-    );
+    let args = remote_args(port, &report);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut umm = Proc::spawn(&dir, "umm", lazy_pages_cmd(&fixture, dir.path(), &args));
     let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     assert_restore_and_umm_succeeded(&st, &ust, &ctx);
     let (answered, server_short, server_bytes) = server
@@ -503,17 +542,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
         .unwrap()
         .unwrap_or_else(|e| panic!("fake page server: {e}\n{ctx}"));
     let out = r.stdout();
-    for pid in [PARENT, CHILD] {
-        let ok = task_ok(&out, pid, &ctx);
-        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
-        let expected = lazy_in_mapped(&images, pid, &out) / 4096;
-        let (line, _, faults, fill) = summary(&umm.stderr(), pid);
-        assert!(line.contains("restore complete"), "{line}\n{ctx}");
-        assert!(
-            faults + fill >= expected,
-            "{line}: expected >= {expected}\n{ctx}"
-        );
-    }
+    assert_tasks_served(&images, &out, &umm.stderr(), &ctx);
     // umm's account of the conversation is the server's: every reply read, the short ones
     // completed by further requests (the memory checks above would fail otherwise).
     let (requests, short, fetched) = page_server_line(&umm.stderr());
@@ -521,11 +550,7 @@ fn criu_restorer_tree_is_served_from_a_page_server() {
     assert_eq!((short, fetched), (server_short, server_bytes), "{ctx}");
     assert!(short > 0, "no short reply was exercised\n{ctx}");
     assert_fetched_half_of_the_lazy_memory(&images, &out, fetched, &ctx);
-    let rep = Report::load(&report).unwrap();
-    assert_eq!(rep.u64("restore.handoffs"), 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
-    assert_eq!(rep.u64("restore.killed"), 0, "{}", rep.pretty());
-    assert!(rep.u64("events.fork") >= 2, "{}", rep.pretty());
+    let rep = assert_tree_restored(&report);
     // The report carries the same account of the conversation.
     assert_eq!(
         rep.u64("restore.page_server.requests"),
@@ -626,23 +651,9 @@ fn umm_criu_page_server_serves_umm_lazy_pages_remote() {
     let dir = TestDir::new("criu-page-server");
     let (mut server, port) = criu_page_server(&dir, &fixture);
     let report = dir.join("report.json");
-    let mut umm = Proc::spawn(
-        &dir,
-        "umm",
-        lazy_pages_cmd(
-            &fixture,
-            dir.path(),
-            &[
-                "--page-server",
-                "--port",
-                &port.to_string(),
-                "--report",
-                report.to_str().unwrap(),
-                "--fill-rate",
-                "8000000",
-            ],
-        ),
-    );
+    let args = remote_args(port, &report);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut umm = Proc::spawn(&dir, "umm", lazy_pages_cmd(&fixture, dir.path(), &args));
     let (r, st, ust, ctx) = run_restorer(&dir, &mut umm, &images);
     let sst = server.wait_bounded(Duration::from_secs(30));
     let ctx = format!("{ctx}\n{}", server.context());
@@ -650,18 +661,14 @@ fn umm_criu_page_server_serves_umm_lazy_pages_remote() {
     // PS_IOV_CLOSE ended the server, cleanly.
     assert!(sst.success(), "criu-page-server: {}\n{ctx}", describe(&sst));
     let out = r.stdout();
-    for pid in [PARENT, CHILD] {
-        let ok = task_ok(&out, pid, &ctx);
-        assert_eq!(ok.u64("unregistered"), 1, "pid {pid}\n{ctx}");
-    }
+    assert_tasks_served(&images, &out, &umm.stderr(), &ctx);
     // Both sides count the same conversation, and it carried the tasks' memory.
     let (requests, short, fetched) = page_server_line(&umm.stderr());
     let (answered, server_short, pages) = criu_page_server_line(&server.stderr());
     assert_eq!((requests, short), (answered, server_short), "{ctx}");
     assert_eq!(fetched, pages * 4096, "{ctx}");
     assert_fetched_half_of_the_lazy_memory(&images, &out, fetched, &ctx);
-    let rep = Report::load(&report).unwrap();
-    assert_eq!(rep.u64("restore.completed"), 2, "{}", rep.pretty());
+    let rep = assert_tree_restored(&report);
     assert_eq!(rep.u64("restore.page_server.bytes_fetched"), fetched);
 }
 
