@@ -572,7 +572,9 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
     );
     run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
     assert_eq!(
-        run.report.get("restore.network.tls").and_then(Value::as_bool),
+        run.report
+            .get("restore.network.tls")
+            .and_then(Value::as_bool),
         Some(true),
         "the report says TLS was used\n{}",
         run.context()

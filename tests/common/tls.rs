@@ -26,7 +26,9 @@ fn openssl(dir: &Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| {
-            panic!("openssl: {e} (`make test-deps` installs the openssl CLI: apt-get install openssl)")
+            panic!(
+                "openssl: {e} (`make test-deps` installs the openssl CLI: apt-get install openssl)"
+            )
         });
     assert!(
         out.status.success(),
@@ -41,8 +43,21 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", &key, "-out", &pem, "-days", "2", "-subj", &format!("/CN={name}"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
         ],
     );
     dir.join(pem)
@@ -57,8 +72,17 @@ impl TestCerts {
         openssl(
             d,
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", "server.tls.key", "-out", "server.csr", "-subj",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "server.tls.key",
+                "-out",
+                "server.csr",
+                "-subj",
                 &format!("/CN={SERVER_NAME}"),
             ],
         );
@@ -74,9 +98,21 @@ impl TestCerts {
         openssl(
             d,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "test-ca.pem", "-CAkey",
-                "test-ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2",
-                "-extfile", "server.ext",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "test-ca.pem",
+                "-CAkey",
+                "test-ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
             ],
         );
         TestCerts {
