@@ -579,11 +579,6 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
         "the report says TLS was used\n{}",
         run.context()
     );
-    assert!(
-        run.stderr.contains("TLS established"),
-        "the client did not log its TLS session\n{}",
-        run.context()
-    );
     let st = server.wait_bounded(Duration::from_secs(30));
     assert!(
         st.success()
@@ -633,7 +628,7 @@ fn tls_refuses_a_wrong_ca_a_wrong_name_and_plain_peers_clearly() {
     ];
     let err = refused_restore(&dir, &net, "wrong-name", &wrong_name);
     assert!(
-        err.contains("TLS handshake failed") && err.contains("NotValidForName"),
+        err.contains("TLS handshake failed") && err.contains("not valid for name"),
         "a certificate for another name was not refused clearly:\n{err}"
     );
     let err = refused_restore(&dir, &net, "plain-client", &[]);

@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -131,6 +132,8 @@ pub struct TlsStream {
     socket: TcpStream,
     shared: Arc<TlsShared>,
     inbuf: Box<[u8]>,
+    /// The part of `inbuf` read from the socket and not yet given to rustls.
+    pending: Range<usize>,
 }
 
 struct TlsShared {
@@ -158,6 +161,7 @@ impl NetStream {
                 socket: t.socket.try_clone()?,
                 shared: t.shared.clone(),
                 inbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+                pending: 0..0,
             }),
         })
     }
@@ -184,6 +188,7 @@ impl TlsStream {
                 send: Mutex::new(()),
             }),
             inbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            pending: 0..0,
         }
     }
 
@@ -204,31 +209,30 @@ impl TlsStream {
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            {
-                let mut conn = lock(&self.shared.conn);
-                match conn.reader().read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // Ok(0): the peer's close_notify; an error: closed without it.
-                    done => return done,
-                }
+            let mut conn = lock(&self.shared.conn);
+            match conn.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Ok(0): the peer's close_notify; an error: closed without it.
+                done => return done,
             }
-            // No plaintext waits: more ciphertext, read without the lock (a writer may
-            // encrypt meanwhile).
-            let n = self.socket.read(&mut self.inbuf)?;
-            let wants_write = {
-                let mut conn = lock(&self.shared.conn);
-                let mut fresh = &self.inbuf[..n];
-                loop {
-                    // n == 0: the socket's EOF, which rustls must hear too.
-                    conn.read_tls(&mut fresh)?;
-                    conn.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    if fresh.is_empty() {
-                        break;
-                    }
-                }
-                conn.wants_write()
-            };
+            if self.pending.is_empty() {
+                // No plaintext waits: more ciphertext, read without the lock (a writer may
+                // encrypt meanwhile).
+                drop(conn);
+                let n = self.socket.read(&mut self.inbuf)?;
+                self.pending = 0..n;
+                conn = lock(&self.shared.conn);
+            }
+            // One read_tls at a time, only when the plaintext was all taken: rustls refuses
+            // more ciphertext while its plaintext buffer is full. Ciphertext left over waits
+            // in `pending`. (An empty slice tells rustls the socket's EOF.)
+            let mut fresh = &self.inbuf[self.pending.clone()];
+            let used = conn.read_tls(&mut fresh)?;
+            self.pending.start += used;
+            conn.process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let wants_write = conn.wants_write();
+            drop(conn);
             if wants_write {
                 self.send_queued()?;
             }
