@@ -3,6 +3,9 @@
 //! killed by pid at the end; `make test-deps` installs nginx). The reference restorer
 //! (`richstate restore`) verifies every page; the report shows the bytes that came over HTTP.
 //! A data file with a flipped byte is refused and the restore stopped (fail-stop).
+//! `https://`: nginx with a certificate from a throwaway CA (tests/common/tls.rs); nginx's
+//! access log shows connections are kept alive, and a `/private/` path wants a bearer token
+//! (`--http-header-file`).
 
 mod common;
 
@@ -40,6 +43,25 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &TestDir, root: &Path) -> Nginx {
+        Nginx::start_with(dir, root, "")
+    }
+
+    /// nginx speaking TLS with `certs`' server certificate; `/private/` answers only requests
+    /// with `Authorization: Bearer TOKEN` (else 403); every request logged in
+    /// `DIR/access.log` as `CONNECTION-SERIAL REQUESTS-ON-IT STATUS URI`.
+    fn start_tls(dir: &TestDir, root: &Path, certs: &tls::TestCerts) -> Nginx {
+        let server = format!(
+            "ssl_certificate {}; ssl_certificate_key {}; keepalive_requests 10000; \
+             location /private/ {{ if ($http_authorization != \"Bearer {TOKEN}\") \
+             {{ return 403; }} }}",
+            certs.cert.display(),
+            certs.key.display()
+        );
+        Nginx::start_with(dir, root, &server)
+    }
+
+    /// `server_tls`: empty for plain HTTP, else the TLS server block's directives.
+    fn start_with(dir: &TestDir, root: &Path, server_tls: &str) -> Nginx {
         let bin = nginx_bin();
         // A free port: bound, read, released (nginx binds it next).
         let port = TcpListener::bind("127.0.0.1:0")
@@ -50,10 +72,13 @@ impl Nginx {
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/nginx.error.log info;\nevents {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n  \
+             http {{\n  log_format conns '$connection $connection_requests $status \
+             $request_uri';\n  access_log {d}/access.log conns;\n  \
+             client_body_temp_path {d}/nginx-body;\n  \
              proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n  \
              uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n  \
-             server {{ listen 127.0.0.1:{port}; root {}; }}\n}}\n",
+             server {{ listen 127.0.0.1:{port}{}; root {}; {server_tls} }}\n}}\n",
+            if server_tls.is_empty() { "" } else { " ssl" },
             root.display()
         );
         let conf_path = write_file(dir, "nginx.conf", conf.as_bytes());
@@ -75,7 +100,14 @@ impl Nginx {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}/{path}/", self.port)
     }
+
+    fn https_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}/{path}/", self.port)
+    }
 }
+
+/// The token nginx's `/private/` wants.
+const TOKEN: &str = "x-test-token-0123456789";
 
 impl Drop for Nginx {
     fn drop(&mut self) {
@@ -93,26 +125,40 @@ fn build_image(dir: &TestDir) -> (PathBuf, u64) {
 
 /// `umm restore --source URL --report R -- richstate restore SEED URL`, to its end.
 fn restore_from(dir: &TestDir, label: &str, url: &str) -> UmmRun {
+    restore_from_with(dir, label, url, &[])
+}
+
+/// [`restore_from`] with more options of umm restore (`extra`).
+fn restore_from_with(dir: &TestDir, label: &str, url: &str, extra: &[OsString]) -> UmmRun {
+    let (p, report) = spawn_restore(dir, label, url, extra);
+    UmmRun::finish(p, &report)
+}
+
+/// `umm restore --source URL --report R EXTRA -- richstate restore SEED URL`, started; and R.
+fn spawn_restore(dir: &TestDir, label: &str, url: &str, extra: &[OsString]) -> (Proc, PathBuf) {
     let report = dir.join(format!("{label}.report.json"));
-    let argv: Vec<OsString> = vec![
+    let mut argv: Vec<OsString> = vec![
         "restore".into(),
         "--source".into(),
         url.into(),
         "--report".into(),
         report.clone().into(),
+    ];
+    argv.extend(extra.iter().cloned());
+    argv.extend([
         "--".into(),
         richstate().into(),
         "restore".into(),
         SEED.into(),
         url.into(),
-    ];
+    ]);
     let mut c = Command::new(umm_bin());
     c.args(&argv)
         .current_dir(dir.path())
         .env("UMM_AGENT", agent_lib())
         .env_remove("UMM_SOCKET")
         .env_remove("LD_PRELOAD");
-    UmmRun::finish(Proc::spawn(dir, label, c), &report)
+    (Proc::spawn(dir, label, c), report)
 }
 
 #[test]
@@ -122,7 +168,9 @@ fn restore_from_nginx_verifies_every_page_fetched_with_range_requests() {
     let (_img, data_pages) = build_image(&dir);
     let nginx = Nginx::start(&dir, &dir.join("www"));
     let url = nginx.url("img");
-    let run = restore_from(&dir, "restore", &url);
+    // No background fetch: every page comes through a fault's request (on loopback the
+    // background could otherwise fetch the whole image before the first fault).
+    let run = restore_from_with(&dir, "restore", &url, &["--no-background".into()]);
     run.assert_success();
     let ok = run.ok_line("richstate");
     assert!(
@@ -185,23 +233,129 @@ fn a_corrupted_data_file_on_the_http_server_is_refused_and_stops_the_restore() {
     );
 }
 
+/// An image in `DIR/www/img`, also reachable as `/private/img/` (a symlink), nginx with TLS,
+/// the certificates and the header file that opens `/private/`.
+fn https_setup(dir: &TestDir) -> (Nginx, tls::TestCerts, PathBuf, u64) {
+    let (_img, data_pages) = build_image(dir);
+    std::os::unix::fs::symlink(".", dir.join("www/private")).expect("symlink www/private");
+    let certs = tls::TestCerts::make(dir, &["127.0.0.1"]);
+    let nginx = Nginx::start_tls(dir, &dir.join("www"), &certs);
+    let headers = write_file(
+        dir,
+        "headers",
+        format!("# for /private/\nAuthorization: Bearer {TOKEN}\n").as_bytes(),
+    );
+    (nginx, certs, headers, data_pages)
+}
+
 #[test]
-fn https_sources_are_refused_with_a_clear_error() {
-    let dir = TestDir::new("http-https");
-    let mut c = Command::new(umm_bin());
-    c.args([
-        "restore",
-        "--source",
-        "https://127.0.0.1:1/img/",
-        "--",
-        "true",
-    ]);
-    let mut p = Proc::spawn(&dir, "https", c);
-    let st = p.wait_bounded(Duration::from_secs(30));
+fn restore_over_https_reuses_connections_and_sends_the_header_file() {
+    require_root_and_uffd();
+    let dir = TestDir::new("https-restore");
+    let (nginx, certs, headers, data_pages) = https_setup(&dir);
+    let url = nginx.https_url("private/img");
+    let extra: Vec<OsString> = vec![
+        "--tls-ca".into(),
+        certs.ca.clone().into(),
+        "--http-header-file".into(),
+        headers.into(),
+    ];
+    let run = restore_from_with(&dir, "restore", &url, &extra);
+    run.assert_success();
+    let ok = run.ok_line("richstate");
     assert!(
-        !st.success() && p.stderr().contains("https:// is not supported"),
-        "{}\n{}",
-        describe(&st),
-        p.context()
+        ok.u64("pages") * 10 >= data_pages * 9,
+        "the restorer verified {} data pages of {data_pages}\n{}",
+        ok.u64("pages"),
+        run.context()
+    );
+    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
+    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
+    run.assert_ge(
+        "restore.network.bytes_fetched",
+        data_pages * PAGE,
+        "every data page came over https",
+    );
+    assert_eq!(
+        run.report
+            .get("restore.network.tls")
+            .and_then(Value::as_bool),
+        Some(true),
+        "the report says TLS was used\n{}",
+        run.context()
+    );
+    assert!(
+        !run.stderr.contains(TOKEN),
+        "a header value was logged\n{}",
+        run.context()
+    );
+    // nginx's log: every request for the image's files (all let through by the header), and
+    // on how many connections they came.
+    let log = fs::read_to_string(dir.join("access.log")).expect("nginx access.log");
+    let mut requests = 0u64;
+    let mut connections = std::collections::BTreeSet::new();
+    for line in log.lines().filter(|l| l.contains("/private/img/")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            f.len() == 4 && (f[2] == "200" || f[2] == "206"),
+            "nginx refused or failed a request: {line}\n{log}"
+        );
+        requests += 1;
+        connections.insert(f[0].to_string());
+    }
+    let asked = run.counter("restore.network.requests");
+    assert!(
+        requests >= asked + 2,
+        "nginx saw {requests} requests, umm sent {asked} Range requests plus the manifest and \
+         checksums\n{log}"
+    );
+    assert!(
+        (connections.len() as u64) * 2 <= requests,
+        "{} connections for {requests} requests: connections are not kept alive\n{log}",
+        connections.len()
+    );
+    eprintln!(
+        "https: {requests} requests on {} connections",
+        connections.len()
+    );
+}
+
+#[test]
+fn https_without_the_header_or_with_another_ca_is_refused_clearly() {
+    require_root_and_uffd();
+    let dir = TestDir::new("https-refused");
+    let (nginx, certs, headers, _) = https_setup(&dir);
+    let url = nginx.https_url("private/img");
+    let refused = |label: &str, extra: Vec<OsString>| {
+        let (mut p, _report) = spawn_restore(&dir, label, &url, &extra);
+        let st = p.wait_bounded(Duration::from_secs(120));
+        p.assert_group_gone();
+        assert!(
+            !st.success() && !p.stdout().contains("HANDED"),
+            "{label}: the restore was not refused before a restorer ran\n{}",
+            p.context()
+        );
+        p.stderr()
+    };
+    let err = refused(
+        "no-header",
+        vec!["--tls-ca".into(), certs.ca.clone().into()],
+    );
+    assert!(
+        err.contains("HTTP status 403") && err.contains("credentials"),
+        "a 403 was not reported as refused access:\n{err}"
+    );
+    let err = refused(
+        "other-ca",
+        vec![
+            "--tls-ca".into(),
+            certs.other_ca.clone().into(),
+            "--http-header-file".into(),
+            headers.clone().into(),
+        ],
+    );
+    assert!(
+        err.contains("UnknownIssuer") && !err.contains(TOKEN),
+        "a server certificate the CA did not sign was not refused clearly:\n{err}"
     );
 }

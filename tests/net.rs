@@ -206,9 +206,20 @@ const KEY: &str = "a pre-shared key for the tests of umm page-server";
 
 /// `umm page-server` in the server namespace, listening once it said so.
 fn start_server(dir: &TestDir, net: &NetPair, img: &Path, env: &[(&str, &str)]) -> Proc {
+    start_server_with(dir, net, img, env, &[])
+}
+
+/// [`start_server`] with more options (`extra`, e.g. --tls-cert/--tls-key).
+fn start_server_with(
+    dir: &TestDir,
+    net: &NetPair,
+    img: &Path,
+    env: &[(&str, &str)],
+    extra: &[OsString],
+) -> Proc {
     let listen = net.server_listen();
     let key = write_key(dir, "server.key", KEY);
-    let argv: Vec<OsString> = vec![
+    let mut argv: Vec<OsString> = vec![
         umm_bin().into(),
         "page-server".into(),
         "--image".into(),
@@ -218,6 +229,7 @@ fn start_server(dir: &TestDir, net: &NetPair, img: &Path, env: &[(&str, &str)]) 
         "--key".into(),
         key.into(),
     ];
+    argv.extend(extra.iter().cloned());
     let mut c = NetPair::command(&net.server_ns, &argv);
     c.envs(env.iter().copied());
     let mut server = Proc::spawn(dir, "page-server", c);
@@ -245,10 +257,22 @@ fn spawn_restore(
     key: &str,
     env: &[(&str, &str)],
 ) -> (Proc, PathBuf) {
+    spawn_restore_with(dir, net, label, key, env, &[])
+}
+
+/// [`spawn_restore`] with more options of umm restore (`extra`, e.g. --tls-ca).
+fn spawn_restore_with(
+    dir: &TestDir,
+    net: &NetPair,
+    label: &str,
+    key: &str,
+    env: &[(&str, &str)],
+    extra: &[OsString],
+) -> (Proc, PathBuf) {
     let key = write_key(dir, &format!("{label}.key"), key);
     let report = dir.join(format!("{label}.report.json"));
     let url = source_url();
-    let argv: Vec<OsString> = vec![
+    let mut argv: Vec<OsString> = vec![
         umm_bin().into(),
         "restore".into(),
         "--source".into(),
@@ -257,12 +281,15 @@ fn spawn_restore(
         key.into(),
         "--report".into(),
         report.clone().into(),
+    ];
+    argv.extend(extra.iter().cloned());
+    argv.extend([
         "--".into(),
         richstate().into(),
         "restore".into(),
         SEED.into(),
         url.into(),
-    ];
+    ]);
     let mut c = NetPair::command(&net.client_ns, &argv);
     c.current_dir(dir.path())
         .env("UMM_AGENT", agent_lib())
@@ -503,6 +530,138 @@ fn a_client_with_a_wrong_key_is_refused_with_a_log_line() {
         server.context()
     );
     server.kill();
+}
+
+/// `--tls-cert`/`--tls-key` of the page server.
+fn server_tls_args(certs: &tls::TestCerts) -> Vec<OsString> {
+    vec![
+        "--tls-cert".into(),
+        certs.cert.clone().into(),
+        "--tls-key".into(),
+        certs.key.clone().into(),
+    ]
+}
+
+#[test]
+fn restore_over_tls_verifies_every_page_and_reports_tls() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-tls");
+    let net = NetPair::new(1, None);
+    let certs = tls::TestCerts::make(&dir, &[SERVER_IP]);
+    let (img, data_pages) = build_image(&dir);
+    let mut server = start_server_with(&dir, &net, &img, &[], &server_tls_args(&certs));
+    let _relay = net.start_relay(&dir);
+    // The certificate is checked against the host in the URL (an IP address in its SAN).
+    let extra: Vec<OsString> = vec!["--tls-ca".into(), certs.ca.clone().into()];
+    let (p, report) = spawn_restore_with(&dir, &net, "restore", KEY, &[], &extra);
+    let run = UmmRun::finish(p, &report);
+    run.assert_success();
+    let ok = run.ok_line("richstate");
+    assert!(
+        ok.u64("pages") * 10 >= data_pages * 9,
+        "the restorer verified {} data pages of {data_pages}\n{}",
+        ok.u64("pages"),
+        run.context()
+    );
+    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
+    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
+    run.assert_ge(
+        "restore.network.bytes_fetched",
+        data_pages * PAGE,
+        "the whole image came over the TLS connection",
+    );
+    run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
+    assert_eq!(
+        run.report
+            .get("restore.network.tls")
+            .and_then(Value::as_bool),
+        Some(true),
+        "the report says TLS was used\n{}",
+        run.context()
+    );
+    let st = server.wait_bounded(Duration::from_secs(30));
+    assert!(
+        st.success()
+            && server.stderr().contains("(TLS)")
+            && server.stderr().contains("completed its restore"),
+        "the TLS page server did not serve to Complete: {}\n{}",
+        describe(&st),
+        server.context()
+    );
+}
+
+/// `umm restore` against the server with `extra` options: refused before any restorer ran
+/// (no handoff, its process group gone), and its stderr.
+fn refused_restore(dir: &TestDir, net: &NetPair, label: &str, extra: &[OsString]) -> String {
+    let (mut p, _report) = spawn_restore_with(dir, net, label, KEY, &[], extra);
+    let st = p.wait_bounded(LIMIT);
+    p.assert_group_gone();
+    assert!(
+        !st.success() && !p.stdout().contains("HANDED"),
+        "{label}: the restore was not refused before a restorer ran\n{}",
+        p.context()
+    );
+    p.stderr()
+}
+
+#[test]
+fn tls_refuses_a_wrong_ca_a_wrong_name_and_plain_peers_clearly() {
+    require_root_and_uffd();
+    let dir = TestDir::new("net-tls-refused");
+    let net = NetPair::new(0, None);
+    let certs = tls::TestCerts::make(&dir, &[SERVER_IP]);
+    let (img, _) = build_image(&dir);
+    let mut server = start_server_with(&dir, &net, &img, &[], &server_tls_args(&certs));
+    let relay = net.start_relay(&dir);
+
+    let wrong_ca: Vec<OsString> = vec!["--tls-ca".into(), certs.other_ca.clone().into()];
+    let err = refused_restore(&dir, &net, "wrong-ca", &wrong_ca);
+    assert!(
+        err.contains("TLS handshake failed") && err.contains("UnknownIssuer"),
+        "a server whose certificate the CA did not sign was not refused clearly:\n{err}"
+    );
+    let wrong_name: Vec<OsString> = vec![
+        "--tls-ca".into(),
+        certs.ca.clone().into(),
+        "--tls-server-name".into(),
+        "not-the-server.example".into(),
+    ];
+    let err = refused_restore(&dir, &net, "wrong-name", &wrong_name);
+    assert!(
+        err.contains("TLS handshake failed") && err.contains("not valid for name"),
+        "a certificate for another name was not refused clearly:\n{err}"
+    );
+    let err = refused_restore(&dir, &net, "plain-client", &[]);
+    assert!(
+        err.contains("requires TLS"),
+        "a plain client was not told the server requires TLS:\n{err}"
+    );
+    let server_log = |server: &mut Proc, want: &str| {
+        let seen = poll_until(500, Duration::from_millis(10), || {
+            server.stderr().contains(want)
+        });
+        assert!(
+            seen && server.try_wait().is_none(),
+            "the server did not log {want:?}, or died\n{}",
+            server.context()
+        );
+    };
+    server_log(&mut server, "not a TLS client");
+    server_log(&mut server, "TLS handshake failed");
+    server.kill();
+    drop(relay);
+
+    // A plain server and a TLS client: the client says the server does not speak TLS.
+    let mut plain = start_server(&dir, &net, &img, &[]);
+    let _relay = net.start_relay(&dir);
+    let tls_client: Vec<OsString> = vec!["--tls-ca".into(), certs.ca.clone().into()];
+    let err = refused_restore(&dir, &net, "tls-client", &tls_client);
+    assert!(
+        err.contains("does not speak TLS"),
+        "a TLS client of a plain server did not say the server does not speak TLS:\n{err}"
+    );
+    server_log(&mut plain, "it speaks TLS; this server does not");
+    plain.kill();
 }
 
 /// A live `richstate build SEED` (the migration's source), its stdin a FIFO the test holds

@@ -19,6 +19,7 @@ mod migrate_source;
 mod mm_check;
 mod net_server;
 mod net_source;
+mod net_tls;
 mod page_server;
 mod page_source;
 mod peers;
@@ -125,14 +126,27 @@ struct RestoreArgs {
     )]
     image: Option<PathBuf>,
     /// Fetch the image over the network instead: tcp://HOST:PORT from `umm page-server` or
-    /// `umm migrate-source` (needs --key), or http://HOST[:PORT]/PATH/, an image directory on
-    /// an HTTP server that answers Range requests (https:// is refused). The restorer names
-    /// this URL as its image (UMM_RESTORE_IMAGE).
+    /// `umm migrate-source` (needs --key), or http(s)://HOST[:PORT]/PATH/, an image directory
+    /// on an HTTP server that answers Range requests. The restorer names this URL as its image
+    /// (UMM_RESTORE_IMAGE).
     #[arg(long, value_name = "URL")]
     source: Option<String>,
     /// The pre-shared key file of the page server (--source tcp://).
     #[arg(long, value_name = "FILE", requires = "source")]
     key: Option<PathBuf>,
+    /// Trust the certificates in FILE (PEM: a CA, or the server's own certificate). With
+    /// tcp://: speak TLS to the page server. With https://: instead of the system's store
+    /// (/etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, value_name = "FILE", requires = "source")]
+    tls_ca: Option<PathBuf>,
+    /// The name the page server's certificate must carry (default: the host in the URL).
+    /// With tcp:// and --tls-ca only.
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+    /// Send the headers in FILE (lines "Name: value", e.g. "Authorization: Bearer TOKEN") with
+    /// every HTTP request (http(s):// sources). Their values are never logged.
+    #[arg(long, value_name = "FILE", requires = "source")]
+    http_header_file: Option<PathBuf>,
     /// The unix socket restorers connect to (default with CMD: a private one, passed to CMD
     /// as UMM_RESTORE_SOCKET, with the image directory as UMM_RESTORE_IMAGE; without CMD this
     /// option is required).

@@ -37,6 +37,7 @@ use umm::sys::ptrace::{ProcessMemory, IOV_MAX};
 
 use crate::abort_signals::AbortSignals;
 use crate::net_server::{self, ServedData, REFUSED};
+use crate::net_tls::{self, ServerTlsArgs};
 
 #[derive(Args, Debug)]
 #[command(
@@ -67,6 +68,8 @@ pub struct MigrateSourceArgs {
     /// Seconds each thread may take to stop.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     stop_timeout: u64,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 /// How often the main thread looks at signals and the --kill-after deadline.
@@ -251,6 +254,7 @@ enum Event {
 
 fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
     let key = Key::from_file(&args.key)?;
+    let tls = args.tls.load()?;
     // Before the freeze (helper threads inherit the mask): a signal resumes the process.
     let signals = AbortSignals::block();
     let interrupted = || signals.interrupted();
@@ -294,7 +298,7 @@ fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
     {
         let data: Arc<dyn ServedData> = data.clone();
         crate::helper_thread::spawn("umm-migrate-serve", move || {
-            serve_one_destination(listener, &data, &key, &tx)
+            serve_one_destination(listener, &data, &key, tls.as_ref(), &tx)
         })
         .map_err(|e| format!("cannot start the server thread: {e}"))?;
     }
@@ -375,19 +379,29 @@ fn serve_one_destination(
     listener: TcpListener,
     data: &Arc<dyn ServedData>,
     key: &Key,
+    tls: Option<&Arc<rustls::ServerConfig>>,
     events: &crossbeam_channel::Sender<Event>,
 ) {
     for conn in listener.incoming() {
-        let mut stream = match conn {
+        let socket = match conn {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("accept: {e}");
                 continue;
             }
         };
-        let peer = stream
+        let peer = socket
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let mut stream = match net_tls::accept(socket, &peer, tls) {
+            Ok(s) => s,
+            // Said in one line already.
+            Err(e) if e.starts_with(REFUSED) => continue,
+            Err(e) => {
+                log::warn!("{peer}: {e}");
+                continue;
+            }
+        };
         let session = match net_server::handshake(&mut stream, &peer, data.as_ref(), key) {
             Ok(s) => s,
             Err(e) if e.starts_with(REFUSED) => continue,

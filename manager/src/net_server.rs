@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -24,6 +24,8 @@ use clap::Args;
 
 use umm::image::{Image, Manifest, CHUNK_SIZE};
 use umm::netproto::{self as np, Frame, Key, Opener, Role, Sealer};
+
+use crate::net_tls::{self, NetStream, ServerTlsArgs};
 
 /// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
 /// after its checksum was computed (corruption in transit). Documented in umm(1) as test-only.
@@ -85,6 +87,8 @@ pub struct PageServerArgs {
     /// it is first sent).
     #[arg(long)]
     verify: bool,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 pub fn main(args: PageServerArgs) -> i32 {
@@ -99,6 +103,7 @@ pub fn main(args: PageServerArgs) -> i32 {
 
 fn serve(args: PageServerArgs) -> Result<(), String> {
     let key = Key::from_file(&args.key)?;
+    let tls = args.tls.load()?;
     let image = Image::open(&args.image).map_err(|e| format!("cannot serve {e}"))?;
     if args.verify {
         image.verify_all().map_err(|e| format!("{e}"))?;
@@ -111,9 +116,10 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("listening socket: {e}"))?;
     eprintln!(
-        "umm: page-server: serving {} ({} of data) on {local}",
+        "umm: page-server: serving {} ({} of data) on {local}{}",
         args.image.display(),
-        umm::human_bytes(image.manifest().data_len)
+        umm::human_bytes(image.manifest().data_len),
+        if tls.is_some() { " (TLS)" } else { "" }
     );
     for conn in listener.incoming() {
         let stream = match conn {
@@ -123,7 +129,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
                 continue;
             }
         };
-        let (image, key) = (image.clone(), key.clone());
+        let (image, key, tls) = (image.clone(), key.clone(), tls.clone());
         let keep_serving = args.keep_serving;
         let spawned = std::thread::Builder::new()
             .name("umm-ps-conn".into())
@@ -131,7 +137,9 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
                 let peer = stream
                     .peer_addr()
                     .map_or_else(|_| "?".to_string(), |a| a.to_string());
-                match connection(stream, &peer, &image, &key, corrupt) {
+                let ended = net_tls::accept(stream, &peer, tls.as_ref())
+                    .and_then(|stream| connection(stream, &peer, &image, &key, corrupt));
+                match ended {
                     Ok(true) if !keep_serving => {
                         eprintln!("umm: page-server: {peer} completed its restore; exiting");
                         std::process::exit(0);
@@ -201,7 +209,7 @@ type Shared = Arc<(Mutex<Queue>, Condvar)>;
 
 /// One client, to its end. Ok(true): it completed its restore.
 fn connection(
-    mut stream: TcpStream,
+    mut stream: NetStream,
     peer: &str,
     image: &Arc<dyn ServedData>,
     key: &Key,
@@ -220,12 +228,11 @@ pub struct Session {
 /// Authenticate the client (a refusal's error starts with [`REFUSED`]) and send it the
 /// manifest, sealed.
 pub fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut NetStream,
     peer: &str,
     image: &dyn ServedData,
     key: &Key,
 ) -> Result<Session, String> {
-    let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
     let _ = stream.set_write_timeout(Some(WRITE_WAIT));
     let session_key = authenticate(stream, peer, key)?;
@@ -253,7 +260,7 @@ pub fn handshake(
 /// Answer an authenticated client's Gets until it completes (Ok(true)), closes (Ok(false)) or
 /// fails.
 pub fn answer(
-    mut stream: TcpStream,
+    mut stream: NetStream,
     session: Session,
     image: &Arc<dyn ServedData>,
     hooks: TestHooks,
@@ -323,8 +330,8 @@ pub fn answer(
 
 /// Hello → Challenge; Auth checked; → Welcome. A wrong key is refused with one log line.
 /// Ok: the connection's session key.
-fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<np::SessionKey, String> {
-    let refuse = |stream: &mut TcpStream, why: String| -> Result<np::SessionKey, String> {
+fn authenticate(stream: &mut NetStream, peer: &str, key: &Key) -> Result<np::SessionKey, String> {
+    let refuse = |stream: &mut NetStream, why: String| -> Result<np::SessionKey, String> {
         log::warn!("refused {peer}: {why}");
         let _ = np::write_frame(
             stream,
@@ -372,7 +379,7 @@ fn authenticate(stream: &mut TcpStream, peer: &str, key: &Key) -> Result<np::Ses
 
 /// The writer: answer queued Gets, urgent first, until the reader ends.
 fn answer_gets(
-    mut stream: TcpStream,
+    mut stream: NetStream,
     mut sealer: Sealer,
     shared: &Shared,
     image: &dyn ServedData,

@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::ops::Range;
 use std::path::Path;
 use std::rc::Rc;
@@ -30,6 +30,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use umm::image::{Manifest, CHUNK_SIZE};
 use umm::netproto::{self as np, Frame, Key, Opener, Role, Sealer};
 
+use crate::net_tls::{self, ClientTls, NetStream};
 use crate::page_source::PageSource;
 
 /// Chunks per background request (1 MiB): large, so the link stays full.
@@ -226,6 +227,8 @@ pub struct NetClient {
     pub requests_sent: u64,
     pub urgent_requests: u64,
     pub bytes_fetched: u64,
+    /// The transport is TLS (tcp:// with --tls-ca, or https://).
+    pub tls: bool,
     /// Why the connection failed, once it did: nothing more is asked or taken.
     pub broken: Option<String>,
 }
@@ -250,17 +253,19 @@ pub fn parse_url(url: &str) -> Result<&str, String> {
 impl NetClient {
     /// Connect, authenticate (both ways), read the manifest and checksum table, start the
     /// helper threads.
-    pub fn connect(url: &str, key: &Key, background: bool) -> Result<NetClient, String> {
+    pub fn connect(
+        url: &str,
+        key: &Key,
+        tls: Option<&ClientTls>,
+        background: bool,
+    ) -> Result<NetClient, String> {
         let addr = parse_url(url)?;
         let sock = addr
             .to_socket_addrs()
             .map_err(|e| format!("{url}: {e}"))?
             .next()
             .ok_or_else(|| format!("{url}: no address"))?;
-        let mut stream = TcpStream::connect_timeout(&sock, CONNECT_WAIT)
-            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
+        let mut stream = net_tls::connect(&sock, url, tls, CONNECT_WAIT, HANDSHAKE_WAIT)?;
         let (manifest, table, sealer, opener) = handshake(&mut stream, url, key)?;
         let _ = stream.set_read_timeout(None);
         log::info!(
@@ -288,16 +293,21 @@ impl NetClient {
             })
             .map_err(|e| format!("cannot start the network reader: {e}"))?;
         }
-        Ok(NetClient::new(
-            url, manifest, background, req_tx, reply_rx, wake,
-        ))
+        let mut client = NetClient::new(url, manifest, background, req_tx, reply_rx, wake);
+        client.tls = tls.is_some();
+        Ok(client)
     }
 
     /// An image directory on an HTTP server (`crate::http_source`): manifest and checksum
     /// table fetched, fetcher threads started.
-    pub fn connect_http(url: &str, background: bool) -> Result<NetClient, String> {
+    pub fn connect_http(
+        url: &str,
+        http: &crate::http_source::HttpOptions,
+        background: bool,
+    ) -> Result<NetClient, String> {
         let base = crate::http_source::parse_url(url)?;
-        let (manifest, table) = crate::http_source::fetch_manifest(&base)?;
+        let agent = http.agent()?;
+        let (manifest, table) = crate::http_source::fetch_manifest(&agent, &base)?;
         log::info!(
             "{url}: image of {} regions, {} of data",
             manifest.regions.len(),
@@ -305,11 +315,17 @@ impl NetClient {
         );
         let wake = new_wake()?;
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
-        let req_tx =
-            crate::http_source::start(&base, manifest.data_len, table, reply_tx, wake.clone())?;
-        Ok(NetClient::new(
-            url, manifest, background, req_tx, reply_rx, wake,
-        ))
+        let req_tx = crate::http_source::start(
+            agent,
+            &base,
+            manifest.data_len,
+            table,
+            reply_tx,
+            wake.clone(),
+        )?;
+        let mut client = NetClient::new(url, manifest, background, req_tx, reply_rx, wake);
+        client.tls = base.starts_with("https://");
+        Ok(client)
     }
 
     fn new(
@@ -334,6 +350,7 @@ impl NetClient {
             requests_sent: 0,
             urgent_requests: 0,
             bytes_fetched: 0,
+            tls: false,
             broken: None,
         }
     }
@@ -439,6 +456,7 @@ impl NetClient {
             requests: self.requests_sent,
             urgent_requests: self.urgent_requests,
             bytes_fetched: self.bytes_fetched,
+            tls: self.tls,
         }
     }
 
@@ -464,7 +482,7 @@ impl NetClient {
 }
 
 fn expect_frame(
-    stream: &mut TcpStream,
+    stream: &mut NetStream,
     opener: Option<&mut Opener>,
     url: &str,
     what: &str,
@@ -486,11 +504,11 @@ fn expect_frame(
 /// first sealed frame). Ok: the manifest, its checksum table, and the connection's sealing
 /// state.
 fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut NetStream,
     url: &str,
     key: &Key,
 ) -> Result<(Manifest, Vec<u32>, Sealer, Opener), String> {
-    let send = |s: &mut TcpStream, f: &Frame| {
+    let send = |s: &mut NetStream, f: &Frame| {
         np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
     };
     send(
@@ -543,7 +561,7 @@ fn handshake(
 
 /// The writer thread: send each frame the loop hands it.
 fn write_requests(
-    mut stream: TcpStream,
+    mut stream: NetStream,
     mut sealer: Sealer,
     requests: Receiver<Frame>,
     replies: Sender<Reply>,
@@ -563,7 +581,7 @@ fn write_requests(
 /// The reader thread: open each sealed frame, verify Data against the image's checksum table,
 /// hand it over.
 fn read_replies(
-    mut stream: TcpStream,
+    mut stream: NetStream,
     mut opener: Opener,
     table: Arc<Vec<u32>>,
     replies: Sender<Reply>,

@@ -126,14 +126,41 @@ fn restore(args: RestoreArgs) -> Result<i32, String> {
                 if args.key.is_some() {
                     return Err(format!("--key is for tcp:// sources, not {url}"));
                 }
-                NetClient::connect_http(url, !args.no_background)?
+                if args.tls_server_name.is_some() {
+                    return Err(format!(
+                        "--tls-server-name is for tcp:// sources, not {url}"
+                    ));
+                }
+                if args.tls_ca.is_some() && url.starts_with("http://") {
+                    return Err(format!(
+                        "--tls-ca is for tcp:// and https:// sources, not {url}"
+                    ));
+                }
+                let http = crate::http_source::HttpOptions {
+                    ca: args.tls_ca.clone(),
+                    header_file: args.http_header_file.clone(),
+                };
+                NetClient::connect_http(url, &http, !args.no_background)?
             } else {
+                if args.http_header_file.is_some() {
+                    return Err(format!(
+                        "--http-header-file is for http(s):// sources, not {url}"
+                    ));
+                }
                 let key_file = args
                     .key
                     .as_ref()
                     .ok_or("--source tcp:// needs --key FILE")?;
                 let key = umm::netproto::Key::from_file(key_file)?;
-                NetClient::connect(url, &key, !args.no_background)?
+                let tls = match &args.tls_ca {
+                    Some(ca) => {
+                        let host = crate::net_tls::host_of(crate::net_source::parse_url(url)?);
+                        let name = args.tls_server_name.as_deref().unwrap_or(host);
+                        Some(crate::net_tls::ClientTls::new(ca, name)?)
+                    }
+                    None => None,
+                };
+                NetClient::connect(url, &key, tls.as_ref(), !args.no_background)?
             };
             (None, Some(client), PathBuf::from(url))
         }

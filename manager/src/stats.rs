@@ -280,6 +280,8 @@ pub struct NetReport {
     pub urgent_requests: u64,
     /// Verified data received.
     pub bytes_fetched: u64,
+    /// Whether the transport was TLS (tcp:// with --tls-ca, or https://).
+    pub tls: bool,
 }
 
 /// The `--report` JSON.
