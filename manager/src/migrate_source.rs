@@ -203,7 +203,7 @@ impl ServedData for ProcessData {
         &self.checksums
     }
 
-    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    fn read(&self, offset: u64, len: u64) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         let segs = self.segments(offset, len)?;
         let mut buf = vec![0u8; len as usize];
         self.read_into(&segs, &mut buf)?;
@@ -221,7 +221,7 @@ impl ServedData for ProcessData {
                 ));
             }
         }
-        Ok(buf)
+        Ok(buf.into())
     }
 
     fn sent(&self, offset: u64, len: u64) {
@@ -388,18 +388,30 @@ fn serve_one_destination(
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        let session = match net_server::handshake(&mut stream, &peer, data.as_ref(), key) {
-            Ok(s) => s,
-            Err(e) if e.starts_with(REFUSED) => continue,
-            Err(e) => {
-                log::warn!("{peer}: {e}");
-                continue;
+        let sessions = net_server::Sessions::default();
+        let hooks = net_server::TestHooks::default();
+        let session =
+            match net_server::handshake(&mut stream, &peer, data.as_ref(), key, hooks, &sessions) {
+                Ok(net_server::Opened::Restore(s)) => s,
+                Ok(net_server::Opened::Urgent(_)) => continue, // not joined: no session yet
+                Err(e) if e.starts_with(REFUSED) => continue,
+                Err(e) => {
+                    log::warn!("{peer}: {e}");
+                    continue;
+                }
+            };
+        // The one destination: from now on only its urgent connection.
+        {
+            let (data, key, sessions) = (data.clone(), key.clone(), sessions.clone());
+            let spawned = std::thread::Builder::new()
+                .name("umm-ms-urgent".into())
+                .spawn(move || net_server::accept_urgent(listener, data, key, sessions));
+            if let Err(e) = spawned {
+                log::warn!("no urgent connection for the destination: {e}");
             }
-        };
-        // The one destination: no more connections.
-        drop(listener);
+        }
         let _ = events.send(Event::Destination(peer));
-        let ended = net_server::answer(stream, session, data, net_server::TestHooks::default());
+        let ended = net_server::answer(stream, session, data, hooks, &sessions);
         let _ = events.send(Event::Ended(ended));
         return;
     }
