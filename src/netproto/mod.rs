@@ -35,10 +35,10 @@
 //! behind background bytes in socket buffers (QEMU's postcopy-preempt channel).
 //! 1. C→S Join      features:u32 session:[32]    (instead of Hello)
 //!    session = HMAC-SHA256(session_key of the first connection, "umm urgent join")
-//! 2-4. Challenge, Auth, Welcome as above (this connection's own nonces and session key);
-//!    the server then looks the session up and answers, sealed: Join (the same id: joined), or
-//!    Error ERR_SESSION (unknown, ended or already joined) and close. No Manifest.
-//! 5. C→S Get (sealed, any flags: all urgent), S→C Data, answered one by one in order;
+//! 2. Challenge, Auth and Welcome as above (this connection's own nonces and session key);
+//!    the server then looks the session up and answers, sealed: Join (the same id: joined),
+//!    or Error ERR_SESSION (unknown, ended or already joined) and close. No Manifest.
+//! 3. C→S Get (sealed, any flags: all urgent), S→C Data, answered one by one in order;
 //!    C→S Close ends it. The first connection's end ends it too.
 //!
 //! Decoding is strict: wrong version, unknown kind, a frame above its kind's bound, missing or
