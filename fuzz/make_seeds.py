@@ -106,7 +106,7 @@ VmFlags: rd wr mr mw me ac
 
 
 # ---- page-server protocol (src/netproto/mod.rs): len:u32 version:u16 kind:u16 payload ----
-def nframe(kind, payload, version=2):
+def nframe(kind, payload, version=3):
     return struct.pack("<IHH", 4 + len(payload), version, kind) + payload
 
 
@@ -138,4 +138,11 @@ put("netproto_stream", "sealed_manifest_data_close", sealed([
     nframe(5, struct.pack("<QI", 4096, 1) + struct.pack("<I", 0) + struct.pack("<I", 2) + b"{}"),
     nframe(7, struct.pack("<QQI", 1, 0, 1) + struct.pack("<I", 0) + b"\x00" * 4096),
     nframe(10, b"")]))
-put("netproto_stream", "version1_hello", nframe(1, struct.pack("<I", 1), version=1))
+put("netproto_stream", "version2_hello", nframe(1, struct.pack("<I", 1), version=2))
+# The urgent connection: Join (session id), the handshake, the server's sealed Join back.
+put("netproto_stream", "urgent_join",
+    nframe(11, struct.pack("<I", 3) + b"\x44" * 32) + nframe(2, struct.pack("<I", 3) + b"\x11" * 32)
+    + nframe(3, b"\x22" * 64) + nframe(4, b"\x33" * 32))
+put("netproto_stream", "sealed_join_data", sealed([
+    nframe(11, struct.pack("<I", 3) + b"\x44" * 32),
+    nframe(7, struct.pack("<QQI", 1, 0, 1) + struct.pack("<I", 0) + b"\x00" * 4096)]))

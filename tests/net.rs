@@ -299,14 +299,26 @@ fn spawn_restore_with(
     (Proc::spawn(dir, label, c), report)
 }
 
+/// Whether the page server offers the urgent connection (else its test hook turns it off).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Urgent {
+    Offered,
+    NotOffered,
+}
+
 /// A whole restore over the link `netem` describes: every page verified by the restorer, and
-/// every byte of the image fetched over the network, faults' first.
-fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
+/// every byte of the image fetched over the network, faults' first (on the urgent connection
+/// when the server offers it).
+fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str, urgent: Urgent) {
     require_root_and_uffd();
     let dir = TestDir::new(name);
     let net = NetPair::new(delay_ms, rate);
     let (img, data_pages) = build_image(&dir);
-    let mut server = start_server(&dir, &net, &img, &[]);
+    let hooks: &[(&str, &str)] = match urgent {
+        Urgent::Offered => &[],
+        Urgent::NotOffered => &[("UMM_TEST_NO_URGENT_CONNECTION", "1")],
+    };
+    let mut server = start_server(&dir, &net, &img, hooks);
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
     let run = UmmRun::finish(p, &report);
@@ -347,6 +359,34 @@ fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
     );
     run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
     run.assert_ge("faults", 1, "the restorer's reads fault");
+    let joined = run.report.get("restore.network.urgent_connection");
+    if urgent == Urgent::Offered {
+        // Every fault's request went on the urgent connection, and data came back on it.
+        assert_eq!(joined, Some(&Value::Bool(true)), "{}", run.context());
+        run.assert_eq(
+            "restore.network.urgent_connection_requests",
+            run.report.u64("restore.network.urgent_requests"),
+            "every urgent request went on the urgent connection",
+        );
+        run.assert_ge(
+            "restore.network.urgent_connection_bytes",
+            PAGE,
+            "faults' data came back on the urgent connection",
+        );
+    } else {
+        // Without it, the restore still completes: faults go on the first connection.
+        assert_eq!(joined, Some(&Value::Bool(false)), "{}", run.context());
+        run.assert_eq(
+            "restore.network.urgent_connection_requests",
+            0,
+            "no urgent connection",
+        );
+        assert!(
+            run.stderr.contains("offers no urgent connection"),
+            "no warning about the missing urgent connection\n{}",
+            run.context()
+        );
+    }
     // The client said Complete: the server exits by itself.
     let st = server.wait_bounded(Duration::from_secs(30));
     assert!(
@@ -359,12 +399,19 @@ fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str) {
 
 #[test]
 fn restore_over_a_veth_with_1ms_delay_verifies_every_page_fetched_over_the_network() {
-    restore_over(1, None, "net-1ms");
+    restore_over(1, None, "net-1ms", Urgent::Offered);
 }
 
 #[test]
 fn restore_over_a_veth_with_10ms_delay_and_a_rate_limit_completes() {
-    restore_over(10, Some("200mbit"), "net-10ms");
+    restore_over(10, Some("200mbit"), "net-10ms", Urgent::Offered);
+}
+
+/// A server without the urgent connection (its test hook): the client says so, and faults go
+/// on the first connection, answered before the background; every page still verifies.
+#[test]
+fn without_an_urgent_connection_faults_go_on_the_first_connection_and_the_restore_completes() {
+    restore_over(1, None, "net-no-urgent", Urgent::NotOffered);
 }
 
 /// Everything a stopped restore must show: the restorer tree killed (no OK line: it did not
@@ -571,6 +618,18 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
         "the whole image came over the TLS connection",
     );
     run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
+    // The urgent connection is a TLS connection too, joined to the first one's session.
+    assert_eq!(
+        run.report.get("restore.network.urgent_connection"),
+        Some(&Value::Bool(true)),
+        "{}",
+        run.context()
+    );
+    run.assert_eq(
+        "restore.network.urgent_connection_requests",
+        run.report.u64("restore.network.urgent_requests"),
+        "every urgent request went on the urgent TLS connection",
+    );
     assert_eq!(
         run.report
             .get("restore.network.tls")

@@ -1,9 +1,11 @@
 //! Figure 8: post-copy over the network (issue 9). `umm restore --source tcp://` of a 256 MiB
 //! image from `umm page-server` across a veth pair between two network namespaces, at RTT 0
-//! (no relay), 1 ms and 10 ms (tests/targets/delay_relay.py: this kernel has no netem), against
-//! raw TCP on the same path in the same run (benches/targets/tcp_blast.py).
+//! (no relay), 1 ms and 10 ms (tests/targets/delay_relay.py: this kernel has no netem), and on
+//! links where the link is the bottleneck (the veth rate-limited by `tc tbf`: 1 Gbit/s and
+//! 200 Mbit/s at RTT 0, 1 Gbit/s at 10 ms), against raw TCP on the same path in the same run
+//! (benches/targets/tcp_blast.py). An unlimited veth on 2 vCPUs measures CPU, not a link.
 //!
-//! Per RTT and repetition: raw TCP throughput; a `fill` restore (nothing touched: background
+//! Per link and repetition: raw TCP throughput; a `fill` restore (nothing touched: background
 //! throughput, and the restore's wall time, every page verified by the restorer); a `touch`
 //! restore (random missing pages read while the background runs: fault latency p50/p99, and
 //! the background throughput under those faults). SKIPPED (a note, no rows) when the
@@ -25,7 +27,47 @@ const SERVER_IP: &str = "10.198.0.1";
 const CLIENT_IP: &str = "10.198.0.2";
 const PAGE_PORT: u16 = 7511;
 const BLAST_PORT: u16 = 7521;
-const RTTS_MS: [f64; 3] = [0.0, 1.0, 10.0];
+/// One path: its RTT (by the relay) and its rate limit (tbf on both ends of the veth).
+#[derive(Clone, Copy)]
+struct Link {
+    rtt_ms: f64,
+    /// `tc tbf` rate and burst, or None: the bare veth.
+    rate: Option<(&'static str, &'static str)>,
+    label: &'static str,
+}
+
+const LINKS: [Link; 6] = [
+    Link {
+        rtt_ms: 0.0,
+        rate: None,
+        label: "RTT 0 ms",
+    },
+    Link {
+        rtt_ms: 1.0,
+        rate: None,
+        label: "RTT 1 ms",
+    },
+    Link {
+        rtt_ms: 10.0,
+        rate: None,
+        label: "RTT 10 ms",
+    },
+    Link {
+        rtt_ms: 0.0,
+        rate: Some(("1gbit", "1mb")),
+        label: "1 Gbit/s link, RTT 0",
+    },
+    Link {
+        rtt_ms: 0.0,
+        rate: Some(("200mbit", "256kb")),
+        label: "200 Mbit/s link, RTT 0",
+    },
+    Link {
+        rtt_ms: 10.0,
+        rate: Some(("1gbit", "1mb")),
+        label: "1 Gbit/s link, RTT 10 ms",
+    },
+];
 const KEY: &str = "umm-bench figure 8 pre-shared key";
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -47,16 +89,19 @@ fn ip(args: &[&str]) -> Result<(), String> {
 struct NetPair {
     server: String,
     client: String,
+    /// The veth's ends: in the server's namespace, in the client's.
+    devs: (String, String),
 }
 
 impl NetPair {
     fn new() -> Result<NetPair, String> {
         let id = std::process::id();
+        let (vs, vc) = (format!("vbs{id}"), format!("vbc{id}"));
         let pair = NetPair {
             server: format!("umm-bs{id}"),
             client: format!("umm-bc{id}"),
+            devs: (vs.clone(), vc.clone()),
         };
-        let (vs, vc) = (format!("vbs{id}"), format!("vbc{id}"));
         ip(&["netns", "add", &pair.server])?;
         ip(&["netns", "add", &pair.client])?;
         ip(&[
@@ -82,6 +127,33 @@ impl NetPair {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(pair)
+    }
+
+    /// Limit both ends of the veth to `rate` (tbf), or lift the limit (None).
+    fn set_rate(&self, rate: Option<(&str, &str)>) -> Result<(), String> {
+        for (ns, dev) in [(&self.server, &self.devs.0), (&self.client, &self.devs.1)] {
+            let mut argv = vec!["-n", ns, "qdisc"];
+            match rate {
+                Some((rate, burst)) => argv.extend([
+                    "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "latency",
+                    "100ms",
+                ]),
+                None => argv.extend(["del", "dev", dev, "root"]),
+            }
+            let out = Command::new("tc")
+                .args(&argv)
+                .output()
+                .map_err(|e| format!("cannot run `tc` (iproute2): {e}"))?;
+            // Deleting the default qdisc fails harmlessly.
+            if !out.status.success() && rate.is_some() {
+                return Err(format!(
+                    "tc {}: {}",
+                    argv.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn cmd<S: AsRef<std::ffi::OsStr>>(ns: &str, argv: &[S]) -> Command {
@@ -218,8 +290,8 @@ fn gbps(bytes: u64, us: f64) -> f64 {
     bytes as f64 / us / 1000.0
 }
 
-fn name(rtt: f64, what: &str) -> String {
-    format!("RTT {rtt} ms: {what}")
+fn name(link: &Link, what: &str) -> String {
+    format!("{}: {what}", link.label)
 }
 
 const RAW: &str = "raw TCP (tcp_blast.py)";
@@ -258,12 +330,15 @@ pub fn fig8(ctx: &mut Ctx) -> Figure {
     }
     f.note(format!(
         "image {}; RTT 0 = the bare veth; 1 and 10 ms through delay_relay.py (a Python asyncio \
-         relay: it also caps the throughput, for raw TCP and umm alike); fault latencies timed \
+         relay: it also caps the throughput, for raw TCP and umm alike); the \"N link\" rows \
+         rate-limit the veth with tc tbf (both ends): there the link, not the CPU, is the \
+         bottleneck, as on a real network; fault latencies timed \
          in the restorer (bench_image touch, one page per fault: --fault-around-max 4096), \
          random missing pages until the background reaches the end",
         figures::size_label(len)
     ));
-    for rtt in RTTS_MS {
+    for link in &LINKS {
+        let rtt = link;
         f.row(&name(rtt, RAW), || Row::new("", "GB/s"));
         f.row(&name(rtt, IDLE), || {
             Row::new("", "GB/s")
@@ -295,11 +370,15 @@ pub fn fig8(ctx: &mut Ctx) -> Figure {
         if rep > 0 && (Instant::now() > budget || !ctx.rep_ok(rep, reps)) {
             break;
         }
-        for rtt in RTTS_MS {
-            if let Err(e) = one_rtt(ctx, &mut f, &net, &img, &key, rtt) {
-                f.error(&name(rtt, IDLE), "GB/s", e);
+        for link in &LINKS {
+            let done = net
+                .set_rate(link.rate)
+                .and_then(|()| one_rtt(ctx, &mut f, &net, &img, &key, link));
+            if let Err(e) = done {
+                f.error(&name(link, IDLE), "GB/s", e);
             }
         }
+        let _ = net.set_rate(None);
     }
     let _ = fs::remove_dir_all(&img.dir);
     f
@@ -312,9 +391,9 @@ fn one_rtt(
     net: &NetPair,
     img: &ImageInfo,
     key: &Path,
-    rtt: f64,
+    rtt: &Link,
 ) -> Result<(), String> {
-    let _servers = start_servers(ctx, net, img, key, rtt)?;
+    let _servers = start_servers(ctx, net, img, key, rtt.rtt_ms)?;
     figures::warm(&img.pages());
     let blast = run_ok(
         &ctx.work,

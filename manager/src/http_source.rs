@@ -384,7 +384,15 @@ fn fetcher(
 ) {
     for (id, offset, len) in requests.iter() {
         let (reply, last) = match fetch_range(http, data_url, offset, len, data_len, table) {
-            Ok(bytes) => (Reply::Data { id, offset, bytes }, false),
+            Ok(bytes) => (
+                Reply::Data {
+                    id,
+                    offset,
+                    bytes,
+                    urgent_connection: false,
+                },
+                false,
+            ),
             Err(e) => (Reply::Failed(e), true),
         };
         let sent = replies.send(reply).is_ok();

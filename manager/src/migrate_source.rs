@@ -206,7 +206,7 @@ impl ServedData for ProcessData {
         &self.checksums
     }
 
-    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    fn read(&self, offset: u64, len: u64) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         let segs = self.segments(offset, len)?;
         let mut buf = vec![0u8; len as usize];
         self.read_into(&segs, &mut buf)?;
@@ -224,7 +224,7 @@ impl ServedData for ProcessData {
                 ));
             }
         }
-        Ok(buf)
+        Ok(buf.into())
     }
 
     fn sent(&self, offset: u64, len: u64) {
@@ -298,7 +298,7 @@ fn migrate(args: MigrateSourceArgs) -> Result<i32, String> {
     {
         let data: Arc<dyn ServedData> = data.clone();
         crate::helper_thread::spawn("umm-migrate-serve", move || {
-            serve_one_destination(listener, &data, &key, tls.as_ref(), &tx)
+            serve_one_destination(listener, &data, &key, tls, &tx)
         })
         .map_err(|e| format!("cannot start the server thread: {e}"))?;
     }
@@ -379,7 +379,7 @@ fn serve_one_destination(
     listener: TcpListener,
     data: &Arc<dyn ServedData>,
     key: &Key,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     events: &crossbeam_channel::Sender<Event>,
 ) {
     for conn in listener.incoming() {
@@ -393,7 +393,7 @@ fn serve_one_destination(
         let peer = socket
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        let mut stream = match net_tls::accept(socket, &peer, tls) {
+        let mut stream = match net_tls::accept(socket, &peer, tls.as_ref()) {
             Ok(s) => s,
             // Said in one line already.
             Err(e) if e.starts_with(REFUSED) => continue,
@@ -402,18 +402,30 @@ fn serve_one_destination(
                 continue;
             }
         };
-        let session = match net_server::handshake(&mut stream, &peer, data.as_ref(), key) {
-            Ok(s) => s,
-            Err(e) if e.starts_with(REFUSED) => continue,
-            Err(e) => {
-                log::warn!("{peer}: {e}");
-                continue;
+        let sessions = net_server::Sessions::default();
+        let hooks = net_server::TestHooks::default();
+        let session =
+            match net_server::handshake(&mut stream, &peer, data.as_ref(), key, hooks, &sessions) {
+                Ok(net_server::Opened::Restore(s)) => s,
+                Ok(net_server::Opened::Urgent(_)) => continue, // not joined: no session yet
+                Err(e) if e.starts_with(REFUSED) => continue,
+                Err(e) => {
+                    log::warn!("{peer}: {e}");
+                    continue;
+                }
+            };
+        // The one destination: from now on only its urgent connection.
+        {
+            let (data, key, sessions) = (data.clone(), key.clone(), sessions.clone());
+            let spawned = std::thread::Builder::new()
+                .name("umm-ms-urgent".into())
+                .spawn(move || net_server::accept_urgent(listener, data, key, sessions, tls));
+            if let Err(e) = spawned {
+                log::warn!("no urgent connection for the destination: {e}");
             }
-        };
-        // The one destination: no more connections.
-        drop(listener);
+        }
         let _ = events.send(Event::Destination(peer));
-        let ended = net_server::answer(stream, session, data, net_server::TestHooks::default());
+        let ended = net_server::answer(stream, session, data, hooks, &sessions);
         let _ = events.send(Event::Ended(ended));
         return;
     }

@@ -2,18 +2,20 @@
 //! `umm restore --source tcp://ADDR:PORT` (protocol: `umm::netproto`, umm-protocol(5)).
 //!
 //! Blocking I/O, a thread per connection (this is not the event loop: no uffd here). Per
-//! connection, after the handshake: this thread reads Gets into a queue with two levels, and a
-//! writer thread answers urgent Gets (faults) before every queued background one. One
-//! connection with a priority queue rather than a second "urgent" connection: one handshake,
-//! one ordering, and the background never has to be cancelled; an urgent Get still waits for
-//! the Data being written and what the socket buffers hold (bounded by the client's window).
+//! restore, after the handshake: this thread reads Gets into a queue with two levels, and a
+//! writer thread answers urgent Gets before every queued background one. A client that can
+//! also opens a second, urgent-only connection that joins the first one's session ([`Sessions`],
+//! `Join` in umm-protocol(5)); its own thread answers its Gets one by one, so a fault's Data
+//! never waits behind background bytes in the first connection's socket buffers (QEMU's
+//! postcopy-preempt channel). The first connection's end ends it.
 //!
 //! Every chunk sent is verified against the image's checksum table first (`Image::data`); a
 //! bad chunk is never sent: the client gets an Error and its restore stops. Every frame after
 //! the handshake is sealed (MAC and sequence number, `np::Sealer`); a client frame that fails
 //! its MAC drops the connection at once.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -33,6 +35,9 @@ pub const CORRUPT_ENV: &str = "UMM_TEST_CORRUPT_CHUNK";
 /// Test-only: flip one byte of this chunk (by index) in every Data frame that carries it,
 /// AFTER the frame was sealed (an injection into the TCP stream). Test-only, like CORRUPT_ENV.
 pub const TAMPER_ENV: &str = "UMM_TEST_TAMPER_SEALED_CHUNK";
+/// Test-only: set, the server neither offers nor accepts urgent connections (what a client
+/// does with a server without them).
+pub const NO_URGENT_ENV: &str = "UMM_TEST_NO_URGENT_CONNECTION";
 
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// A client that stops reading does not hold a writer thread forever.
@@ -49,7 +54,7 @@ pub trait ServedData: Send + Sync {
     fn checksums(&self) -> &[u32];
     /// `len` bytes at data offset `offset` (checked by `check_get`), verified against the
     /// checksum table: a chunk that does not match is an error, never sent.
-    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String>;
+    fn read(&self, offset: u64, len: u64) -> Result<Cow<'_, [u8]>, String>;
     /// `offset..offset + len` was written to the client's socket.
     fn sent(&self, _offset: u64, _len: u64) {}
 }
@@ -61,9 +66,10 @@ impl ServedData for Image {
     fn checksums(&self) -> &[u32] {
         Image::checksums(self)
     }
-    fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    fn read(&self, offset: u64, len: u64) -> Result<Cow<'_, [u8]>, String> {
+        // Straight from the mapping: no copy before the socket.
         self.data(offset, len)
-            .map(<[u8]>::to_vec)
+            .map(Cow::Borrowed)
             .map_err(|e| format!("{e}"))
     }
 }
@@ -110,6 +116,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
     }
     let image: Arc<dyn ServedData> = Arc::new(image);
     let corrupt = TestHooks::from_env();
+    let sessions = Sessions::default();
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener
@@ -129,7 +136,8 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
                 continue;
             }
         };
-        let (image, key, tls) = (image.clone(), key.clone(), tls.clone());
+        let (image, key, sessions, tls) =
+            (image.clone(), key.clone(), sessions.clone(), tls.clone());
         let keep_serving = args.keep_serving;
         let spawned = std::thread::Builder::new()
             .name("umm-ps-conn".into())
@@ -138,7 +146,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
                     .peer_addr()
                     .map_or_else(|_| "?".to_string(), |a| a.to_string());
                 let ended = net_tls::accept(stream, &peer, tls.as_ref())
-                    .and_then(|stream| connection(stream, &peer, &image, &key, corrupt));
+                    .and_then(|stream| connection(stream, &peer, &image, &key, corrupt, &sessions));
                 match ended {
                     Ok(true) if !keep_serving => {
                         eprintln!("umm: page-server: {peer} completed its restore; exiting");
@@ -165,6 +173,8 @@ pub struct TestHooks {
     pub corrupt_chunk: Option<u64>,
     /// Flip a byte of this chunk after the frame is sealed (the MAC catches it).
     pub tamper_chunk: Option<u64>,
+    /// Neither offer nor accept urgent connections.
+    pub no_urgent_connection: bool,
 }
 
 impl TestHooks {
@@ -174,9 +184,23 @@ impl TestHooks {
             log::warn!("{name}={c}: TEST HOOK, a byte of chunk {c} is flipped when sent");
             Some(c)
         };
+        let no_urgent_connection = std::env::var_os(NO_URGENT_ENV).is_some();
+        if no_urgent_connection {
+            log::warn!("{NO_URGENT_ENV}: TEST HOOK, no urgent connections");
+        }
         TestHooks {
             corrupt_chunk: chunk(CORRUPT_ENV),
             tamper_chunk: chunk(TAMPER_ENV),
+            no_urgent_connection,
+        }
+    }
+
+    /// The features this server offers.
+    fn features(&self) -> u32 {
+        if self.no_urgent_connection {
+            np::FEATURES & !np::FEATURE_URGENT_CONNECTION
+        } else {
+            np::FEATURES
         }
     }
 }
@@ -207,39 +231,128 @@ struct Queue {
 
 type Shared = Arc<(Mutex<Queue>, Condvar)>;
 
-/// One client, to its end. Ok(true): it completed its restore.
+/// The restores a server is serving, by join id (`SessionKey::join_id`): where an urgent
+/// connection finds the session it belongs to.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    by_id: Arc<Mutex<HashMap<[u8; np::MAC_LEN], Option<NetStream>>>>,
+    /// Only urgent connections are taken (`umm migrate-source` has its one destination).
+    joins_only: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Sessions {
+    /// From now on, a restore's first connection (Hello) is refused; urgent ones still join.
+    pub fn take_joins_only(&self) {
+        self.joins_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn joins_only(&self) -> bool {
+        self.joins_only.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn register(&self, id: [u8; np::MAC_LEN]) {
+        self.lock().insert(id, None);
+    }
+
+    /// `stream` joins session `id` as its urgent connection (one per session).
+    fn join(&self, id: &[u8; np::MAC_LEN], stream: &NetStream) -> Result<(), String> {
+        let mut sessions = self.lock();
+        match sessions.get_mut(id) {
+            None => Err("no such session (unknown or ended)".into()),
+            Some(Some(_)) => Err("the session has an urgent connection already".into()),
+            Some(slot) => {
+                let clone = stream.try_clone().map_err(|e| format!("socket: {e}"))?;
+                *slot = Some(clone);
+                Ok(())
+            }
+        }
+    }
+
+    /// Session `id` ended: its urgent connection (if any) ends too.
+    fn end(&self, id: &[u8; np::MAC_LEN]) {
+        if let Some(Some(urgent)) = self.lock().remove(id) {
+            let _ = urgent.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; np::MAC_LEN], Option<NetStream>>> {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One connection, to its end. Ok(true): its client completed its restore.
 fn connection(
     mut stream: NetStream,
     peer: &str,
     image: &Arc<dyn ServedData>,
     key: &Key,
     hooks: TestHooks,
+    sessions: &Sessions,
 ) -> Result<bool, String> {
-    let session = handshake(&mut stream, peer, image.as_ref(), key)?;
-    answer(stream, session, image, hooks)
+    match handshake(&mut stream, peer, image.as_ref(), key, hooks, sessions)? {
+        Opened::Restore(session) => answer(stream, session, image, hooks, sessions),
+        Opened::Urgent(session) => answer_urgent(stream, session, image.as_ref(), hooks),
+    }
 }
 
 /// One authenticated connection's sealing state, both directions.
 pub struct Session {
     pub sealer: Sealer,
     pub opener: Opener,
+    /// The id an urgent connection joins this one by (a restore's first connection).
+    join_id: [u8; np::MAC_LEN],
 }
 
-/// Authenticate the client (a refusal's error starts with [`REFUSED`]) and send it the
-/// manifest, sealed.
+/// What an authenticated connection is.
+pub enum Opened {
+    /// A restore's first connection: the manifest was sent; it is registered in `Sessions`.
+    Restore(Session),
+    /// An urgent connection that joined a registered restore.
+    Urgent(Session),
+}
+
+/// Authenticate the client (a refusal's error starts with [`REFUSED`]); a restore's first
+/// connection is registered and sent the manifest, sealed; an urgent one joins its session.
 pub fn handshake(
     stream: &mut NetStream,
     peer: &str,
     image: &dyn ServedData,
     key: &Key,
-) -> Result<Session, String> {
+    hooks: TestHooks,
+    sessions: &Sessions,
+) -> Result<Opened, String> {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_WAIT));
     let _ = stream.set_write_timeout(Some(WRITE_WAIT));
-    let session_key = authenticate(stream, peer, key)?;
+    let (session_key, joins) = authenticate(stream, peer, key, hooks, sessions)?;
     let mut session = Session {
         sealer: session_key.sealer(Role::Server),
         opener: session_key.opener(Role::Client),
+        join_id: session_key.join_id(),
     };
+    if let Some(id) = joins {
+        if let Err(why) = sessions.join(&id, stream) {
+            log::warn!("refused {peer}'s urgent connection: {why}");
+            let error = Frame::Error {
+                code: np::ERR_SESSION,
+                msg: format!("urgent connection refused: {why}"),
+            };
+            let _ = session.sealer.write(stream, &error);
+            return Err(format!("{REFUSED}{why}"));
+        }
+        let joined = Frame::Join {
+            features: hooks.features(),
+            session: id,
+        };
+        if let Err(e) = session.sealer.write(stream, &joined) {
+            return Err(format!("urgent connection: sending Join: {e}"));
+        }
+        let _ = stream.set_read_timeout(None);
+        log::info!("{peer}: urgent connection joined its session");
+        return Ok(Opened::Urgent(session));
+    }
+    // Registered before the manifest goes: the client joins as soon as it has it.
+    sessions.register(session.join_id);
     let m = image.manifest();
     session
         .sealer
@@ -251,22 +364,41 @@ pub fn handshake(
                 json: m.to_json().into_bytes(),
             },
         )
-        .map_err(|e| format!("sending the manifest: {e}"))?;
+        .map_err(|e| {
+            sessions.end(&session.join_id);
+            format!("sending the manifest: {e}")
+        })?;
     let _ = stream.set_read_timeout(None);
     log::info!("{peer}: authenticated; manifest sent");
-    Ok(session)
+    Ok(Opened::Restore(session))
 }
 
 /// Answer an authenticated client's Gets until it completes (Ok(true)), closes (Ok(false)) or
 /// fails.
 pub fn answer(
+    stream: NetStream,
+    session: Session,
+    image: &Arc<dyn ServedData>,
+    hooks: TestHooks,
+    sessions: &Sessions,
+) -> Result<bool, String> {
+    let join_id = session.join_id;
+    let ended = answer_queued(stream, session, image, hooks);
+    sessions.end(&join_id);
+    ended
+}
+
+/// [`answer`]'s work: a reader (this thread) and a writer with a two-level queue.
+fn answer_queued(
     mut stream: NetStream,
     session: Session,
     image: &Arc<dyn ServedData>,
     hooks: TestHooks,
 ) -> Result<bool, String> {
     let m = image.manifest();
-    let Session { sealer, mut opener } = session;
+    let Session {
+        sealer, mut opener, ..
+    } = session;
 
     let shared: Shared = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let writer = {
@@ -328,10 +460,112 @@ pub fn answer(
     ended
 }
 
-/// Hello → Challenge; Auth checked; → Welcome. A wrong key is refused with one log line.
-/// Ok: the connection's session key.
-fn authenticate(stream: &mut NetStream, peer: &str, key: &Key) -> Result<np::SessionKey, String> {
-    let refuse = |stream: &mut NetStream, why: String| -> Result<np::SessionKey, String> {
+/// Take urgent connections that join the sessions in `sessions` (only those), each on a
+/// thread of its own, until the process ends: `umm migrate-source` after its one destination
+/// connected.
+pub fn accept_urgent(
+    listener: TcpListener,
+    image: Arc<dyn ServedData>,
+    key: Key,
+    sessions: Sessions,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    sessions.take_joins_only();
+    for conn in listener.incoming() {
+        let Ok(socket) = conn else { continue };
+        let (image, key, sessions, tls) =
+            (image.clone(), key.clone(), sessions.clone(), tls.clone());
+        let spawned = std::thread::Builder::new()
+            .name("umm-ps-urgent".into())
+            .spawn(move || {
+                let peer = socket
+                    .peer_addr()
+                    .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                let mut stream = match net_tls::accept(socket, &peer, tls.as_ref()) {
+                    Ok(s) => s,
+                    Err(e) if e.starts_with(REFUSED) => return,
+                    Err(e) => return log::warn!("{peer}: {e}"),
+                };
+                let hooks = TestHooks::default();
+                match handshake(&mut stream, &peer, image.as_ref(), &key, hooks, &sessions) {
+                    Ok(Opened::Urgent(session)) => {
+                        if let Err(e) = answer_urgent(stream, session, image.as_ref(), hooks) {
+                            log::info!("{peer}: {e}");
+                        }
+                    }
+                    // Cannot happen (joins only: Hello is refused); said, not served.
+                    Ok(Opened::Restore(_)) => log::warn!("{peer}: a second destination"),
+                    Err(e) if e.starts_with(REFUSED) => {}
+                    Err(e) => log::warn!("{peer}: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start an urgent connection's thread: {e}");
+        }
+    }
+}
+
+/// An urgent connection's Gets, answered one by one in order, until the client closes it
+/// (or the restore's first connection ends, which shuts this one down). Ok(false) always:
+/// only the first connection completes a restore.
+fn answer_urgent(
+    mut stream: NetStream,
+    session: Session,
+    image: &dyn ServedData,
+    hooks: TestHooks,
+) -> Result<bool, String> {
+    let Session {
+        mut sealer,
+        mut opener,
+        ..
+    } = session;
+    let data_len = image.manifest().data_len;
+    loop {
+        let frame = match opener.read(&mut stream, np::MAX_SMALL_FRAME) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Err(format!("urgent connection dropped: refused a request: {e}"));
+            }
+            // The first connection ended and shut this one down, or the peer reset it.
+            Err(e) => return Err(format!("urgent connection: reading a request: {e}")),
+        };
+        match frame {
+            Frame::Get {
+                id,
+                offset,
+                len,
+                flags,
+            } => {
+                if let Err(e) = np::check_get(offset, len, flags, data_len) {
+                    let error = Frame::Error {
+                        code: np::ERR_PROTOCOL,
+                        msg: e.clone(),
+                    };
+                    let _ = sealer.write(&mut stream, &error);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return Err(format!("urgent connection: {e}"));
+                }
+                send_data(&mut stream, &mut sealer, image, hooks, (id, offset, len))?;
+            }
+            Frame::Close => return Ok(false),
+            f => return Err(format!("urgent connection: unexpected {f:?}")),
+        }
+    }
+}
+
+/// Hello (or Join) → Challenge; Auth checked; → Welcome. A wrong key is refused with one log
+/// line. Ok: the connection's session key, and the session a Join asks to join.
+fn authenticate(
+    stream: &mut NetStream,
+    peer: &str,
+    key: &Key,
+    hooks: TestHooks,
+    sessions: &Sessions,
+) -> Result<(np::SessionKey, Option<[u8; np::MAC_LEN]>), String> {
+    type Authenticated = (np::SessionKey, Option<[u8; np::MAC_LEN]>);
+    let refuse = |stream: &mut NetStream, why: String| -> Result<Authenticated, String> {
         log::warn!("refused {peer}: {why}");
         let _ = np::write_frame(
             stream,
@@ -342,16 +576,20 @@ fn authenticate(stream: &mut NetStream, peer: &str, key: &Key) -> Result<np::Ses
         );
         Err(format!("{REFUSED}{why}"))
     };
-    match np::read_frame_max(stream, np::MAX_SMALL_FRAME) {
-        Ok(Frame::Hello { .. }) => {}
+    let joins = match np::read_frame_max(stream, np::MAX_SMALL_FRAME) {
+        Ok(Frame::Hello { .. }) if sessions.joins_only() => {
+            return refuse(stream, "a destination is being served already".into())
+        }
+        Ok(Frame::Hello { .. }) => None,
+        Ok(Frame::Join { session, .. }) if !hooks.no_urgent_connection => Some(session),
         Ok(f) => return refuse(stream, format!("sent {f:?} instead of Hello")),
         Err(e) => return refuse(stream, format!("no Hello ({e})")),
-    }
+    };
     let server = np::nonce().map_err(|e| format!("no random nonce: {e}"))?;
     np::write_frame(
         stream,
         &Frame::Challenge {
-            features: np::FEATURES,
+            features: hooks.features(),
             nonce: server,
         },
     )
@@ -374,7 +612,7 @@ fn authenticate(stream: &mut NetStream, peer: &str, key: &Key) -> Result<np::Ses
         },
     )
     .map_err(|e| format!("sending Welcome: {e}"))?;
-    Ok(key.session(&server, &client))
+    Ok((key.session(&server, &client), joins))
 }
 
 /// The writer: answer queued Gets, urgent first, until the reader ends.
@@ -409,43 +647,84 @@ fn answer_gets(
                 q = cv.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let (id, offset, len) = next;
-        let mut bytes = match image.read(offset, u64::from(len)) {
-            Ok(b) => b,
-            Err(e) => {
-                log::error!("not sending {offset:#x}+{len:#x}: {e}");
-                let error = Frame::Error {
-                    code: np::ERR_IMAGE,
-                    msg: e,
-                };
-                let _ = sealer.write(&mut stream, &error);
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                return;
-            }
-        };
-        let checksums = np::chunk_checksums(&bytes);
-        if let Some(c) = hooks.corrupt_chunk {
-            if flip_chunk(&mut bytes, offset, c) {
-                log::warn!("TEST HOOK: flipped a byte of chunk {c} in the Data sent");
-            }
-        }
-        let frame = Frame::Data {
-            id,
-            offset,
-            checksums,
-            bytes,
-        };
-        let mut sealed = sealer.seal(&frame);
-        if let Some(c) = hooks.tamper_chunk {
-            let header = sealed.len() - np::MAC_LEN - len as usize;
-            if flip_chunk(&mut sealed[header..header + len as usize], offset, c) {
-                log::warn!("TEST HOOK: flipped a byte of chunk {c} after sealing the Data sent");
-            }
-        }
-        if let Err(e) = stream.write_all(&sealed) {
-            log::info!("sending data: {e}");
+        if send_data(&mut stream, &mut sealer, image, hooks, next).is_err() {
             return;
         }
-        image.sent(offset, u64::from(len));
     }
+}
+
+/// Answer one Get `(id, offset, len)` with its Data, sealed. An image error is sent as Error
+/// (the connection is then shut down); Err: the connection cannot go on (said in the log).
+fn send_data(
+    stream: &mut NetStream,
+    sealer: &mut Sealer,
+    image: &dyn ServedData,
+    hooks: TestHooks,
+    (id, offset, len): (u64, u64, u32),
+) -> Result<(), String> {
+    let bytes = match image.read(offset, u64::from(len)) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("not sending {offset:#x}+{len:#x}: {e}");
+            let error = Frame::Error {
+                code: np::ERR_IMAGE,
+                msg: e.clone(),
+            };
+            let _ = sealer.write(stream, &error);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Err(e);
+        }
+    };
+    // `read` verified every chunk against the table: its checksums are the ones to send.
+    let first = (offset / CHUNK_SIZE) as usize;
+    let checksums = &image.checksums()[first..first + np::chunks_in(u64::from(len)) as usize];
+    let sent = if hooks.corrupt_chunk.is_some() || hooks.tamper_chunk.is_some() {
+        send_damaged(
+            stream,
+            sealer,
+            hooks,
+            (id, offset),
+            checksums,
+            bytes.into_owned(),
+        )
+    } else {
+        sealer.write_data(stream, id, offset, checksums, &bytes)
+    };
+    if let Err(e) = sent {
+        log::info!("sending data: {e}");
+        return Err(format!("sending data: {e}"));
+    }
+    image.sent(offset, u64::from(len));
+    Ok(())
+}
+
+/// [`send_data`] with the test hooks' damage (umm(1), ENVIRONMENT).
+fn send_damaged(
+    stream: &mut NetStream,
+    sealer: &mut Sealer,
+    hooks: TestHooks,
+    (id, offset): (u64, u64),
+    checksums: &[u32],
+    mut bytes: Vec<u8>,
+) -> std::io::Result<()> {
+    let len = bytes.len();
+    if let Some(c) = hooks.corrupt_chunk {
+        if flip_chunk(&mut bytes, offset, c) {
+            log::warn!("TEST HOOK: flipped a byte of chunk {c} in the Data sent");
+        }
+    }
+    let frame = Frame::Data {
+        id,
+        offset,
+        checksums: checksums.to_vec(),
+        bytes,
+    };
+    let mut sealed = sealer.seal(&frame);
+    if let Some(c) = hooks.tamper_chunk {
+        let header = sealed.len() - np::MAC_LEN - len;
+        if flip_chunk(&mut sealed[header..header + len], offset, c) {
+            log::warn!("TEST HOOK: flipped a byte of chunk {c} after sealing the Data sent");
+        }
+    }
+    stream.write_all(&sealed)
 }

@@ -9,15 +9,19 @@
 //! fetched data in a [`NetStore`] (the `UFFDIO_COPY` source, indexed by data-file offset like
 //! an mmap'd image) and copies from there.
 //!
-//! Order: a fault's chunks are asked at once, flagged urgent (the server answers them before
-//! its queued background requests); the rest is asked in the background, in data-file order,
-//! large requests, several in flight. A bad chunk, a frame that fails its MAC (every frame
+//! Order: a fault's chunks are asked at once, flagged urgent, on a second, urgent-only
+//! connection that joins the first one's session (`connect_urgent`): its replies never wait
+//! behind background bytes in socket buffers. Without it (a server that does not offer it, or
+//! it cannot be made: a warning, and the report says so) they go on the first connection,
+//! where the server answers them before its queued background requests. The rest is asked in
+//! the background, in data-file order, large requests, several in flight, on the first
+//! connection. Either connection lost stops the restore like any failure. A bad chunk, a frame that fails its MAC (every frame
 //! after the handshake is sealed), a server error or a lost connection stops the restore
 //! (fail-stop): missing pages never read as zeros, bad data never becomes memory.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::Path;
 use std::rc::Rc;
@@ -201,15 +205,27 @@ impl NetStore {
     }
 }
 
-/// What the network threads hand the loop (the page-server reader, or the HTTP fetchers).
+/// What the network threads hand the loop (the page-server readers, or the HTTP fetchers).
 pub(crate) enum Reply {
     Data {
         id: u64,
         offset: u64,
         bytes: Vec<u8>,
+        /// It came on the urgent connection.
+        urgent_connection: bool,
     },
     Closed,
     Failed(String),
+    /// The urgent connection ended (why): a failure while the restore runs, expected after
+    /// the client closed it.
+    UrgentEnded(String),
+}
+
+/// Which of a restore's connections a helper thread serves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Channel {
+    First,
+    Urgent,
 }
 
 /// The loop's side of the connection to a page server.
@@ -218,6 +234,9 @@ pub struct NetClient {
     manifest: Arc<Manifest>,
     store: Rc<RefCell<NetStore>>,
     requests: Option<Sender<Frame>>,
+    /// The urgent connection's writer, when there is one.
+    urgent: Option<Sender<Frame>>,
+    urgent_connection: bool,
     replies: Receiver<Reply>,
     wake: Arc<EventFd>,
     /// Request id → (offset, len, urgent).
@@ -227,8 +246,11 @@ pub struct NetClient {
     pub requests_sent: u64,
     pub urgent_requests: u64,
     pub bytes_fetched: u64,
+    /// Requests sent, and verified bytes received, on the urgent connection.
+    urgent_connection_requests: u64,
+    urgent_connection_bytes: u64,
     /// The transport is TLS (tcp:// with --tls-ca, or https://).
-    pub tls: bool,
+    tls: bool,
     /// Why the connection failed, once it did: nothing more is asked or taken.
     pub broken: Option<String>,
 }
@@ -266,7 +288,14 @@ impl NetClient {
             .next()
             .ok_or_else(|| format!("{url}: no address"))?;
         let mut stream = net_tls::connect(&sock, url, tls, CONNECT_WAIT, HANDSHAKE_WAIT)?;
-        let (manifest, table, sealer, opener) = handshake(&mut stream, url, key)?;
+        let Handshake {
+            manifest,
+            table,
+            sealer,
+            opener,
+            features,
+            join_id,
+        } = handshake(&mut stream, url, key)?;
         let _ = stream.set_read_timeout(None);
         log::info!(
             "{url}: authenticated; image of {} regions, {} of data",
@@ -277,23 +306,42 @@ impl NetClient {
             .try_clone()
             .map_err(|e| format!("{url}: socket: {e}"))?;
         let wake = new_wake()?;
-        let (req_tx, req_rx) = crossbeam_channel::unbounded::<Frame>();
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
-        {
-            let (reply_tx, wake) = (reply_tx.clone(), wake.clone());
-            crate::helper_thread::spawn("umm-net-writer", move || {
-                write_requests(stream, sealer, req_rx, reply_tx, wake)
-            })
-            .map_err(|e| format!("cannot start the network writer: {e}"))?;
-        }
-        {
-            let (wake, table) = (wake.clone(), Arc::new(table));
-            crate::helper_thread::spawn("umm-net-reader", move || {
-                read_replies(reader, opener, table, reply_tx, wake)
-            })
-            .map_err(|e| format!("cannot start the network reader: {e}"))?;
-        }
+        let table = Arc::new(table);
+        let conn = Conn {
+            stream,
+            reader,
+            sealer,
+            opener,
+        };
+        let req_tx = start_threads(conn, Channel::First, &table, &reply_tx, &wake)?;
+        let urgent = if features & np::FEATURE_URGENT_CONNECTION == 0 {
+            log::warn!(
+                "{url}: the page server offers no urgent connection: faults' replies may wait \
+                 behind background data"
+            );
+            None
+        } else {
+            match connect_urgent(&sock, url, key, tls, &join_id) {
+                Ok(conn) => Some(start_threads(
+                    conn,
+                    Channel::Urgent,
+                    &table,
+                    &reply_tx,
+                    &wake,
+                )?),
+                Err(e) => {
+                    log::warn!(
+                        "{e}; faults go on the first connection (answered first, but their \
+                         replies may wait behind background data)"
+                    );
+                    None
+                }
+            }
+        };
         let mut client = NetClient::new(url, manifest, background, req_tx, reply_rx, wake);
+        client.urgent_connection = urgent.is_some();
+        client.urgent = urgent;
         client.tls = tls.is_some();
         Ok(client)
     }
@@ -342,6 +390,8 @@ impl NetClient {
             manifest: Arc::new(manifest),
             store,
             requests: Some(requests),
+            urgent: None,
+            urgent_connection: false,
             replies,
             wake,
             in_flight: HashMap::new(),
@@ -350,6 +400,8 @@ impl NetClient {
             requests_sent: 0,
             urgent_requests: 0,
             bytes_fetched: 0,
+            urgent_connection_requests: 0,
+            urgent_connection_bytes: 0,
             tls: false,
             broken: None,
         }
@@ -396,8 +448,15 @@ impl NetClient {
                 len: len as u32,
                 flags: if urgent { np::GET_URGENT } else { 0 },
             };
-            if tx.send(get).is_err() {
+            let via = match &self.urgent {
+                Some(urgent_tx) if urgent => urgent_tx,
+                _ => tx,
+            };
+            if via.send(get).is_err() {
                 return; // the writer stopped: its reason is on the reply channel
+            }
+            if urgent && self.urgent.is_some() {
+                self.urgent_connection_requests += 1;
             }
             self.in_flight.insert(id, (offset, len, urgent));
             self.requests_sent += 1;
@@ -419,7 +478,12 @@ impl NetClient {
         let mut got = 0;
         while let Ok(reply) = self.replies.try_recv() {
             match reply {
-                Reply::Data { id, offset, bytes } => {
+                Reply::Data {
+                    id,
+                    offset,
+                    bytes,
+                    urgent_connection,
+                } => {
                     let (asked, len, urgent) = self
                         .in_flight
                         .remove(&id)
@@ -439,10 +503,14 @@ impl NetClient {
                     store.arrived(offset, &bytes)?;
                     drop(store);
                     self.bytes_fetched += bytes.len() as u64;
+                    if urgent_connection {
+                        self.urgent_connection_bytes += bytes.len() as u64;
+                    }
                     got += 1;
                 }
                 Reply::Closed => return Err("the page server closed the connection".into()),
                 Reply::Failed(e) => return Err(e),
+                Reply::UrgentEnded(e) => return Err(format!("urgent connection: {e}")),
             }
         }
         self.pump();
@@ -456,12 +524,17 @@ impl NetClient {
             requests: self.requests_sent,
             urgent_requests: self.urgent_requests,
             bytes_fetched: self.bytes_fetched,
+            urgent_connection: self.urgent_connection,
+            urgent_connection_requests: self.urgent_connection_requests,
+            urgent_connection_bytes: self.urgent_connection_bytes,
             tls: self.tls,
         }
     }
 
     /// The restore is complete: say so (the server then ends), bounded.
     pub fn complete(mut self) -> Result<(), String> {
+        // Its writer says Close and the server ends it; its reader's end is expected now.
+        drop(self.urgent.take());
         if let Some(tx) = self.requests.take() {
             let _ = tx.send(Frame::Complete);
         }
@@ -471,7 +544,7 @@ impl NetClient {
             match self.replies.recv_timeout(left) {
                 Ok(Reply::Closed) => return Ok(()),
                 Ok(Reply::Failed(e)) => return Err(e),
-                Ok(Reply::Data { .. }) => continue,
+                Ok(Reply::Data { .. } | Reply::UrgentEnded(_)) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(format!("no answer to Complete in {CLOSE_WAIT:?}"))
                 }
@@ -500,24 +573,68 @@ fn expect_frame(
     }
 }
 
+/// What the first connection's handshake gives.
+struct Handshake {
+    manifest: Manifest,
+    /// The image's CRC-32C per chunk.
+    table: Vec<u32>,
+    sealer: Sealer,
+    opener: Opener,
+    /// What the server offers (np::FEATURE_*).
+    features: u32,
+    /// What an urgent connection joins this session by.
+    join_id: [u8; np::MAC_LEN],
+}
+
 /// Hello, Challenge, Auth, Welcome (the server proves it has the key too), Manifest (the
-/// first sealed frame). Ok: the manifest, its checksum table, and the connection's sealing
-/// state.
-fn handshake(
+/// first sealed frame).
+fn handshake(stream: &mut NetStream, url: &str, key: &Key) -> Result<Handshake, String> {
+    let hello = Frame::Hello {
+        features: np::FEATURES,
+    };
+    let (features, session) = authenticate(stream, url, key, &hello)?;
+    let mut opener = session.opener(Role::Server);
+    let Frame::Manifest {
+        data_len,
+        checksums,
+        json,
+    } = expect_frame(stream, Some(&mut opener), url, "manifest")?
+    else {
+        return Err(format!("{url}: no manifest after the authentication"));
+    };
+    let manifest = Manifest::parse(Path::new(url), &json).map_err(|e| format!("{e}"))?;
+    if manifest.data_len != data_len {
+        return Err(format!(
+            "{url}: the manifest says {:#x} bytes of data, the frame {data_len:#x}",
+            manifest.data_len
+        ));
+    }
+    Ok(Handshake {
+        manifest,
+        table: checksums,
+        sealer: session.sealer(Role::Client),
+        opener,
+        features,
+        join_id: session.join_id(),
+    })
+}
+
+/// `first` (Hello or Join), Challenge, Auth, Welcome: both sides proved they hold the key.
+/// Ok: what the server offers, and this connection's session key.
+fn authenticate(
     stream: &mut NetStream,
     url: &str,
     key: &Key,
-) -> Result<(Manifest, Vec<u32>, Sealer, Opener), String> {
+    first: &Frame,
+) -> Result<(u32, np::SessionKey), String> {
     let send = |s: &mut NetStream, f: &Frame| {
         np::write_frame(s, f).map_err(|e| format!("{url}: sending {f:?}: {e}"))
     };
-    send(
-        stream,
-        &Frame::Hello {
-            features: np::FEATURES,
-        },
-    )?;
-    let Frame::Challenge { nonce: server, .. } = expect_frame(stream, None, url, "challenge")?
+    send(stream, first)?;
+    let Frame::Challenge {
+        nonce: server,
+        features,
+    } = expect_frame(stream, None, url, "challenge")?
     else {
         return Err(format!("{url}: the server did not send a challenge"));
     };
@@ -539,42 +656,116 @@ fn handshake(
              server meant)"
         ));
     }
-    let session = key.session(&server, &client);
-    let mut opener = session.opener(Role::Server);
-    let Frame::Manifest {
-        data_len,
-        checksums,
-        json,
-    } = expect_frame(stream, Some(&mut opener), url, "manifest")?
-    else {
-        return Err(format!("{url}: no manifest after the authentication"));
-    };
-    let manifest = Manifest::parse(Path::new(url), &json).map_err(|e| format!("{e}"))?;
-    if manifest.data_len != data_len {
-        return Err(format!(
-            "{url}: the manifest says {:#x} bytes of data, the frame {data_len:#x}",
-            manifest.data_len
-        ));
-    }
-    Ok((manifest, checksums, session.sealer(Role::Client), opener))
+    Ok((features, key.session(&server, &client)))
 }
 
-/// The writer thread: send each frame the loop hands it.
+/// One authenticated connection, ready for its helper threads.
+struct Conn {
+    stream: NetStream,
+    /// A clone of `stream` for the reader.
+    reader: NetStream,
+    sealer: Sealer,
+    opener: Opener,
+}
+
+/// The urgent connection: a second connection to `sock` that joins session `join_id` (Join,
+/// the handshake, and the server's sealed Join back). Err: why not (the caller goes on
+/// without it).
+fn connect_urgent(
+    sock: &SocketAddr,
+    url: &str,
+    key: &Key,
+    tls: Option<&ClientTls>,
+    join_id: &[u8; np::MAC_LEN],
+) -> Result<Conn, String> {
+    let mut stream = net_tls::connect(sock, url, tls, CONNECT_WAIT, HANDSHAKE_WAIT)
+        .map_err(|e| format!("no urgent connection: {e}"))?;
+    let join = Frame::Join {
+        features: np::FEATURES,
+        session: *join_id,
+    };
+    let (_, session) = authenticate(&mut stream, url, key, &join)
+        .map_err(|e| format!("no urgent connection: {e}"))?;
+    let mut opener = session.opener(Role::Server);
+    match expect_frame(&mut stream, Some(&mut opener), url, "answer to Join") {
+        Ok(Frame::Join { session, .. }) if session == *join_id => {}
+        Ok(f) => {
+            return Err(format!(
+                "{url}: no urgent connection: {f:?} instead of Join"
+            ))
+        }
+        Err(e) => return Err(format!("no urgent connection: {e}")),
+    }
+    let _ = stream.set_read_timeout(None);
+    let reader = stream
+        .try_clone()
+        .map_err(|e| format!("{url}: urgent connection: socket: {e}"))?;
+    log::info!("{url}: urgent connection joined");
+    Ok(Conn {
+        stream,
+        reader,
+        sealer: session.sealer(Role::Client),
+        opener,
+    })
+}
+
+/// A connection's writer and reader threads. Ok: the writer's request channel.
+fn start_threads(
+    conn: Conn,
+    channel: Channel,
+    table: &Arc<Vec<u32>>,
+    replies: &Sender<Reply>,
+    wake: &Arc<EventFd>,
+) -> Result<Sender<Frame>, String> {
+    let (req_tx, req_rx) = crossbeam_channel::unbounded::<Frame>();
+    let Conn {
+        stream,
+        reader,
+        sealer,
+        opener,
+    } = conn;
+    let names = match channel {
+        Channel::First => ["umm-net-writer", "umm-net-reader"],
+        Channel::Urgent => ["umm-net-uwriter", "umm-net-ureader"],
+    };
+    {
+        let (replies, wake) = (replies.clone(), wake.clone());
+        crate::helper_thread::spawn(names[0], move || {
+            write_requests(stream, sealer, req_rx, channel, replies, wake)
+        })
+        .map_err(|e| format!("cannot start the network writer: {e}"))?;
+    }
+    let (replies, wake, table) = (replies.clone(), wake.clone(), table.clone());
+    crate::helper_thread::spawn(names[1], move || {
+        read_replies(reader, opener, table, channel, replies, wake)
+    })
+    .map_err(|e| format!("cannot start the network reader: {e}"))?;
+    Ok(req_tx)
+}
+
+/// The writer thread: send each frame the loop hands it. The urgent connection's writer
+/// says Close when the loop lets go of it (the restore is complete).
 fn write_requests(
     mut stream: NetStream,
     mut sealer: Sealer,
     requests: Receiver<Frame>,
+    channel: Channel,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
 ) {
     for f in requests.iter() {
         if let Err(e) = sealer.write(&mut stream, &f) {
-            let _ = replies.send(Reply::Failed(format!(
-                "page server connection lost sending {f:?}: {e}"
-            )));
+            let why = format!("page server connection lost sending {f:?}: {e}");
+            let _ = replies.send(match channel {
+                Channel::First => Reply::Failed(why),
+                Channel::Urgent => Reply::UrgentEnded(why),
+            });
             let _ = wake.write(1);
             return;
         }
+    }
+    if channel == Channel::Urgent {
+        let _ = sealer.write(&mut stream, &Frame::Close);
     }
 }
 
@@ -584,9 +775,11 @@ fn read_replies(
     mut stream: NetStream,
     mut opener: Opener,
     table: Arc<Vec<u32>>,
+    channel: Channel,
     replies: Sender<Reply>,
     wake: Arc<EventFd>,
 ) {
+    let urgent_connection = channel == Channel::Urgent;
     let hand = |r: Reply| {
         let ok = replies.send(r).is_ok();
         let _ = wake.write(1);
@@ -600,7 +793,12 @@ fn read_replies(
                 checksums,
                 bytes,
             }) => match np::verify_data(offset, &bytes, &checksums, &table) {
-                Ok(()) => Reply::Data { id, offset, bytes },
+                Ok(()) => Reply::Data {
+                    id,
+                    offset,
+                    bytes,
+                    urgent_connection,
+                },
                 Err(e) => Reply::Failed(format!("refused data from the page server: {e}")),
             },
             Ok(Frame::Close) => Reply::Closed,
@@ -612,6 +810,12 @@ fn read_replies(
                 Reply::Failed(format!("refused a frame from the page server: {e}"))
             }
             Err(e) => Reply::Failed(format!("page server connection lost: {e}")),
+        };
+        // The urgent connection's end, whatever it was, is told as such.
+        let reply = match reply {
+            Reply::Failed(e) if urgent_connection => Reply::UrgentEnded(e),
+            Reply::Closed if urgent_connection => Reply::UrgentEnded("closed".into()),
+            r => r,
         };
         let last = !matches!(reply, Reply::Data { .. });
         if !hand(reply) || last {

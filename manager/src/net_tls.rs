@@ -278,6 +278,14 @@ impl Write for NetStream {
         }
     }
 
+    /// Plain: one `writev` (a Data frame's header, data and MAC without a copy).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            NetStream::Plain(s) => s.write_vectored(bufs),
+            NetStream::Tls(t) => t.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             NetStream::Plain(s) => s.flush(),

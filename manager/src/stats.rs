@@ -280,6 +280,12 @@ pub struct NetReport {
     pub urgent_requests: u64,
     /// Verified data received.
     pub bytes_fetched: u64,
+    /// Faults' requests went on a second, urgent-only connection (false: the server offers
+    /// none, or it could not be made).
+    pub urgent_connection: bool,
+    /// Requests sent and verified bytes received on the urgent connection.
+    pub urgent_connection_requests: u64,
+    pub urgent_connection_bytes: u64,
     /// Whether the transport was TLS (tcp:// with --tls-ca, or https://).
     pub tls: bool,
 }

@@ -2,7 +2,7 @@
 //! Pure data plus blocking frame I/O over any `Read`/`Write`; documented in umm-protocol(5),
 //! section "Page server".
 //!
-//! WIRE FORMAT (version 2). All integers little endian.
+//! WIRE FORMAT (version 3). All integers little endian.
 //! ```text
 //! frame  := len:u32 version:u16 kind:u16 payload      len = 4 + payload length
 //! sealed := frame mac[32]                             every frame after Welcome, both ways
@@ -30,6 +30,17 @@
 //! 7. C→S Complete  (empty): the restore is done; S answers Close and ends.
 //!    Either side: Error code:u16 msg_len:u16 msg (UTF-8), then closes.
 //!
+//! The urgent connection (FEATURE_URGENT_CONNECTION in the Challenge): after step 5 the client
+//! opens a second connection to the same address for faults only, so their Data never queues
+//! behind background bytes in socket buffers (QEMU's postcopy-preempt channel).
+//! 1. C→S Join      features:u32 session:[32]    (instead of Hello)
+//!    session = HMAC-SHA256(session_key of the first connection, "umm urgent join")
+//! 2. Challenge, Auth and Welcome as above (this connection's own nonces and session key);
+//!    the server then looks the session up and answers, sealed: Join (the same id: joined),
+//!    or Error ERR_SESSION (unknown, ended or already joined) and close. No Manifest.
+//! 3. C→S Get (sealed, any flags: all urgent), S→C Data, answered one by one in order;
+//!    C→S Close ends it. The first connection's end ends it too.
+//!
 //! Decoding is strict: wrong version, unknown kind, a frame above its kind's bound, missing or
 //! trailing bytes, bad alignment and unknown flags are errors that name what was wrong.
 
@@ -43,11 +54,13 @@ use sha2::Sha256;
 use crate::image::CHUNK_SIZE;
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The server answers urgent Gets before queued background ones.
 pub const FEATURE_URGENT_FIRST: u32 = 1 << 0;
+/// The server takes a second, urgent-only connection that joins a session (Join).
+pub const FEATURE_URGENT_CONNECTION: u32 = 1 << 1;
 /// Every feature this build knows.
-pub const FEATURES: u32 = FEATURE_URGENT_FIRST;
+pub const FEATURES: u32 = FEATURE_URGENT_FIRST | FEATURE_URGENT_CONNECTION;
 /// Largest Get (and so Data) in bytes.
 pub const MAX_GET: u32 = 4 << 20;
 /// Get flag: a fault waits on these bytes.
@@ -74,12 +87,14 @@ pub const KIND_DATA: u16 = 7;
 pub const KIND_ERROR: u16 = 8;
 pub const KIND_COMPLETE: u16 = 9;
 pub const KIND_CLOSE: u16 = 10;
+pub const KIND_JOIN: u16 = 11;
 
 /// Error codes.
 pub const ERR_AUTH: u16 = 1;
 pub const ERR_BAD_REQUEST: u16 = 2;
 pub const ERR_IMAGE: u16 = 3;
 pub const ERR_PROTOCOL: u16 = 4;
+pub const ERR_SESSION: u16 = 5;
 
 /// Length prefix plus version plus kind.
 const HEADER_LEN: usize = 8;
@@ -124,6 +139,10 @@ pub enum Frame {
     },
     Complete,
     Close,
+    Join {
+        features: u32,
+        session: [u8; MAC_LEN],
+    },
 }
 
 impl fmt::Debug for Frame {
@@ -155,6 +174,7 @@ impl fmt::Debug for Frame {
             Frame::Error { code, msg } => write!(f, "Error({code}: {msg})"),
             Frame::Complete => write!(f, "Complete"),
             Frame::Close => write!(f, "Close"),
+            Frame::Join { features, .. } => write!(f, "Join(features={features:#x})"),
         }
     }
 }
@@ -330,6 +350,7 @@ impl Frame {
             Frame::Error { .. } => KIND_ERROR,
             Frame::Complete => KIND_COMPLETE,
             Frame::Close => KIND_CLOSE,
+            Frame::Join { .. } => KIND_JOIN,
         }
     }
 
@@ -392,6 +413,10 @@ impl Frame {
                 p.extend_from_slice(msg.as_bytes());
             }
             Frame::Complete | Frame::Close => {}
+            Frame::Join { features, session } => {
+                p.extend_from_slice(&features.to_le_bytes());
+                p.extend_from_slice(session);
+            }
         }
         let mut out = Vec::with_capacity(HEADER_LEN + p.len());
         out.extend_from_slice(&((4 + p.len()) as u32).to_le_bytes());
@@ -425,7 +450,7 @@ fn check_header(len: usize, version: u16, kind: u16) -> Result<(), DecodeError> 
             "protocol version {version}; this build speaks version {VERSION}"
         ));
     }
-    if !(KIND_HELLO..=KIND_CLOSE).contains(&kind) {
+    if !(KIND_HELLO..=KIND_JOIN).contains(&kind) {
         return invalid(format!("unknown frame kind {kind}"));
     }
     if len < 4 || len > max_body(kind) {
@@ -483,23 +508,7 @@ fn decode_payload(kind: u16, p: &[u8]) -> Result<Frame, DecodeError> {
             let count = c.u32("Data")? as usize;
             let checksums = c.u32s(count, "Data checksums")?;
             let bytes = c.take(p.len() - c.at, "Data")?.to_vec();
-            if offset % CHUNK_SIZE != 0
-                || bytes.is_empty()
-                || bytes.len() > MAX_GET as usize
-                || chunks_in(bytes.len() as u64) != count as u64
-            {
-                return invalid(format!(
-                    "Data id {id} at {offset:#x}: {} bytes with {count} checksums (chunk \
-                     aligned, 1 to {MAX_GET:#x} bytes, one checksum per chunk expected)",
-                    bytes.len()
-                ));
-            }
-            Frame::Data {
-                id,
-                offset,
-                checksums,
-                bytes,
-            }
+            data_frame(id, offset, checksums, bytes)?
         }
         KIND_ERROR => {
             let code = c.u16("Error")?;
@@ -514,10 +523,76 @@ fn decode_payload(kind: u16, p: &[u8]) -> Result<Frame, DecodeError> {
         }
         KIND_COMPLETE => Frame::Complete,
         KIND_CLOSE => Frame::Close,
+        KIND_JOIN => Frame::Join {
+            features: c.u32("Join")?,
+            session: c.array("Join session")?,
+        },
         _ => return invalid(format!("unknown frame kind {kind}")),
     };
     c.end(&format!("{:?}", frame.kind()))?;
     Ok(frame)
+}
+
+/// A Data frame whose fields were read: checked as strictly as any decoded frame.
+fn data_frame(
+    id: u64,
+    offset: u64,
+    checksums: Vec<u32>,
+    bytes: Vec<u8>,
+) -> Result<Frame, DecodeError> {
+    let count = checksums.len();
+    if offset % CHUNK_SIZE != 0
+        || bytes.is_empty()
+        || bytes.len() > MAX_GET as usize
+        || chunks_in(bytes.len() as u64) != count as u64
+    {
+        return invalid(format!(
+            "Data id {id} at {offset:#x}: {} bytes with {count} checksums (chunk \
+             aligned, 1 to {MAX_GET:#x} bytes, one checksum per chunk expected)",
+            bytes.len()
+        ));
+    }
+    Ok(Frame::Data {
+        id,
+        offset,
+        checksums,
+        bytes,
+    })
+}
+
+/// The fixed part of a Data frame after the header: id, offset, count.
+const DATA_FIXED: usize = 8 + 8 + 4;
+
+/// A Data frame's bytes before its data: header, id, offset, count, checksums.
+fn data_head(id: u64, offset: u64, checksums: &[u32], data_len: usize) -> Vec<u8> {
+    let body = 4 + DATA_FIXED + 4 * checksums.len() + data_len;
+    let mut h = Vec::with_capacity(HEADER_LEN + DATA_FIXED + 4 * checksums.len());
+    h.extend_from_slice(&(body as u32).to_le_bytes());
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&KIND_DATA.to_le_bytes());
+    h.extend_from_slice(&id.to_le_bytes());
+    h.extend_from_slice(&offset.to_le_bytes());
+    h.extend_from_slice(&(checksums.len() as u32).to_le_bytes());
+    for c in checksums {
+        h.extend_from_slice(&c.to_le_bytes());
+    }
+    h
+}
+
+/// Write every byte of `parts`, in order, with as few system calls as the socket allows
+/// (one `writev` when it has room): no copy of the data into a frame buffer.
+pub fn write_all_parts(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -662,6 +737,14 @@ impl fmt::Debug for SessionKey {
 }
 
 impl SessionKey {
+    /// What a second (urgent) connection sends to join this session: derived from the
+    /// session key, so only the two ends of this connection know it.
+    pub fn join_id(&self) -> [u8; MAC_LEN] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
+        m.update(b"umm urgent join");
+        m.finalize().into_bytes().into()
+    }
+
     /// Seals the frames `from` sends.
     pub fn sealer(&self, from: Role) -> Sealer {
         Sealer(self.direction(from))
@@ -689,23 +772,26 @@ struct Direction {
 }
 
 impl Direction {
-    /// The MAC of the next frame, whose bytes are `frame`; counts it.
-    fn next_mac(&mut self, frame: &[u8]) -> Hmac<Sha256> {
+    /// The MAC of the next frame, whose bytes are `parts` one after the other; counts it.
+    fn next_mac(&mut self, parts: &[&[u8]]) -> Hmac<Sha256> {
         let mut m = self.mac.clone();
         m.update(match self.from {
             Role::Client => b"umm-net-2 c2s",
             Role::Server => b"umm-net-2 s2c",
         });
         m.update(&self.seq.to_le_bytes());
-        m.update(frame);
+        for p in parts {
+            m.update(p);
+        }
         self.seq += 1;
         m
     }
 
-    fn check(&mut self, frame: &[u8], mac: &[u8]) -> Result<(), DecodeError> {
+    /// `parts` (the frame's bytes, header first) against `mac`.
+    fn check(&mut self, parts: &[&[u8]], mac: &[u8]) -> Result<(), DecodeError> {
         let seq = self.seq;
-        if self.next_mac(frame).verify_slice(mac).is_err() {
-            let kind = frame
+        if self.next_mac(parts).verify_slice(mac).is_err() {
+            let kind = parts[0]
                 .get(6..8)
                 .map_or(0, |k| u16::from_le_bytes([k[0], k[1]]));
             return invalid(format!(
@@ -728,9 +814,24 @@ impl Sealer {
     /// The frame on the wire, its MAC appended.
     pub fn seal(&mut self, f: &Frame) -> Vec<u8> {
         let mut bytes = f.encode();
-        let mac = self.0.next_mac(&bytes).finalize().into_bytes();
+        let mac = self.0.next_mac(&[&bytes]).finalize().into_bytes();
         bytes.extend_from_slice(&mac);
         bytes
+    }
+
+    /// Write a sealed Data frame straight from `bytes` (header, data and MAC in one writev):
+    /// the same bytes as `seal(&Frame::Data { .. })`, without copying the data.
+    pub fn write_data(
+        &mut self,
+        w: &mut impl Write,
+        id: u64,
+        offset: u64,
+        checksums: &[u32],
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        let head = data_head(id, offset, checksums, bytes.len());
+        let mac = self.0.next_mac(&[&head, bytes]).finalize().into_bytes();
+        write_all_parts(w, &[&head, bytes, &mac])
     }
 
     /// Write one sealed frame to a blocking stream.
@@ -756,7 +857,7 @@ impl Opener {
             return Err(DecodeError::Incomplete);
         }
         self.0
-            .check(&buf[..4 + len], &buf[4 + len..4 + len + MAC_LEN])?;
+            .check(&[&buf[..4 + len]], &buf[4 + len..4 + len + MAC_LEN])?;
         let frame = decode_payload(kind, &buf[HEADER_LEN..4 + len])?;
         Ok((frame, 4 + len + MAC_LEN))
     }
@@ -776,12 +877,63 @@ impl Opener {
                 format!("frame of kind {kind} with length {len}, above {max} here"),
             ));
         }
+        if kind == KIND_DATA {
+            return self.read_data(r, &header, len);
+        }
         let mut frame = vec![0u8; 4 + len + MAC_LEN];
         frame[..HEADER_LEN].copy_from_slice(&header);
         r.read_exact(&mut frame[HEADER_LEN..])?;
         let (bytes, mac) = frame.split_at(4 + len);
-        self.0.check(bytes, mac).map_err(bad)?;
+        self.0.check(&[bytes], mac).map_err(bad)?;
         decode_payload(kind, &bytes[HEADER_LEN..]).map_err(bad)
+    }
+
+    /// The rest of a Data frame whose header was read: its data read into a buffer of its
+    /// own (no copy out of a frame buffer), the MAC checked before anything is decoded.
+    fn read_data(&mut self, r: &mut impl Read, header: &[u8], len: usize) -> io::Result<Frame> {
+        let bad = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let rest = len - 4;
+        if rest < DATA_FIXED {
+            let mut body = vec![0u8; rest + MAC_LEN];
+            r.read_exact(&mut body)?;
+            self.0
+                .check(&[header, &body[..rest]], &body[rest..])
+                .map_err(bad)?;
+            return Err(bad(DecodeError::Invalid("truncated Data".into())));
+        }
+        let mut fixed = [0u8; DATA_FIXED];
+        r.read_exact(&mut fixed)?;
+        let count = u32::from_le_bytes(fixed[16..20].try_into().expect("4 bytes")) as usize;
+        // A count the frame cannot hold: read it as one buffer so the MAC is still checked
+        // first, then refuse it as the decoder would.
+        let Some(data_len) = count
+            .checked_mul(4)
+            .and_then(|c| (rest - DATA_FIXED).checked_sub(c))
+        else {
+            let mut body = vec![0u8; rest - DATA_FIXED + MAC_LEN];
+            r.read_exact(&mut body)?;
+            let n = rest - DATA_FIXED;
+            self.0
+                .check(&[header, &fixed, &body[..n]], &body[n..])
+                .map_err(bad)?;
+            return Err(bad(DecodeError::Invalid("truncated Data checksums".into())));
+        };
+        let mut crcs = vec![0u8; 4 * count];
+        r.read_exact(&mut crcs)?;
+        let mut bytes = vec![0u8; data_len];
+        r.read_exact(&mut bytes)?;
+        let mut mac = [0u8; MAC_LEN];
+        r.read_exact(&mut mac)?;
+        self.0
+            .check(&[header, &fixed, &crcs, &bytes], &mac)
+            .map_err(bad)?;
+        let id = u64::from_le_bytes(fixed[0..8].try_into().expect("8 bytes"));
+        let offset = u64::from_le_bytes(fixed[8..16].try_into().expect("8 bytes"));
+        let checksums = crcs
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        data_frame(id, offset, checksums, bytes).map_err(bad)
     }
 }
 
