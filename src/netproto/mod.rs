@@ -865,6 +865,17 @@ impl Opener {
     /// Read one sealed frame from a blocking stream, refusing (before allocating) a body
     /// longer than `max`. A wrong MAC is an `InvalidData` error that says so.
     pub fn read(&mut self, r: &mut impl Read, max: usize) -> io::Result<Frame> {
+        self.read_reusing(r, max, Vec::new())
+    }
+
+    /// [`Opener::read`], a Data frame's bytes read into `spare` (a buffer a finished Data
+    /// frame gave back): no zeroing and no fresh pages for each frame. Other frames drop it.
+    pub fn read_reusing(
+        &mut self,
+        r: &mut impl Read,
+        max: usize,
+        spare: Vec<u8>,
+    ) -> io::Result<Frame> {
         let bad = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
         let mut header = [0u8; HEADER_LEN];
         r.read_exact(&mut header)?;
@@ -878,7 +889,7 @@ impl Opener {
             ));
         }
         if kind == KIND_DATA {
-            return self.read_data(r, &header, len);
+            return self.read_data(r, &header, len, spare);
         }
         let mut frame = vec![0u8; 4 + len + MAC_LEN];
         frame[..HEADER_LEN].copy_from_slice(&header);
@@ -890,7 +901,13 @@ impl Opener {
 
     /// The rest of a Data frame whose header was read: its data read into a buffer of its
     /// own (no copy out of a frame buffer), the MAC checked before anything is decoded.
-    fn read_data(&mut self, r: &mut impl Read, header: &[u8], len: usize) -> io::Result<Frame> {
+    fn read_data(
+        &mut self,
+        r: &mut impl Read,
+        header: &[u8],
+        len: usize,
+        spare: Vec<u8>,
+    ) -> io::Result<Frame> {
         let bad = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
         let rest = len - 4;
         if rest < DATA_FIXED {
@@ -920,7 +937,9 @@ impl Opener {
         };
         let mut crcs = vec![0u8; 4 * count];
         r.read_exact(&mut crcs)?;
-        let mut bytes = vec![0u8; data_len];
+        let mut bytes = spare;
+        // Shrinking keeps the old bytes (overwritten below); only growth is zeroed.
+        bytes.resize(data_len, 0);
         r.read_exact(&mut bytes)?;
         let mut mac = [0u8; MAC_LEN];
         r.read_exact(&mut mac)?;
