@@ -399,7 +399,9 @@ fn restore_over(delay_ms: u32, rate: Option<&str>, name: &str, urgent: Urgent) {
 
 #[test]
 fn restore_over_a_veth_with_1ms_delay_verifies_every_page_fetched_over_the_network() {
-    restore_over(1, None, "net-1ms", Urgent::Offered);
+    // 100 Mbit/s: the ~23 MiB take ~2 s, so the restorer's reads fault before the background
+    // has fetched everything (unlimited, a loaded machine could start the restorer after it).
+    restore_over(1, Some("100mbit"), "net-1ms", Urgent::Offered);
 }
 
 #[test]
@@ -411,7 +413,7 @@ fn restore_over_a_veth_with_10ms_delay_and_a_rate_limit_completes() {
 /// on the first connection, answered before the background; every page still verifies.
 #[test]
 fn without_an_urgent_connection_faults_go_on_the_first_connection_and_the_restore_completes() {
-    restore_over(1, None, "net-no-urgent", Urgent::NotOffered);
+    restore_over(1, Some("100mbit"), "net-no-urgent", Urgent::NotOffered);
 }
 
 /// Everything a stopped restore must show: the restorer tree killed (no OK line: it did not
@@ -593,7 +595,8 @@ fn server_tls_args(certs: &tls::TestCerts) -> Vec<OsString> {
 fn restore_over_tls_verifies_every_page_and_reports_tls() {
     require_root_and_uffd();
     let dir = TestDir::new("net-tls");
-    let net = NetPair::new(1, None);
+    // Rate-limited, so the restorer's reads fault before the background fetched everything.
+    let net = NetPair::new(1, Some("100mbit"));
     let certs = tls::TestCerts::make(&dir, &[SERVER_IP]);
     let (img, data_pages) = build_image(&dir);
     let mut server = start_server_with(&dir, &net, &img, &[], &server_tls_args(&certs));
@@ -883,6 +886,12 @@ fn migrate_source_resumes_the_source_when_the_destination_dies_mid_way() {
     p.signal(nix::sys::signal::Signal::SIGKILL);
     p.wait_bounded(LIMIT);
     p.assert_group_gone();
+    // Stopped, not left to run on zero pages: it neither finished nor saw wrong memory.
+    assert!(
+        !p.stdout().contains("OK richstate") && !p.stdout().contains("FAIL richstate"),
+        "{}",
+        p.context()
+    );
     let st = mig.wait_bounded(Duration::from_secs(60));
     assert!(
         !st.success() && mig.stderr().contains("resumed untouched"),

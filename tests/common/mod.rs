@@ -281,21 +281,20 @@ pub fn group_members(pgid: i32) -> Vec<(i32, char, String)> {
 /// bounded number of times, so a short disk wait does not count), and fail if any member is
 /// left alive at all (it is killed first). Zombies waiting for init are ignored.
 pub fn assert_group_gone(pgid: i32, what: &str) {
-    let mut stuck = Vec::new();
-    for _ in 0..50 {
-        stuck = group_members(pgid)
+    // Killing is asynchronous (a keeper notices its manager's death, then kills; SIGKILL takes
+    // a moment to end a process): wait, bounded, for the group to go.
+    let mut left = Vec::new();
+    for _ in 0..30 {
+        left = group_members(pgid)
             .into_iter()
-            .filter(|m| m.1 == 'D')
+            .filter(|m| m.1 != 'Z')
             .collect();
-        if stuck.is_empty() {
+        if left.is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let left: Vec<_> = group_members(pgid)
-        .into_iter()
-        .filter(|m| m.1 != 'Z')
-        .collect();
+    let stuck: Vec<_> = left.iter().filter(|m| m.1 == 'D').cloned().collect();
     if !left.is_empty() {
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
