@@ -56,10 +56,13 @@ const SEIZE_ROUNDS: usize = 1000;
 #[derive(Debug)]
 pub(crate) enum ToLoop {
     /// Register the servable parts of `range` in process `pid`'s space, then ack `seq`.
+    /// `fresh`: a new mapping (mmap, brk growth), so whatever the model remembers there is
+    /// stale (see [`Manager::register_traced`]); an mremap's result is not fresh.
     Register {
         seq: u64,
         pid: u32,
         range: Range<u64>,
+        fresh: bool,
     },
     /// Process `parent` forked `child` (traced from its first instruction).
     Forked { parent: u32, child: u32 },
@@ -490,7 +493,7 @@ impl Tracer {
             return;
         }
         let ret = regs.rax;
-        let range = match regs.orig_rax as i64 {
+        let (range, fresh) = match regs.orig_rax as i64 {
             libc::SYS_mmap => {
                 let flags = regs.r10 as i32;
                 // The low bits are the mapping type (MAP_SHARED_VALIDATE = 3 overlaps both).
@@ -498,16 +501,19 @@ impl Tracer {
                 let private_anonymous = flags & libc::MAP_ANONYMOUS != 0
                     && flags & MAP_TYPE == libc::MAP_PRIVATE
                     && flags & libc::MAP_HUGETLB == 0;
-                private_anonymous.then(|| ret..ret.saturating_add(regs.rsi))
+                (
+                    private_anonymous.then(|| ret..ret.saturating_add(regs.rsi)),
+                    true,
+                )
             }
-            libc::SYS_mremap => Some(ret..ret.saturating_add(regs.rdx)),
-            libc::SYS_brk => self.brk_growth(task.mm, regs.rdi, ret),
-            _ => None,
+            libc::SYS_mremap => (Some(ret..ret.saturating_add(regs.rdx)), false),
+            libc::SYS_brk => (self.brk_growth(task.mm, regs.rdi, ret), true),
+            _ => (None, false),
         };
         if let Some(r) = range {
             let r = umm::page_floor(r.start)..umm::page_ceil(r.end);
             if !r.is_empty() {
-                self.register(task.mm, r);
+                self.register(task.mm, r, fresh);
             }
         }
     }
@@ -523,13 +529,14 @@ impl Tracer {
     }
 
     /// Ask the loop to register `range` of process `tgid`; wait (bounded) for its ack.
-    fn register(&mut self, tgid: u32, range: Range<u64>) {
+    fn register(&mut self, tgid: u32, range: Range<u64>, fresh: bool) {
         self.seq += 1;
         let seq = self.seq;
         if !self.link.send(ToLoop::Register {
             seq,
             pid: tgid,
             range,
+            fresh,
         }) {
             return; // the loop is gone
         }
@@ -649,10 +656,20 @@ impl Manager {
         };
         for msg in tracer.take_requests() {
             match msg {
-                ToLoop::Register { seq, pid, range } => {
+                ToLoop::Register {
+                    seq,
+                    pid,
+                    range,
+                    fresh,
+                } => {
                     if let Some(id) = self.space_for_traced(pid) {
                         self.stats.strict_registers += 1;
-                        self.register_servable(id, range);
+                        let added = self.register_traced(id, range.clone(), fresh);
+                        log::debug!(
+                            "pid {pid}: strict register {:#x}-{:#x}: {added} bytes new",
+                            range.start,
+                            range.end
+                        );
                     }
                     if let Some(t) = &self.strict {
                         t.ack(seq);
@@ -681,6 +698,32 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Register `range`, which a traced thread just mapped (it waits at its syscall-exit
+    /// stop). The model may be behind the kernel: one thread's munmap frees a range before
+    /// its UNMAP event is queued and read (the munmap waits for the read only after it has
+    /// released the mmap lock), so another thread's mmap can get the same addresses while
+    /// the model still holds the old, registered range, and registering "what the model
+    /// lacks" would do nothing (seen with glibc's arenas: one thread trims the second half
+    /// of its 128 MiB reservation, the next one maps its arena there at once). So: read
+    /// the events already queued, and for a fresh mapping forget what the model says of the
+    /// range (nothing of an older mapping survives there). An UNMAP read later for the old
+    /// range only makes the model forget it again: faults there are adopted, the kernel
+    /// keeps the registration, the rescan puts it back in the model.
+    fn register_traced(&mut self, id: Id, range: Range<u64>, fresh: bool) -> u64 {
+        self.drain_space(id);
+        if fresh {
+            if let Some(s) = self.spaces.get_mut(id) {
+                let before = s.layout.registered_bytes();
+                s.layout.unregister(range.clone());
+                s.refused
+                    .retain(|r| r.end <= range.start || r.start >= range.end);
+                let after = s.layout.registered_bytes();
+                self.stats.registered_delta(before, after);
+            }
+        }
+        self.register_servable(id, range)
     }
 
     /// The space of traced process `pid`: the one with that pid, or else the one forked child
