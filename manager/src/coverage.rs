@@ -126,7 +126,7 @@ fn log_unregistered(pid: u32, ratio: f64, smaps: &str) {
             anon = 0;
         }
     }
-    missed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    missed.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
     let total: u64 = missed.iter().map(|m| m.0).sum();
     log::debug!(
         "coverage: new minimum {ratio:.4}; pid {pid}: {} KiB anonymous unregistered in {} VMAs",

@@ -22,12 +22,15 @@
 //! every thread (an error is reported to the loop, which goes on without strict mode).
 //!
 //! Tracee stops wake the tracer through SIGCHLD on a signalfd: SIGCHLD must be blocked in
-//! every thread of umm (see [`block_sigchld`]).
+//! every thread of umm (see [`block_sigchld`]). `umm daemon` runs one tracer per strictly
+//! attached process; SIGCHLD is process-wide and coalesced, so the tracer that reads it
+//! passes the wake-up on to the others ([`SigchldFanout`]), and each waits only for its own
+//! tracees (`__WNOTHREAD`: another thread's tracees are not its to resume).
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,6 +54,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const DETACH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Rounds of "list the threads, seize the new ones" before giving up.
 const SEIZE_ROUNDS: usize = 1000;
+/// waitpid flags: every tracee (threads too), and only this thread's (another tracer
+/// thread's tracees, or an attach helper's, are not ours to reap).
+const OWN_TRACEES: WaitPidFlag = WaitPidFlag::__WALL.union(WaitPidFlag::__WNOTHREAD);
 
 /// What the tracer asks of the loop.
 #[derive(Debug)]
@@ -83,6 +89,40 @@ pub(crate) struct StrictTracer {
     stop: Arc<EventFd>,
     stop_tx: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The wake-up eventfds of every running tracer of this process. SIGCHLD says "some tracee
+/// of this process stopped", once for many stops; whichever tracer reads it wakes the others.
+struct SigchldFanout;
+
+static TRACER_WAKERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
+
+impl SigchldFanout {
+    fn join(wake: &Arc<EventFd>) {
+        TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wake.clone());
+    }
+
+    fn leave(wake: &Arc<EventFd>) {
+        TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|w| !Arc::ptr_eq(w, wake));
+    }
+
+    /// Wake every tracer but the caller (it drains its own stops next).
+    fn wake_others(me: &Arc<EventFd>) {
+        for w in TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|w| !Arc::ptr_eq(w, me))
+        {
+            let _ = w.write(1);
+        }
+    }
 }
 
 /// Block SIGCHLD in the calling thread, before any other thread is started (they inherit the
@@ -158,6 +198,11 @@ impl StrictTracer {
         let _ = self.acks.send(seq);
     }
 
+    /// Whether the tracer thread ended by itself (no traced thread left, or a failure).
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Detach every traced thread and end the tracer (bounded by its detach timeout).
     pub(crate) fn stop(mut self) {
         self.stop_tx = None;
@@ -213,6 +258,8 @@ struct Task {
 struct Tracer {
     pid: u32,
     link: Link,
+    /// Written by another tracer that read a SIGCHLD (it may have been for our tracees).
+    chld_wake: Arc<EventFd>,
     tasks: HashMap<u32, Task>,
     /// Per traced process: its program break as last seen (brk growth registers from there).
     brk: HashMap<u32, u64>,
@@ -222,9 +269,18 @@ struct Tracer {
 }
 
 fn trace_main(pid: u32, link: Link) {
+    let chld_wake = match EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            link.send(ToLoop::Failed(format!("eventfd: {e}")));
+            return;
+        }
+    };
+    SigchldFanout::join(&chld_wake);
     let mut t = Tracer {
         pid,
         link,
+        chld_wake,
         tasks: HashMap::new(),
         brk: HashMap::new(),
         seq: 0,
@@ -233,6 +289,7 @@ fn trace_main(pid: u32, link: Link) {
     };
     let result = t.run();
     t.detach_all();
+    SigchldFanout::leave(&t.chld_wake);
     match result {
         Ok(()) => log::info!(
             "pid {pid}: strict mode ended ({} ranges registered at their mapping call, {} \
@@ -245,6 +302,8 @@ fn trace_main(pid: u32, link: Link) {
             t.link.send(ToLoop::Failed(e));
         }
     }
+    // The loop reaps a tracer whose thread ended (its process exited).
+    let _ = t.link.wake.write(1);
 }
 
 fn is_stop_signal(sig: Signal) -> bool {
@@ -282,9 +341,10 @@ impl Tracer {
         self.seize_all()?;
         self.link.send(ToLoop::Ready);
         loop {
-            let (chld, stop) = {
+            let (chld, woken, stop) = {
                 let mut fds = [
                     PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.chld_wake.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.link.stop.as_fd(), PollFlags::POLLIN),
                 ];
                 match poll(&mut fds, PollTimeout::NONE) {
@@ -292,14 +352,21 @@ impl Tracer {
                     Err(e) => return Err(format!("poll: {e}")),
                 }
                 let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), ready(&fds[1]))
+                (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
             };
             if stop {
                 return Ok(());
             }
-            if chld {
+            if chld || woken {
                 // Consume the (coalesced) signals first: a stop after this read raises it again.
-                while let Ok(Some(_)) = sigchld.read_signal() {}
+                let mut read_any = false;
+                while let Ok(Some(_)) = sigchld.read_signal() {
+                    read_any = true;
+                }
+                if read_any {
+                    SigchldFanout::wake_others(&self.chld_wake);
+                }
+                let _ = self.chld_wake.read();
                 self.drain_stops()?;
                 if self.tasks.is_empty() {
                     log::debug!("pid {}: no traced thread left", self.pid);
@@ -365,7 +432,7 @@ impl Tracer {
     /// Handle every stop that is waiting.
     fn drain_stops(&mut self) -> Result<(), String> {
         loop {
-            let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            let status = match waitpid(None, Some(OWN_TRACEES | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return Ok(()),
                 Ok(s) => s,
                 Err(Errno::EINTR) => continue,
@@ -568,7 +635,7 @@ impl Tracer {
         }
         let deadline = Instant::now() + DETACH_TIMEOUT;
         while !self.tasks.is_empty() && Instant::now() < deadline {
-            let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            let status = match waitpid(None, Some(OWN_TRACEES | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
@@ -630,28 +697,84 @@ use crate::space::Origin;
 
 impl Manager {
     /// Start strict mode for process `pid` and wait until every thread is traced (call it
-    /// before its space is adopted: the adoption's registration then misses nothing).
+    /// before its space is adopted: the adoption's registration then misses nothing). The
+    /// wait is on the loop (bounded by the detach timeout; a seize takes milliseconds).
+    /// SIGCHLD must have been blocked before umm started its first thread.
     pub(crate) fn start_strict(&mut self, pid: u32) -> Result<(), String> {
+        if !self.sigchld_blocked {
+            return Err("this manager did not block SIGCHLD at its start: no strict mode".into());
+        }
+        if self.strict.iter().any(|t| t.pid() == pid) {
+            return Err(format!("pid {pid} is traced strictly already"));
+        }
         let tracer = StrictTracer::start(pid)?;
         tracer.wait_ready(DETACH_TIMEOUT)?;
         self.epoll
             .add(tracer.wake_fd(), event_for(Token::Tracer))
             .map_err(|e| format!("epoll add of the tracer's eventfd: {e}"))?;
-        self.strict = Some(tracer);
+        self.strict.push(tracer);
         Ok(())
     }
 
-    /// End strict mode (detach every traced thread), if it is on.
-    pub(crate) fn stop_strict(&mut self) {
-        if let Some(t) = self.strict.take() {
+    /// End strict mode for process `pid` (detach every thread it traces), if it is on.
+    pub(crate) fn stop_strict(&mut self, pid: u32) {
+        if let Some(at) = self.strict.iter().position(|t| t.pid() == pid) {
+            let t = self.strict.swap_remove(at);
             let _ = self.epoll.delete(t.wake_fd());
             t.stop();
         }
     }
 
-    /// The tracer's requests: each applied at once, a Register acked when done.
+    /// End every tracer (detach, shutdown).
+    pub(crate) fn stop_all_strict(&mut self) {
+        for t in std::mem::take(&mut self.strict) {
+            let _ = self.epoll.delete(t.wake_fd());
+            t.stop();
+        }
+    }
+
+    /// Whether space `id` belongs to a strictly traced process (the attached one or a child
+    /// it forked): its new mappings are registered at their call.
+    pub(crate) fn strictly_traced(&self, id: Id) -> bool {
+        let mut at = id;
+        for _ in 0..64 {
+            let Some(s) = self.spaces.get(at) else {
+                return false;
+            };
+            match s.origin {
+                Origin::Attach => {
+                    return s
+                        .pid
+                        .is_some_and(|p| self.strict.iter().any(|t| t.pid() == p))
+                }
+                Origin::Fork { parent } => at = parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// The tracers' requests: each applied at once, a Register acked when done. A tracer
+    /// whose thread ended (its process exited) is reaped.
     pub(crate) fn on_tracer_readable(&mut self) {
-        let Some(tracer) = &self.strict else {
+        let pids: Vec<u32> = self.strict.iter().map(|t| t.pid()).collect();
+        for tracer_pid in pids {
+            self.serve_tracer(tracer_pid);
+        }
+        let ended: Vec<u32> = self
+            .strict
+            .iter()
+            .filter(|t| t.ended())
+            .map(|t| t.pid())
+            .collect();
+        for pid in ended {
+            log::debug!("pid {pid}: its strict-mode tracer ended");
+            self.stop_strict(pid);
+        }
+    }
+
+    fn serve_tracer(&mut self, tracer_pid: u32) {
+        let Some(tracer) = self.strict.iter().find(|t| t.pid() == tracer_pid) else {
             return;
         };
         for msg in tracer.take_requests() {
@@ -671,7 +794,7 @@ impl Manager {
                             range.end
                         );
                     }
-                    if let Some(t) = &self.strict {
+                    if let Some(t) = self.strict.iter().find(|t| t.pid() == tracer_pid) {
                         t.ack(seq);
                     }
                 }
@@ -686,14 +809,21 @@ impl Manager {
                 ToLoop::Ready => {
                     // Mapped between the attach's own registration and the seize.
                     for id in self.spaces.ids() {
-                        if self.spaces.get(id).is_some_and(|s| s.pid.is_some()) {
+                        if self
+                            .spaces
+                            .get(id)
+                            .is_some_and(|s| s.pid == Some(tracer_pid))
+                        {
                             self.rescan(id);
                         }
                     }
                 }
                 ToLoop::Failed(why) => {
-                    log::warn!("strict mode ended: {why}; new mappings are found by rescans");
-                    self.stop_strict();
+                    log::warn!(
+                        "pid {tracer_pid}: strict mode ended: {why}; new mappings are found by \
+                         rescans"
+                    );
+                    self.stop_strict(tracer_pid);
                     return;
                 }
             }
