@@ -629,6 +629,10 @@ impl Manager {
                 continue;
             };
             if size != seen {
+                // Events first: a range unmapped by one thread and mapped again by another
+                // is still "registered" in the model until its UNMAP is read, and the
+                // rescan would skip it (see Manager::register_traced).
+                self.drain_space(id);
                 self.rescan(id);
                 if let Some(s) = self.spaces.get_mut(id) {
                     // The size read before the rescan: whatever came after is seen next time.
