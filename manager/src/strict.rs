@@ -76,6 +76,8 @@ pub(crate) enum ToLoop {
     Ready,
     /// The tracer gave up and detached everything.
     Failed(String),
+    /// No traced thread is left (the process exited or exec'd): the tracer thread ends.
+    Ended,
 }
 
 /// The loop's handle on the tracer thread.
@@ -198,11 +200,6 @@ impl StrictTracer {
         let _ = self.acks.send(seq);
     }
 
-    /// Whether the tracer thread ended by itself (no traced thread left, or a failure).
-    fn ended(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-
     /// Detach every traced thread and end the tracer (bounded by its detach timeout).
     pub(crate) fn stop(mut self) {
         self.stop_tx = None;
@@ -291,19 +288,21 @@ fn trace_main(pid: u32, link: Link) {
     t.detach_all();
     SigchldFanout::leave(&t.chld_wake);
     match result {
-        Ok(()) => log::info!(
-            "pid {pid}: strict mode ended ({} ranges registered at their mapping call, {} \
-             ack timeouts)",
-            t.registers,
-            t.ack_timeouts
-        ),
+        Ok(()) => {
+            log::info!(
+                "pid {pid}: strict mode ended ({} ranges registered at their mapping call, {} \
+                 ack timeouts)",
+                t.registers,
+                t.ack_timeouts
+            );
+            // Unless the loop stopped us: it reaps the tracer then.
+            t.link.send(ToLoop::Ended);
+        }
         Err(e) => {
             log::warn!("pid {pid}: strict mode off, the attach goes on with rescans: {e}");
             t.link.send(ToLoop::Failed(e));
         }
     }
-    // The loop reaps a tracer whose thread ended (its process exited).
-    let _ = t.link.wake.write(1);
 }
 
 fn is_stop_signal(sig: Signal) -> bool {
@@ -754,22 +753,12 @@ impl Manager {
         false
     }
 
-    /// The tracers' requests: each applied at once, a Register acked when done. A tracer
-    /// whose thread ended (its process exited) is reaped.
+    /// The tracers' requests (they share one token): each applied at once, a Register
+    /// acked when done.
     pub(crate) fn on_tracer_readable(&mut self) {
         let pids: Vec<u32> = self.strict.iter().map(|t| t.pid()).collect();
         for tracer_pid in pids {
             self.serve_tracer(tracer_pid);
-        }
-        let ended: Vec<u32> = self
-            .strict
-            .iter()
-            .filter(|t| t.ended())
-            .map(|t| t.pid())
-            .collect();
-        for pid in ended {
-            log::debug!("pid {pid}: its strict-mode tracer ended");
-            self.stop_strict(pid);
         }
     }
 
@@ -817,6 +806,11 @@ impl Manager {
                             self.rescan(id);
                         }
                     }
+                }
+                ToLoop::Ended => {
+                    log::debug!("pid {tracer_pid}: nothing left to trace");
+                    self.stop_strict(tracer_pid);
+                    return;
                 }
                 ToLoop::Failed(why) => {
                     log::warn!(
