@@ -524,7 +524,6 @@ impl Manager {
     /// Let go of `pid` and of the children it forked while managed: unregister every range,
     /// close the uffds. Returns how many address spaces were let go.
     pub(crate) fn detach_pid(&mut self, pid: u32) -> usize {
-        self.stop_strict(pid);
         let ids: Vec<Id> = self.spaces.ids();
         let mut mine: Vec<Id> = ids
             .iter()
@@ -551,6 +550,10 @@ impl Manager {
             self.unregister_all(id);
             self.close_space(id, "detached");
         }
+        // After the close: a traced thread waiting for its event to be read (a munmap or
+        // MADV_DONTNEED waits killably, so it cannot stop for the tracer's detach) is
+        // released by the close, not by this loop, which waits for the tracer meanwhile.
+        self.stop_strict(pid);
         if self.attached == Some(pid) && !mine.is_empty() {
             self.detached = true;
         }
@@ -559,11 +562,12 @@ impl Manager {
 
     /// Detach every space (the end of a foreground attach).
     pub(crate) fn detach_all(&mut self) {
-        self.stop_all_strict();
         for id in self.spaces.ids() {
             self.unregister_all(id);
             self.close_space(id, "detached");
         }
+        // After the close (see detach_pid).
+        self.stop_all_strict();
     }
 
     /// Unregister every registered range of a space, so that nothing of it is left waiting on

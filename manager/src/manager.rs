@@ -804,8 +804,6 @@ impl Manager {
     /// still unfinished cannot continue without the manager: their processes are stopped
     /// first (fail-stop), never left to read zeros.
     pub fn finish(&mut self) {
-        // First: a tracer waiting for an ack would otherwise wait out its timeout.
-        self.stop_all_strict();
         self.collect_coverage();
         self.coverage = None;
         if self.spaces.iter().any(|(_, s)| s.restore.is_some()) {
@@ -814,6 +812,9 @@ impl Manager {
         for id in self.spaces.ids() {
             self.close_space(id, "manager stopping");
         }
+        // After the close, which releases threads waiting for their events to be read: they
+        // could not stop for the tracers' detach (see detach_pid).
+        self.stop_all_strict();
         for id in self.peers.ids() {
             self.drop_peer(id, None);
         }
