@@ -270,10 +270,9 @@ fn redis_with_300k_keys_and_bgsave_is_covered() {
 // the address space (statm) every 2 ms and rescanning when it changes, and it replaces the
 // writable data segments with anonymous copies at the attach. Each program waits at a gate (a
 // fifo) until it is attached, so the whole run is managed. Coverage `last` reaches the goal for
-// all three; `min` does for python most of the time: redis's read-only RELRO pages (anonymous memory in file
-// mappings, ~0.6 MiB of ~4 MiB when idle) and mtalloc's bursts of 16 threads mapping memory
-// faster than a 2 ms rescan keep their first samples lower (printed, not asserted), and
-// python's min, just above the goal on a quiet machine, dips below it when it is busy.
+// all three, and `min` for redis (its RELRO parts are copied at the attach); python's and
+// mtalloc's `min` usually do, but bursts of new mappings faster than the 2 ms watch dip below
+// it now and then (printed, held to a floor).
 
 /// The gate's fifo in `dir`.
 fn gate(dir: &TestDir) -> std::path::PathBuf {
@@ -389,8 +388,9 @@ fn attached_python(tag: &str, extra: &[&str]) -> UmmRun {
 fn attached_python_is_covered() {
     require_root_and_uffd();
     let run = attached_python("cov-attach-python", &[]);
-    // Measured min: 0.95-0.995 alone, 0.91-0.95 beside another test on 2 cores (the loop's
-    // 2 ms watch runs late), 0.85 once: not the goal, so only a floor is asserted.
+    // Measured min: 0.95-0.995 alone, 0.91-0.99 beside another test on 2 cores (the loop's
+    // 2 ms watch runs late; 0.907 in 1 of 15 runs), 0.85 once: not the goal, so only a floor
+    // is asserted.
     assert_last_covered(&run, 0.75);
     // Much is touched before its rescan registers it (never faulted); measured: 80-120 MiB
     // served of ~228 MB.
@@ -481,8 +481,9 @@ fn attached_mtalloc(tag: &str, extra: &[&str]) -> UmmRun {
 fn attached_sixteen_threads_are_covered_at_the_end() {
     require_root_and_uffd();
     let run = attached_mtalloc("cov-attach-mtalloc", &[]);
-    // Measured min: 0.67-1.00 over runs (bursts of new mappings in 16 threads).
-    assert_last_covered(&run, 0.0);
+    // Measured min: 0.99-1.00 in 15 runs (2 at a time), 0.67 seen by an earlier session on a
+    // busier machine (bursts of new mappings in 16 threads).
+    assert_last_covered(&run, 0.5);
     run.assert_ge(
         "pages_served",
         32 * MIB / PAGE,
@@ -494,10 +495,11 @@ fn attached_sixteen_threads_are_covered_at_the_end() {
 fn strictly_attached_sixteen_threads_are_covered_from_the_first_touch() {
     require_root_and_uffd();
     let run = attached_mtalloc("cov-strict-mtalloc", &["--strict"]);
-    // Measured min (7 runs, 2 tests at a time): 0.9994-0.9996 five times, 0.91 and 0.93 once
-    // each (not understood yet: some memory of the 16 threads is sampled unregistered), so
-    // min is held to a floor, not to the goal.
-    assert_last_covered(&run, 0.85);
+    // Both samples held to the goal. The dips to 0.91-0.93 seen before were a new arena
+    // mapped where another thread had just trimmed its reservation, its UNMAP not yet read:
+    // the model still said "registered" (Manager::register_traced). Measured min since:
+    // 0.98-0.9996 (the lowest is the first sample, at the gate, of a ~250 KiB process).
+    assert_covered(&run);
     run.assert_ge(
         "strict_registers",
         16,
@@ -511,14 +513,14 @@ fn strictly_attached_sixteen_threads_are_covered_from_the_first_touch() {
 }
 
 #[test]
-fn attached_redis_with_300k_keys_and_bgsave_is_covered_at_the_end() {
+fn attached_redis_with_300k_keys_and_bgsave_is_covered() {
     require_root_and_uffd();
     let Some(run) = attached_redis("cov-attach-redis", &[]) else {
-        println!("SKIPPED: attached_redis_with_300k_keys_and_bgsave_is_covered_at_the_end: redis-server not installed (make test-deps installs it)");
+        println!("SKIPPED: attached_redis_with_300k_keys_and_bgsave_is_covered: redis-server not installed (make test-deps installs it)");
         return;
     };
-    // Measured min: 0.82-0.83 (the RELRO pages of its libraries, when it is idle).
-    assert_last_covered(&run, 0.5);
+    // Measured min: 0.9985 in 15 of 15 runs (an idle server; its RELRO parts are copied).
+    assert_covered(&run);
 }
 
 #[test]

@@ -69,8 +69,9 @@ pub struct AttachArgs {
     no_copy_data: bool,
     /// Trace the process's mapping calls (ptrace, every thread and forked child) and register
     /// each new private anonymous mapping, brk growth and mremap before the call returns:
-    /// coverage from the first touch, at the cost of a stop per system call.
-    #[arg(long, conflicts_with = "control")]
+    /// coverage from the first touch, at the cost of a stop per system call. With
+    /// --control, the daemon runs the tracer.
+    #[arg(long)]
     strict: bool,
     /// No summary on stderr.
     #[arg(short, long)]
@@ -112,7 +113,8 @@ pub fn detach_main(args: DetachArgs) -> i32 {
 
 fn attach(args: AttachArgs) -> Result<i32, String> {
     if let Some(ctl) = &args.control {
-        let answer = crate::stat_cmd::ask(ctl, &format!("attach {}", args.pid))?;
+        let strict = if args.strict { "--strict " } else { "" };
+        let answer = crate::stat_cmd::ask(ctl, &format!("attach {strict}{}", args.pid))?;
         eprint!("umm: {answer}");
         return Ok(0);
     }
@@ -125,9 +127,8 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
     // Blocked before any thread exists (the coverage sampler), so every thread inherits it.
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
-    if args.strict {
-        crate::strict::block_sigchld()?;
-    }
+    // Always: an `attach --strict PID` may come through --serve-control too.
+    crate::strict::block_sigchld()?;
     let opts = AttachOptions {
         grant: args.grant_device,
         copy_data: !args.no_copy_data,
@@ -142,6 +143,7 @@ fn attach(args: AttachArgs) -> Result<i32, String> {
     let cfg = args.common.config(Policy::Uids(vec![]), args.grant_device);
     let mut mgr = Manager::new(listener, cfg, Some(signals))
         .map_err(|e| format!("cannot start the manager: {e}"))?;
+    mgr.sigchld_blocked = true;
     let (control, _control_file) = crate::control::open(args.serve_control.as_deref(), None)?;
     if let Some(c) = control {
         mgr.attach_control(c)
@@ -522,9 +524,6 @@ impl Manager {
     /// Let go of `pid` and of the children it forked while managed: unregister every range,
     /// close the uffds. Returns how many address spaces were let go.
     pub(crate) fn detach_pid(&mut self, pid: u32) -> usize {
-        if self.strict.as_ref().is_some_and(|t| t.pid() == pid) {
-            self.stop_strict();
-        }
         let ids: Vec<Id> = self.spaces.ids();
         let mut mine: Vec<Id> = ids
             .iter()
@@ -551,6 +550,10 @@ impl Manager {
             self.unregister_all(id);
             self.close_space(id, "detached");
         }
+        // After the close: a traced thread waiting for its event to be read (a munmap or
+        // MADV_DONTNEED waits killably, so it cannot stop for the tracer's detach) is
+        // released by the close, not by this loop, which waits for the tracer meanwhile.
+        self.stop_strict(pid);
         if self.attached == Some(pid) && !mine.is_empty() {
             self.detached = true;
         }
@@ -559,11 +562,12 @@ impl Manager {
 
     /// Detach every space (the end of a foreground attach).
     pub(crate) fn detach_all(&mut self) {
-        self.stop_strict();
         for id in self.spaces.ids() {
             self.unregister_all(id);
             self.close_space(id, "detached");
         }
+        // After the close (see detach_pid).
+        self.stop_all_strict();
     }
 
     /// Unregister every registered range of a space, so that nothing of it is left waiting on
@@ -607,14 +611,11 @@ impl Manager {
     /// time since the last one (huge maps). The regular rescans stay as the net for what
     /// keeps the size (a MAP_FIXED over an old mapping).
     pub(crate) fn watch_agentless(&mut self, now: std::time::Instant) {
-        // The tracer registers new mappings at their call; the regular rescans stay the net.
-        if self.strict.is_some() {
-            self.set_tick(None);
-            return;
-        }
         let mut any = false;
         for id in self.spaces.ids() {
-            if !self.agentless(id) {
+            // A tracer registers its new mappings at their call; the regular rescans stay
+            // the net.
+            if !self.agentless(id) || self.strictly_traced(id) {
                 continue;
             }
             any = true;
@@ -632,6 +633,10 @@ impl Manager {
                 continue;
             };
             if size != seen {
+                // Events first: a range unmapped by one thread and mapped again by another
+                // is still "registered" in the model until its UNMAP is read, and the
+                // rescan would skip it (see Manager::register_traced).
+                self.drain_space(id);
                 self.rescan(id);
                 if let Some(s) = self.spaces.get_mut(id) {
                     // The size read before the rescan: whatever came after is seen next time.
@@ -647,16 +652,23 @@ impl Manager {
 pub struct PendingAttach {
     conn: Id,
     pid: u32,
+    /// `attach --strict PID`: trace its mapping calls once the uffd is in.
+    strict: bool,
     result: std::sync::mpsc::Receiver<Result<OwnedFd, String>>,
 }
 
 impl Manager {
-    /// An `attach PID` request: check it here (fast, /proc reads), then freeze and inject on a
-    /// helper thread, which becomes the process's tracer for that while. The answer is sent
-    /// when it is done ([`Manager::attach_tick`]).
-    pub(crate) fn start_attach(&mut self, conn: Id, pid: u32) -> Result<(), String> {
+    /// An `attach [--strict] PID` request: check it here (fast, /proc reads), then freeze and
+    /// inject on a helper thread, which becomes the process's tracer for that while. The
+    /// answer is sent when it is done ([`Manager::attach_tick`]).
+    pub(crate) fn start_attach(&mut self, conn: Id, pid: u32, strict: bool) -> Result<(), String> {
         if pid == self.own_pid {
             return Err("the manager does not manage itself".into());
+        }
+        if strict && !self.sigchld_blocked {
+            return Err(
+                "strict mode needs umm daemon or umm attach (this manager cannot trace)".into(),
+            );
         }
         if self.attaching.iter().any(|a| a.pid == pid) {
             return Err(format!("pid {pid} is being attached already"));
@@ -674,6 +686,7 @@ impl Manager {
         self.attaching.push(PendingAttach {
             conn,
             pid,
+            strict,
             result: rx,
         });
         Ok(())
@@ -709,14 +722,27 @@ impl Manager {
                 }
             };
             let a = self.attaching.swap_remove(i);
+            // Strict: every thread traced before the adoption registers (as in the
+            // foreground); fail-open, the attach goes on with rescans.
+            let strict = match (&got, a.strict) {
+                (Ok(_), true) => match self.start_strict(a.pid) {
+                    Ok(()) => " (strict)".to_string(),
+                    Err(e) => {
+                        log::warn!("pid {}: no strict mode: {e}", a.pid);
+                        format!(" (no strict mode: {e})")
+                    }
+                },
+                _ => String::new(),
+            };
             let answer = match got.and_then(|fd| self.adopt_attached(a.pid, fd)) {
                 Ok((_, registered)) => {
                     let bytes = crate::stats::human_bytes(registered);
-                    log::info!("pid {}: attached, {bytes} registered", a.pid);
-                    format!("ok attached pid {}: {bytes} registered\n", a.pid)
+                    log::info!("pid {}: attached{strict}, {bytes} registered", a.pid);
+                    format!("ok attached pid {}{strict}: {bytes} registered\n", a.pid)
                 }
                 Err(e) => {
                     log::warn!("attach: {e}");
+                    self.stop_strict(a.pid);
                     format!("error: {e}\n")
                 }
             };

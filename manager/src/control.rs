@@ -74,8 +74,12 @@ struct Conn {
 pub enum Request {
     Stat,
     Metrics,
-    /// `attach PID` (umm daemon): manage a running process.
-    Attach(u32),
+    /// `attach [--strict] PID` (umm daemon): manage a running process; `--strict` also
+    /// traces its mapping calls (as `umm attach --strict`).
+    Attach {
+        pid: u32,
+        strict: bool,
+    },
     /// `detach PID`: let go of a process (and the children it forked while managed).
     Detach(u32),
     /// Unknown control request or HTTP path: the text is for the error message.
@@ -200,15 +204,26 @@ pub fn parse_request(input: &[u8], http: bool) -> Option<Request> {
         "stat" => Request::Stat,
         "metrics" => Request::Metrics,
         other => match other.split_once(' ') {
-            Some(("attach", pid)) if pid.trim().parse::<u32>().is_ok() => {
-                Request::Attach(pid.trim().parse().expect("checked"))
-            }
+            Some(("attach", args)) => match parse_attach(args) {
+                Some((pid, strict)) => Request::Attach { pid, strict },
+                None => Request::Unknown(other.chars().take(64).collect()),
+            },
             Some(("detach", pid)) if pid.trim().parse::<u32>().is_ok() => {
                 Request::Detach(pid.trim().parse().expect("checked"))
             }
             _ => Request::Unknown(other.chars().take(64).collect()),
         },
     })
+}
+
+/// The arguments of `attach`: `PID` or `--strict PID`.
+fn parse_attach(args: &str) -> Option<(u32, bool)> {
+    let (strict, pid) = match args.trim().split_once(' ') {
+        Some(("--strict", pid)) => (true, pid.trim()),
+        Some(_) => return None,
+        None => (false, args.trim()),
+    };
+    Some((pid.parse().ok()?, strict))
 }
 
 /// An HTTP/1.0 response that closes the connection.
@@ -367,7 +382,9 @@ impl Manager {
         };
         let answer = match (conn.refused.take(), &request) {
             (Some(error), _) => error.into_bytes(),
-            (None, Request::Attach(pid)) if !http => match self.start_attach(id, *pid) {
+            (None, Request::Attach { pid, strict }) if !http => match self
+                .start_attach(id, *pid, *strict)
+            {
                 Ok(()) => {
                     if let Some(conn) = self.control.as_mut().and_then(|c| c.conns.get_mut(id)) {
                         conn.deferred = true;
@@ -402,11 +419,11 @@ impl Manager {
                     format!("ok detached pid {pid} ({n} address spaces)\n").into_bytes()
                 }
             }
-            (Request::Attach(pid), false) => {
+            (Request::Attach { pid, .. }, false) => {
                 // Deferred by the caller; reached only if that changes.
                 format!("error: cannot attach to pid {pid} from here\n").into_bytes()
             }
-            (Request::Attach(_) | Request::Detach(_), true) => http_response(
+            (Request::Attach { .. } | Request::Detach(_), true) => http_response(
                 "404 Not Found",
                 "text/plain; charset=utf-8",
                 "only GET /metrics is served here\n",
@@ -419,8 +436,8 @@ impl Manager {
             (Request::Unknown(what), false) => {
                 log::info!("control socket: unknown request {what:?}");
                 format!(
-                    "error: unknown request {what:?}; ask `stat`, `metrics`, `attach PID` or \
-                     `detach PID`\n"
+                    "error: unknown request {what:?}; ask `stat`, `metrics`, `attach [--strict] \
+                     PID` or `detach PID`\n"
                 )
                 .into_bytes()
             }
@@ -528,7 +545,17 @@ mod tests {
     fn attach_and_detach_take_a_pid() {
         assert_eq!(
             parse_request(b"attach 42\n", false),
-            Some(Request::Attach(42))
+            Some(Request::Attach {
+                pid: 42,
+                strict: false
+            })
+        );
+        assert_eq!(
+            parse_request(b"attach --strict 42\n", false),
+            Some(Request::Attach {
+                pid: 42,
+                strict: true
+            })
         );
         assert_eq!(
             parse_request(b"detach 7\n", false),
@@ -539,6 +566,10 @@ mod tests {
             b"attach x\n",
             b"detach -1\n",
             b"attach 1 2\n",
+            b"attach --strict\n",
+            b"attach --strict x\n",
+            b"attach --loose 1\n",
+            b"attach 1 --strict\n",
         ] {
             assert!(
                 matches!(parse_request(bad, false), Some(Request::Unknown(_))),

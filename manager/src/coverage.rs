@@ -79,17 +79,61 @@ fn run(shared: Arc<(Mutex<Shared>, Condvar)>, every: Duration) {
             s.pids.clone()
         };
         let mut total = proc::Coverage::default();
+        let mut texts = Vec::new();
         for pid in pids {
-            if let Ok(c) = proc::coverage(pid) {
-                total.anon_bytes += c.anon_bytes;
-                total.registered_anon_bytes += c.registered_anon_bytes;
-            }
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+                continue;
+            };
+            let c = proc::parse_smaps_coverage(&text);
+            total.anon_bytes += c.anon_bytes;
+            total.registered_anon_bytes += c.registered_anon_bytes;
+            texts.push((pid, text));
         }
         if let Some(r) = total.ratio() {
             let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
             s.samples += 1;
             s.last = Some(r);
+            let new_min = s.min.is_none_or(|m| r < m);
             s.min = Some(s.min.map_or(r, |m| m.min(r)));
+            drop(s);
+            if new_min && log::log_enabled!(log::Level::Debug) {
+                for (pid, text) in &texts {
+                    log_unregistered(*pid, r, text);
+                }
+            }
         }
+    }
+}
+
+/// Why a sample is low: the largest anonymous parts outside registered VMAs (debug only).
+fn log_unregistered(pid: u32, ratio: f64, smaps: &str) {
+    let mut missed: Vec<(u64, &str)> = Vec::new();
+    let (mut header, mut anon) = ("", 0u64);
+    for line in smaps.lines() {
+        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
+            header = line;
+        } else if let Some(rest) = line.strip_prefix("Anonymous:") {
+            anon = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .saturating_mul(1024);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if anon > 0 && !flags.split_whitespace().any(|f| f == "um") {
+                missed.push((anon, header));
+            }
+            anon = 0;
+        }
+    }
+    missed.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
+    let total: u64 = missed.iter().map(|m| m.0).sum();
+    log::debug!(
+        "coverage: new minimum {ratio:.4}; pid {pid}: {} KiB anonymous unregistered in {} VMAs",
+        total / 1024,
+        missed.len()
+    );
+    for (bytes, vma) in missed.iter().take(8) {
+        log::debug!("coverage:   pid {pid}: {} KiB in {vma}", bytes / 1024);
     }
 }

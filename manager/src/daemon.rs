@@ -175,6 +175,8 @@ fn daemon(args: DaemonArgs) -> Result<i32, String> {
     if let Err(e) = sysfd::raise_fd_limit() {
         log::warn!("cannot raise the fd limit: {e}");
     }
+    // Before any thread starts (they inherit the mask): `attach --strict PID` runs tracers.
+    crate::strict::block_sigchld()?;
     let (listener, owns_socket) = listen(&args)?;
     let signals = manager::signal_fd(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .map_err(|e| format!("signalfd: {e}"))?;
@@ -183,6 +185,7 @@ fn daemon(args: DaemonArgs) -> Result<i32, String> {
         .config(Policy::Uids(args.allow_uid.clone()), args.grant_device);
     let mut mgr =
         Manager::new(listener, cfg, Some(signals)).map_err(|e| format!("cannot start: {e}"))?;
+    mgr.sigchld_blocked = true;
     let control_path = args
         .control
         .clone()

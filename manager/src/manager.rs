@@ -147,8 +147,11 @@ pub struct Manager {
     pub(crate) attached: Option<u32>,
     /// It was detached (a `detach` request).
     pub(crate) detached: bool,
-    /// `umm attach --strict`: the syscall tracer of the attached process.
-    pub(crate) strict: Option<crate::strict::StrictTracer>,
+    /// `umm attach --strict` (`attach --strict PID` of the control socket): one syscall
+    /// tracer per strictly attached process.
+    pub(crate) strict: Vec<crate::strict::StrictTracer>,
+    /// SIGCHLD was blocked before umm's first thread: strict mode can be started.
+    pub(crate) sigchld_blocked: bool,
     /// `umm daemon`: attach requests whose injection runs on a helper thread.
     pub(crate) attaching: Vec<crate::attach::PendingAttach>,
     /// The coverage helper thread (None if it could not start).
@@ -227,7 +230,8 @@ impl Manager {
             command_status: None,
             attached: None,
             detached: false,
-            strict: None,
+            strict: Vec::new(),
+            sigchld_blocked: false,
             attaching: Vec::new(),
             restore: Default::default(),
             criu: None,
@@ -808,6 +812,9 @@ impl Manager {
         for id in self.spaces.ids() {
             self.close_space(id, "manager stopping");
         }
+        // After the close, which releases threads waiting for their events to be read: they
+        // could not stop for the tracers' detach (see detach_pid).
+        self.stop_all_strict();
         for id in self.peers.ids() {
             self.drop_peer(id, None);
         }

@@ -22,12 +22,15 @@
 //! every thread (an error is reported to the loop, which goes on without strict mode).
 //!
 //! Tracee stops wake the tracer through SIGCHLD on a signalfd: SIGCHLD must be blocked in
-//! every thread of umm (see [`block_sigchld`]).
+//! every thread of umm (see [`block_sigchld`]). `umm daemon` runs one tracer per strictly
+//! attached process; SIGCHLD is process-wide and coalesced, so the tracer that reads it
+//! passes the wake-up on to the others ([`SigchldFanout`]), and each waits only for its own
+//! tracees (`__WNOTHREAD`: another thread's tracees are not its to resume).
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,15 +54,21 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const DETACH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Rounds of "list the threads, seize the new ones" before giving up.
 const SEIZE_ROUNDS: usize = 1000;
+/// waitpid flags: every tracee (threads too), and only this thread's (another tracer
+/// thread's tracees, or an attach helper's, are not ours to reap).
+const OWN_TRACEES: WaitPidFlag = WaitPidFlag::__WALL.union(WaitPidFlag::__WNOTHREAD);
 
 /// What the tracer asks of the loop.
 #[derive(Debug)]
 pub(crate) enum ToLoop {
     /// Register the servable parts of `range` in process `pid`'s space, then ack `seq`.
+    /// `fresh`: a new mapping (mmap, brk growth), so whatever the model remembers there is
+    /// stale (see [`Manager::register_traced`]); an mremap's result is not fresh.
     Register {
         seq: u64,
         pid: u32,
         range: Range<u64>,
+        fresh: bool,
     },
     /// Process `parent` forked `child` (traced from its first instruction).
     Forked { parent: u32, child: u32 },
@@ -67,6 +76,8 @@ pub(crate) enum ToLoop {
     Ready,
     /// The tracer gave up and detached everything.
     Failed(String),
+    /// No traced thread is left (the process exited or exec'd): the tracer thread ends.
+    Ended,
 }
 
 /// The loop's handle on the tracer thread.
@@ -80,6 +91,40 @@ pub(crate) struct StrictTracer {
     stop: Arc<EventFd>,
     stop_tx: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The wake-up eventfds of every running tracer of this process. SIGCHLD says "some tracee
+/// of this process stopped", once for many stops; whichever tracer reads it wakes the others.
+struct SigchldFanout;
+
+static TRACER_WAKERS: Mutex<Vec<Arc<EventFd>>> = Mutex::new(Vec::new());
+
+impl SigchldFanout {
+    fn join(wake: &Arc<EventFd>) {
+        TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wake.clone());
+    }
+
+    fn leave(wake: &Arc<EventFd>) {
+        TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|w| !Arc::ptr_eq(w, wake));
+    }
+
+    /// Wake every tracer but the caller (it drains its own stops next).
+    fn wake_others(me: &Arc<EventFd>) {
+        for w in TRACER_WAKERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|w| !Arc::ptr_eq(w, me))
+        {
+            let _ = w.write(1);
+        }
+    }
 }
 
 /// Block SIGCHLD in the calling thread, before any other thread is started (they inherit the
@@ -210,6 +255,8 @@ struct Task {
 struct Tracer {
     pid: u32,
     link: Link,
+    /// Written by another tracer that read a SIGCHLD (it may have been for our tracees).
+    chld_wake: Arc<EventFd>,
     tasks: HashMap<u32, Task>,
     /// Per traced process: its program break as last seen (brk growth registers from there).
     brk: HashMap<u32, u64>,
@@ -219,9 +266,18 @@ struct Tracer {
 }
 
 fn trace_main(pid: u32, link: Link) {
+    let chld_wake = match EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            link.send(ToLoop::Failed(format!("eventfd: {e}")));
+            return;
+        }
+    };
+    SigchldFanout::join(&chld_wake);
     let mut t = Tracer {
         pid,
         link,
+        chld_wake,
         tasks: HashMap::new(),
         brk: HashMap::new(),
         seq: 0,
@@ -230,13 +286,18 @@ fn trace_main(pid: u32, link: Link) {
     };
     let result = t.run();
     t.detach_all();
+    SigchldFanout::leave(&t.chld_wake);
     match result {
-        Ok(()) => log::info!(
-            "pid {pid}: strict mode ended ({} ranges registered at their mapping call, {} \
-             ack timeouts)",
-            t.registers,
-            t.ack_timeouts
-        ),
+        Ok(()) => {
+            log::info!(
+                "pid {pid}: strict mode ended ({} ranges registered at their mapping call, {} \
+                 ack timeouts)",
+                t.registers,
+                t.ack_timeouts
+            );
+            // Unless the loop stopped us: it reaps the tracer then.
+            t.link.send(ToLoop::Ended);
+        }
         Err(e) => {
             log::warn!("pid {pid}: strict mode off, the attach goes on with rescans: {e}");
             t.link.send(ToLoop::Failed(e));
@@ -279,9 +340,10 @@ impl Tracer {
         self.seize_all()?;
         self.link.send(ToLoop::Ready);
         loop {
-            let (chld, stop) = {
+            let (chld, woken, stop) = {
                 let mut fds = [
                     PollFd::new(sigchld.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.chld_wake.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.link.stop.as_fd(), PollFlags::POLLIN),
                 ];
                 match poll(&mut fds, PollTimeout::NONE) {
@@ -289,14 +351,21 @@ impl Tracer {
                     Err(e) => return Err(format!("poll: {e}")),
                 }
                 let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), ready(&fds[1]))
+                (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
             };
             if stop {
                 return Ok(());
             }
-            if chld {
+            if chld || woken {
                 // Consume the (coalesced) signals first: a stop after this read raises it again.
-                while let Ok(Some(_)) = sigchld.read_signal() {}
+                let mut read_any = false;
+                while let Ok(Some(_)) = sigchld.read_signal() {
+                    read_any = true;
+                }
+                if read_any {
+                    SigchldFanout::wake_others(&self.chld_wake);
+                }
+                let _ = self.chld_wake.read();
                 self.drain_stops()?;
                 if self.tasks.is_empty() {
                     log::debug!("pid {}: no traced thread left", self.pid);
@@ -362,7 +431,7 @@ impl Tracer {
     /// Handle every stop that is waiting.
     fn drain_stops(&mut self) -> Result<(), String> {
         loop {
-            let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            let status = match waitpid(None, Some(OWN_TRACEES | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return Ok(()),
                 Ok(s) => s,
                 Err(Errno::EINTR) => continue,
@@ -490,7 +559,7 @@ impl Tracer {
             return;
         }
         let ret = regs.rax;
-        let range = match regs.orig_rax as i64 {
+        let (range, fresh) = match regs.orig_rax as i64 {
             libc::SYS_mmap => {
                 let flags = regs.r10 as i32;
                 // The low bits are the mapping type (MAP_SHARED_VALIDATE = 3 overlaps both).
@@ -498,16 +567,19 @@ impl Tracer {
                 let private_anonymous = flags & libc::MAP_ANONYMOUS != 0
                     && flags & MAP_TYPE == libc::MAP_PRIVATE
                     && flags & libc::MAP_HUGETLB == 0;
-                private_anonymous.then(|| ret..ret.saturating_add(regs.rsi))
+                (
+                    private_anonymous.then(|| ret..ret.saturating_add(regs.rsi)),
+                    true,
+                )
             }
-            libc::SYS_mremap => Some(ret..ret.saturating_add(regs.rdx)),
-            libc::SYS_brk => self.brk_growth(task.mm, regs.rdi, ret),
-            _ => None,
+            libc::SYS_mremap => (Some(ret..ret.saturating_add(regs.rdx)), false),
+            libc::SYS_brk => (self.brk_growth(task.mm, regs.rdi, ret), true),
+            _ => (None, false),
         };
         if let Some(r) = range {
             let r = umm::page_floor(r.start)..umm::page_ceil(r.end);
             if !r.is_empty() {
-                self.register(task.mm, r);
+                self.register(task.mm, r, fresh);
             }
         }
     }
@@ -523,13 +595,14 @@ impl Tracer {
     }
 
     /// Ask the loop to register `range` of process `tgid`; wait (bounded) for its ack.
-    fn register(&mut self, tgid: u32, range: Range<u64>) {
+    fn register(&mut self, tgid: u32, range: Range<u64>, fresh: bool) {
         self.seq += 1;
         let seq = self.seq;
         if !self.link.send(ToLoop::Register {
             seq,
             pid: tgid,
             range,
+            fresh,
         }) {
             return; // the loop is gone
         }
@@ -561,7 +634,7 @@ impl Tracer {
         }
         let deadline = Instant::now() + DETACH_TIMEOUT;
         while !self.tasks.is_empty() && Instant::now() < deadline {
-            let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            let status = match waitpid(None, Some(OWN_TRACEES | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
@@ -623,38 +696,94 @@ use crate::space::Origin;
 
 impl Manager {
     /// Start strict mode for process `pid` and wait until every thread is traced (call it
-    /// before its space is adopted: the adoption's registration then misses nothing).
+    /// before its space is adopted: the adoption's registration then misses nothing). The
+    /// wait is on the loop (bounded by the detach timeout; a seize takes milliseconds).
+    /// SIGCHLD must have been blocked before umm started its first thread.
     pub(crate) fn start_strict(&mut self, pid: u32) -> Result<(), String> {
+        if !self.sigchld_blocked {
+            return Err("this manager did not block SIGCHLD at its start: no strict mode".into());
+        }
+        if self.strict.iter().any(|t| t.pid() == pid) {
+            return Err(format!("pid {pid} is traced strictly already"));
+        }
         let tracer = StrictTracer::start(pid)?;
         tracer.wait_ready(DETACH_TIMEOUT)?;
         self.epoll
             .add(tracer.wake_fd(), event_for(Token::Tracer))
             .map_err(|e| format!("epoll add of the tracer's eventfd: {e}"))?;
-        self.strict = Some(tracer);
+        self.strict.push(tracer);
         Ok(())
     }
 
-    /// End strict mode (detach every traced thread), if it is on.
-    pub(crate) fn stop_strict(&mut self) {
-        if let Some(t) = self.strict.take() {
+    /// End strict mode for process `pid` (detach every thread it traces), if it is on.
+    pub(crate) fn stop_strict(&mut self, pid: u32) {
+        if let Some(at) = self.strict.iter().position(|t| t.pid() == pid) {
+            let t = self.strict.swap_remove(at);
             let _ = self.epoll.delete(t.wake_fd());
             t.stop();
         }
     }
 
-    /// The tracer's requests: each applied at once, a Register acked when done.
+    /// End every tracer (detach, shutdown).
+    pub(crate) fn stop_all_strict(&mut self) {
+        for t in std::mem::take(&mut self.strict) {
+            let _ = self.epoll.delete(t.wake_fd());
+            t.stop();
+        }
+    }
+
+    /// Whether space `id` belongs to a strictly traced process (the attached one or a child
+    /// it forked): its new mappings are registered at their call.
+    pub(crate) fn strictly_traced(&self, id: Id) -> bool {
+        let mut at = id;
+        for _ in 0..64 {
+            let Some(s) = self.spaces.get(at) else {
+                return false;
+            };
+            match s.origin {
+                Origin::Attach => {
+                    return s
+                        .pid
+                        .is_some_and(|p| self.strict.iter().any(|t| t.pid() == p))
+                }
+                Origin::Fork { parent } => at = parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// The tracers' requests (they share one token): each applied at once, a Register
+    /// acked when done.
     pub(crate) fn on_tracer_readable(&mut self) {
-        let Some(tracer) = &self.strict else {
+        let pids: Vec<u32> = self.strict.iter().map(|t| t.pid()).collect();
+        for tracer_pid in pids {
+            self.serve_tracer(tracer_pid);
+        }
+    }
+
+    fn serve_tracer(&mut self, tracer_pid: u32) {
+        let Some(tracer) = self.strict.iter().find(|t| t.pid() == tracer_pid) else {
             return;
         };
         for msg in tracer.take_requests() {
             match msg {
-                ToLoop::Register { seq, pid, range } => {
+                ToLoop::Register {
+                    seq,
+                    pid,
+                    range,
+                    fresh,
+                } => {
                     if let Some(id) = self.space_for_traced(pid) {
                         self.stats.strict_registers += 1;
-                        self.register_servable(id, range);
+                        let added = self.register_traced(id, range.clone(), fresh);
+                        log::debug!(
+                            "pid {pid}: strict register {:#x}-{:#x}: {added} bytes new",
+                            range.start,
+                            range.end
+                        );
                     }
-                    if let Some(t) = &self.strict {
+                    if let Some(t) = self.strict.iter().find(|t| t.pid() == tracer_pid) {
                         t.ack(seq);
                     }
                 }
@@ -669,18 +798,56 @@ impl Manager {
                 ToLoop::Ready => {
                     // Mapped between the attach's own registration and the seize.
                     for id in self.spaces.ids() {
-                        if self.spaces.get(id).is_some_and(|s| s.pid.is_some()) {
+                        if self
+                            .spaces
+                            .get(id)
+                            .is_some_and(|s| s.pid == Some(tracer_pid))
+                        {
                             self.rescan(id);
                         }
                     }
                 }
+                ToLoop::Ended => {
+                    log::debug!("pid {tracer_pid}: nothing left to trace");
+                    self.stop_strict(tracer_pid);
+                    return;
+                }
                 ToLoop::Failed(why) => {
-                    log::warn!("strict mode ended: {why}; new mappings are found by rescans");
-                    self.stop_strict();
+                    log::warn!(
+                        "pid {tracer_pid}: strict mode ended: {why}; new mappings are found by \
+                         rescans"
+                    );
+                    self.stop_strict(tracer_pid);
                     return;
                 }
             }
         }
+    }
+
+    /// Register `range`, which a traced thread just mapped (it waits at its syscall-exit
+    /// stop). The model may be behind the kernel: one thread's munmap frees a range before
+    /// its UNMAP event is queued and read (the munmap waits for the read only after it has
+    /// released the mmap lock), so another thread's mmap can get the same addresses while
+    /// the model still holds the old, registered range, and registering "what the model
+    /// lacks" would do nothing (seen with glibc's arenas: one thread trims the second half
+    /// of its 128 MiB reservation, the next one maps its arena there at once). So: read
+    /// the events already queued, and for a fresh mapping forget what the model says of the
+    /// range (nothing of an older mapping survives there). An UNMAP read later for the old
+    /// range only makes the model forget it again: faults there are adopted, the kernel
+    /// keeps the registration, the rescan puts it back in the model.
+    fn register_traced(&mut self, id: Id, range: Range<u64>, fresh: bool) -> u64 {
+        self.drain_space(id);
+        if fresh {
+            if let Some(s) = self.spaces.get_mut(id) {
+                let before = s.layout.registered_bytes();
+                s.layout.unregister(range.clone());
+                s.refused
+                    .retain(|r| r.end <= range.start || r.start >= range.end);
+                let after = s.layout.registered_bytes();
+                self.stats.registered_delta(before, after);
+            }
+        }
+        self.register_servable(id, range)
     }
 
     /// The space of traced process `pid`: the one with that pid, or else the one forked child
