@@ -42,10 +42,10 @@ impl SharedSource {
 }
 
 /// `--fill-threads`, else 1. Measured on a quiet 2-vCPU VM: a bare two-thread UFFDIO_COPY
-/// loop copies ~1.8× as fast as one; umm's fill of an idle restore (figure 1) 1.12–1.16× with
-/// the second copier (2.94 vs 2.53 GB/s), but a 1 GiB CRIU restore whose program faults
-/// (figure 7) is slower with it (the copier takes a CPU from the restored program), so it
-/// stays opt-in.
+/// loop copies ~1.8× as fast as one; umm's fill of an idle restore (figure 1) ~1.5× with the
+/// second copier (3.73 vs 2.43 GB/s, pieces in separate page tables), but a 1 GiB CRIU
+/// restore whose program faults (figure 7) is slower with it (the copier takes a CPU from the
+/// restored program), so it stays opt-in.
 pub fn fill_threads(asked: Option<u8>) -> usize {
     asked.map_or(1, usize::from)
 }

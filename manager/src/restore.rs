@@ -145,6 +145,10 @@ pub struct RestoreBook {
 /// chunk (~400 µs for 2 MiB), while copies stay large enough to run at full speed.
 const FILL_PIECE: u64 = 128 * 1024;
 
+/// With a second copier (`--fill-threads 2`, quiet turns only), each of a pair of pieces is
+/// at most one page table's span (2 MiB, aligned): the two copies never share a PTE lock.
+const PAIRED_PIECE: u64 = 2 * 1024 * 1024;
+
 /// How soon the fill looks again at a space whose VMAs were not all registered yet.
 const NOT_REGISTERED_RETRY: Duration = Duration::from_millis(1);
 
@@ -490,7 +494,15 @@ impl Manager {
         }
         let pick = restoring[self.restore.next % restoring.len()];
         self.restore.next = self.restore.next.wrapping_add(1);
-        let Some(run) = self.next_fill_run(pick, chunk) else {
+        // Quiet, and a second copier: pieces in pairs, one copied by each (fork-join, see
+        // copier.rs), from a run long enough for two page tables.
+        let paired = !faults_this_turn && rc.fill_threads > 1 && self.shared_source(pick).is_some();
+        let run_len = if paired {
+            chunk.max(2 * PAIRED_PIECE)
+        } else {
+            chunk
+        };
+        let Some(run) = self.next_fill_run(pick, run_len) else {
             self.complete(pick);
             return self.spaces.iter().any(|(_, s)| fillable(s));
         };
@@ -502,21 +514,23 @@ impl Manager {
         } else {
             FILL_PIECE * 2
         };
-        // Quiet, and a second copier: pieces in pairs, one copied by each (fork-join, see
-        // copier.rs).
-        let paired = !faults_this_turn && rc.fill_threads > 1 && self.shared_source(pick).is_some();
-        // Paired pieces are larger: the hand-over costs a few µs per pair, not per page.
-        let piece_len = if paired { FILL_PIECE * 4 } else { piece_len };
         let mut at = run.range.start;
         while at < run.range.end {
-            let end = (at + piece_len).min(run.range.end);
+            // A paired piece ends at a page-table (2 MiB) boundary, so the two threads never
+            // take the same page-table lock (measured: adjacent 512 KiB pieces spent ~10 % of
+            // the loop's time spinning on it).
+            let end = if paired {
+                ((at / PAIRED_PIECE + 1) * PAIRED_PIECE).min(run.range.end)
+            } else {
+                (at + piece_len).min(run.range.end)
+            };
             let piece = Run {
                 range: at..end,
                 state: run.state,
                 source: run.source.map(|s| s + (at - run.range.start)),
             };
             let (done, end) = if paired && end < run.range.end {
-                let end2 = (end + piece_len).min(run.range.end);
+                let end2 = (end + PAIRED_PIECE).min(run.range.end);
                 let second = Run {
                     range: end..end2,
                     state: run.state,

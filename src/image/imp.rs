@@ -501,14 +501,14 @@ impl Image {
         };
         if len > 0 {
             for chunk in data_offset / CHUNK_SIZE..=(end - 1) / CHUNK_SIZE {
-                self.verify_chunk(chunk)?;
+                self.verify_chunk(chunk, CrcRead::Mapping)?;
             }
         }
         Ok(&self.map.as_slice()[data_offset as usize..end as usize])
     }
 
     /// Check chunk `chunk` once; remember the outcome.
-    fn verify_chunk(&self, chunk: u64) -> Result<(), ImageError> {
+    fn verify_chunk(&self, chunk: u64, via: CrcRead) -> Result<(), ImageError> {
         if self.verified.contains(chunk) {
             return Ok(());
         }
@@ -520,7 +520,10 @@ impl Image {
         }
         let start = chunk * CHUNK_SIZE;
         let end = (start + CHUNK_SIZE).min(self.manifest.data_len);
-        let found = self.chunk_crc(start, end)?;
+        let found = match via {
+            CrcRead::Mapping => crc32c::crc32c(&self.map.as_slice()[start as usize..end as usize]),
+            CrcRead::Pread => self.chunk_crc(start, end)?,
+        };
         if found == expected {
             if self.verified.insert(chunk) {
                 self.verified_count.fetch_add(1, Ordering::AcqRel);
@@ -533,8 +536,9 @@ impl Image {
         }
     }
 
-    /// CRC-32C of `[start, end)` of the data file, read with `pread` (a page-cache copy into a
-    /// buffer is cheaper than faulting the pages into the mapping and dropping them again).
+    /// CRC-32C of `[start, end)` of the data file, read with `pread` (for a check of data that
+    /// is not copied next: a page-cache copy into a buffer is cheaper than faulting the pages
+    /// into the mapping and dropping them again).
     fn chunk_crc(&self, start: u64, end: u64) -> Result<u32, ImageError> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; (end - start) as usize];
@@ -566,7 +570,7 @@ impl Image {
             let end = (pos + VERIFY_WINDOW).min(data_len);
             self.advise_willneed(end, VERIFY_WINDOW);
             let r = (pos / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE))
-                .try_for_each(|chunk| self.verify_chunk(chunk));
+                .try_for_each(|chunk| self.verify_chunk(chunk, CrcRead::Pread));
             self.advise_dontneed(pos, end - pos);
             r?;
             pos = end;
@@ -631,4 +635,15 @@ fn read_manifest(path: &Path) -> Result<Manifest, ImageError> {
         return Err(too_big(bytes.len() as u64));
     }
     manifest::parse(path, &bytes)
+}
+
+/// How a chunk's bytes are read for its check.
+#[derive(Clone, Copy)]
+enum CrcRead {
+    /// From the mapping, for data about to be copied from it: the check faults in the pages
+    /// the copy reads next and leaves them in the cache (a `pread` copy first cost ~20 % of
+    /// the loop's time in a 1 GiB fill).
+    Mapping,
+    /// With `pread`, for a check of the whole image (`--verify`): nothing is copied next.
+    Pread,
 }
