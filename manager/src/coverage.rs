@@ -107,25 +107,10 @@ fn run(shared: Arc<(Mutex<Shared>, Condvar)>, every: Duration) {
 
 /// Why a sample is low: the largest anonymous parts outside registered VMAs (debug only).
 fn log_unregistered(pid: u32, ratio: f64, smaps: &str) {
-    let mut missed: Vec<(u64, &str)> = Vec::new();
-    let (mut header, mut anon) = ("", 0u64);
-    for line in smaps.lines() {
-        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
-            header = line;
-        } else if let Some(rest) = line.strip_prefix("Anonymous:") {
-            anon = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                .saturating_mul(1024);
-        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if anon > 0 && !flags.split_whitespace().any(|f| f == "um") {
-                missed.push((anon, header));
-            }
-            anon = 0;
-        }
-    }
+    let mut missed: Vec<(u64, &str)> = umm::sys::proc::smaps_vmas(smaps)
+        .filter(|v| v.anon_bytes > 0 && !v.registered)
+        .map(|v| (v.anon_bytes, v.header))
+        .collect();
     missed.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
     let total: u64 = missed.iter().map(|m| m.0).sum();
     log::debug!(

@@ -224,12 +224,21 @@ pub fn coverage(pid: u32) -> io::Result<Coverage> {
     Ok(parse_smaps_coverage(&text))
 }
 
-/// [`coverage`] on the text of an `smaps` file (public for the fuzz targets in `fuzz/`).
-pub fn parse_smaps_coverage(text: &str) -> Coverage {
-    let mut cov = Coverage::default();
-    let mut anon = 0u64;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("Anonymous:") {
+/// One VMA of an `smaps` file: its header line, its anonymous bytes, whether it is registered
+/// with a userfaultfd (`um` in VmFlags).
+pub struct SmapsVma<'a> {
+    pub header: &'a str,
+    pub anon_bytes: u64,
+    pub registered: bool,
+}
+
+/// The VMAs of an `smaps` text, in order.
+pub fn smaps_vmas(text: &str) -> impl Iterator<Item = SmapsVma<'_>> {
+    let (mut header, mut anon) = ("", 0u64);
+    text.lines().filter_map(move |line| {
+        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
+            header = line;
+        } else if let Some(rest) = line.strip_prefix("Anonymous:") {
             anon = rest
                 .split_whitespace()
                 .next()
@@ -239,11 +248,25 @@ pub fn parse_smaps_coverage(text: &str) -> Coverage {
                 .saturating_mul(1024);
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
             // VmFlags is the last line of each VMA's block.
-            cov.anon_bytes = cov.anon_bytes.saturating_add(anon);
-            if flags.split_whitespace().any(|f| f == "um") {
-                cov.registered_anon_bytes = cov.registered_anon_bytes.saturating_add(anon);
-            }
+            let vma = SmapsVma {
+                header,
+                anon_bytes: anon,
+                registered: flags.split_whitespace().any(|f| f == "um"),
+            };
             anon = 0;
+            return Some(vma);
+        }
+        None
+    })
+}
+
+/// [`coverage`] on the text of an `smaps` file (public for the fuzz targets in `fuzz/`).
+pub fn parse_smaps_coverage(text: &str) -> Coverage {
+    let mut cov = Coverage::default();
+    for vma in smaps_vmas(text) {
+        cov.anon_bytes = cov.anon_bytes.saturating_add(vma.anon_bytes);
+        if vma.registered {
+            cov.registered_anon_bytes = cov.registered_anon_bytes.saturating_add(vma.anon_bytes);
         }
     }
     cov
