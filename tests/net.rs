@@ -914,3 +914,64 @@ fn migrate_source_resumes_the_source_when_the_destination_dies_mid_way() {
         src.proc.context()
     );
 }
+
+/// A page server out of file descriptors: `accept` fails at once for as long as a connection
+/// waits in the backlog. The server must wait between tries (and say so a few times), not
+/// spin a CPU writing a log line per try. (Loopback in this namespace: no veth needed.)
+#[test]
+fn a_page_server_out_of_fds_waits_between_failed_accepts() {
+    let dir = TestDir::new("net-emfile");
+    let (img, _) = build_image(&dir);
+    let key = write_key(&dir, "server.key", KEY);
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("ulimit -n 24 && exec \"$@\"")
+        .arg("sh")
+        .arg(umm_bin())
+        .args(["page-server", "--listen", "127.0.0.1:0", "--image"])
+        .arg(&img)
+        .arg("--key")
+        .arg(&key);
+    let mut server = Proc::spawn(&dir, "page-server", c);
+    let up = poll_until(3000, Duration::from_millis(10), || {
+        server.stderr().contains(" on 127.0.0.1:") || server.try_wait().is_some()
+    });
+    assert!(
+        up && server.try_wait().is_none(),
+        "no server\n{}",
+        server.context()
+    );
+    let port: u16 = {
+        let err = server.stderr();
+        let at = err.find(" on 127.0.0.1:").expect("address") + " on 127.0.0.1:".len();
+        let digits: String = err[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("port")
+    };
+    // Peers that send nothing: each holds a server fd (for the server's first-bytes wait),
+    // until the fds run out and the last ones wait in the backlog.
+    let peers: Vec<std::net::TcpStream> = (0..40)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let exhausted = poll_until(3000, Duration::from_millis(10), || {
+        server.stderr().contains("accept")
+    });
+    assert!(exhausted, "accept never failed\n{}", server.context());
+    // A window in which a spinning server writes thousands of lines.
+    std::thread::sleep(Duration::from_secs(1));
+    let failures = server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("accept"))
+        .count();
+    drop(peers);
+    assert!(
+        server.try_wait().is_none(),
+        "the server died\n{}",
+        server.context()
+    );
+    server.kill();
+    assert!(
+        failures < 100,
+        "{failures} log lines of failed accepts in about a second: the server spins"
+    );
+}

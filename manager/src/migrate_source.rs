@@ -386,7 +386,7 @@ fn serve_one_destination(
         let socket = match conn {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("accept: {e}");
+                net_server::accept_failed(&e);
                 continue;
             }
         };

@@ -44,6 +44,15 @@ const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 const WRITE_WAIT: Duration = Duration::from_secs(120);
 /// How a refused peer's error begins (already logged).
 pub const REFUSED: &str = "refused: ";
+/// The wait after a failed `accept`: out of fds (EMFILE, ENFILE) it fails at once for as
+/// long as a connection waits in the backlog, and a loop without a wait spins a CPU.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Say why `accept` failed, then wait a little before the next try.
+pub fn accept_failed(e: &std::io::Error) {
+    log::warn!("accept: {e} (trying again in {ACCEPT_RETRY:?})");
+    std::thread::sleep(ACCEPT_RETRY);
+}
 
 /// What a page server serves: an image's manifest and checksum table, and its data by
 /// data-file offset. An image directory (`umm page-server`) or a frozen live process
@@ -132,7 +141,7 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("accept: {e}");
+                accept_failed(&e);
                 continue;
             }
         };
@@ -472,7 +481,13 @@ pub fn accept_urgent(
 ) {
     sessions.take_joins_only();
     for conn in listener.incoming() {
-        let Ok(socket) = conn else { continue };
+        let socket = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                accept_failed(&e);
+                continue;
+            }
+        };
         let (image, key, sessions, tls) =
             (image.clone(), key.clone(), sessions.clone(), tls.clone());
         let spawned = std::thread::Builder::new()
