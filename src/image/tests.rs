@@ -450,6 +450,33 @@ fn unfinished_image_has_no_manifest_and_cannot_be_opened() {
     ));
 }
 
+/// The image rules forbid shrinking a served data file, but if it happens the check of a chunk
+/// past the new end is an I/O error (`MADV_POPULATE_READ`), not a SIGBUS in the manager.
+#[test]
+fn a_data_file_shrunk_while_open_is_an_error_not_a_sigbus() {
+    let t = TempDir::new("shrunk");
+    let s = write_sample(t.path());
+    let img = Image::open(t.path()).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(t.path().join(DATA_FILE))
+        .unwrap();
+    f.set_len(CHUNK_SIZE).unwrap();
+    // The first chunk is still in the file; the second is gone.
+    assert!(img.data(0, P).is_ok());
+    let e = img.data(CHUNK_SIZE + P, P).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Io { .. }),
+        "{e:?} (data_len {})",
+        s.manifest.data_len
+    );
+    assert_eq!(
+        img.verified_chunks().0,
+        1,
+        "the lost chunk is not counted as verified"
+    );
+}
+
 #[test]
 fn truncated_data_file_is_a_data_size_error() {
     let t = TempDir::new("truncated");

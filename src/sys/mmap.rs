@@ -30,6 +30,10 @@ pub enum Advice {
     Sequential,
     /// `MADV_RANDOM`: no read-ahead.
     Random,
+    /// `MADV_POPULATE_READ`: map the range now, reading it into the page cache as needed. A
+    /// page that cannot be read (an I/O error, past the file's end) is an error here
+    /// (`EFAULT`/`EIO`), where a plain access would raise SIGBUS.
+    PopulateRead,
 }
 
 impl Advice {
@@ -39,6 +43,7 @@ impl Advice {
             Advice::DontNeed => libc::MADV_DONTNEED,
             Advice::Sequential => libc::MADV_SEQUENTIAL,
             Advice::Random => libc::MADV_RANDOM,
+            Advice::PopulateRead => libc::MADV_POPULATE_READ,
         }
     }
 }
