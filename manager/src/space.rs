@@ -32,7 +32,11 @@ struct Stream {
     last_used: u64,
 }
 
-const STREAMS: usize = 4;
+/// Streams followed per address space: one per thread filling memory at once, for programs
+/// with many threads (with 4, a 16-thread program evicted its streams before their next fault
+/// and took 4.7× the faults: mtalloc 16 under `umm run`, 14688 vs 3145 faults, 1.54× vs 1.23×
+/// native). A fault scans them all, which costs nothing next to the fault.
+const STREAMS: usize = 32;
 /// How much a stream's window grows per sequential fault.
 const GROWTH: u64 = 4;
 
@@ -199,5 +203,23 @@ mod tests {
         assert_eq!(w, 64 * PAGE_SIZE);
         let (w, _, seq) = fa.window(0x9000_0000);
         assert_eq!((w, seq), (PAGE_SIZE, false));
+    }
+
+    /// Sixteen threads each filling their own memory in order, their faults interleaved: every
+    /// stream keeps growing (none is evicted by the others).
+    #[test]
+    fn sixteen_interleaved_streams_all_grow() {
+        let mut fa = FaultAround::new(PAGE_SIZE, 64 * PAGE_SIZE);
+        let mut next: Vec<u64> = (0..16u64).map(|t| 0x1000_0000 * (t + 1)).collect();
+        let mut last = vec![0; 16];
+        for _ in 0..6 {
+            for t in 0..16 {
+                let (w, s, _) = fa.window(next[t]);
+                fa.served(s, next[t] + w);
+                next[t] += w;
+                last[t] = w;
+            }
+        }
+        assert!(last.iter().all(|&w| w == 64 * PAGE_SIZE), "{last:?}");
     }
 }
