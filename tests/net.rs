@@ -975,3 +975,111 @@ fn a_page_server_out_of_fds_waits_between_failed_accepts() {
         "{failures} log lines of failed accepts in about a second: the server spins"
     );
 }
+
+/// A peer that trickles its handshake (a byte now and then, each within the per-read timeout)
+/// cannot hold `umm migrate-source` (whose source stays frozen meanwhile) past the handshake
+/// deadline: the connection is closed, and the next peer is taken.
+#[test]
+fn a_trickling_peer_cannot_hold_up_migrate_source_past_the_handshake_deadline() {
+    use std::io::{Read, Write};
+    require_root_and_uffd();
+    let dir = TestDir::new("net-trickle");
+    let src = start_live_source(&dir);
+    let key = write_key(&dir, "server.key", KEY);
+    let mut c = Command::new(umm_bin());
+    c.arg("migrate-source")
+        .arg(src.pid.to_string())
+        .args(["--listen", "127.0.0.1:0", "--key"])
+        .arg(&key)
+        .args(&src.ranges)
+        .env("UMM_TEST_HANDSHAKE_DEADLINE_MS", "1000");
+    let mut mig = Proc::spawn(&dir, "migrate-source", c);
+    let up = poll_until(3000, Duration::from_millis(10), || {
+        mig.stderr().contains("serving on 127.0.0.1:") || mig.try_wait().is_some()
+    });
+    assert!(up && mig.try_wait().is_none(), "{}", mig.context());
+    let port: u16 = {
+        let err = mig.stderr();
+        let at =
+            err.find("serving on 127.0.0.1:").expect("address") + "serving on 127.0.0.1:".len();
+        let digits: String = err[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("port")
+    };
+    // Two trickling peers, one after the other: each says Hello, reads the Challenge, then
+    // sends its Auth one byte every 300 ms (each read well within the per-read timeout; the
+    // whole frame would take ~17 s). Each is closed at the deadline (the second is only read
+    // once the first is gone).
+    use umm::netproto::{self as np, Frame};
+    let auth = Frame::Auth {
+        nonce: [7; np::NONCE_LEN],
+        mac: [9; np::MAC_LEN],
+    }
+    .encode();
+    for n in 1..=2 {
+        let mut peer = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        np::write_frame(
+            &mut peer,
+            &Frame::Hello {
+                features: np::FEATURES,
+            },
+        )
+        .unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert!(
+            matches!(np::read_frame(&mut peer), Ok(Frame::Challenge { .. })),
+            "no Challenge for peer {n}\n{}",
+            mig.context()
+        );
+        peer.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut closed = false;
+        // 12 s at most: far past the 1 s deadline, well before the Auth would be complete.
+        for &byte in auth.iter().take(40) {
+            if peer.write_all(&[byte]).is_err() {
+                closed = true;
+                break;
+            }
+            let mut b = [0u8; 64];
+            match peer.read(&mut b) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            closed,
+            "trickling peer {n} was never closed\n{}",
+            mig.context()
+        );
+        let logged = poll_until(500, Duration::from_millis(10), || {
+            mig.stderr().matches("handshake not done within").count() >= n
+        });
+        assert!(logged, "no deadline line for peer {n}\n{}", mig.context());
+    }
+    // No destination came: the source is resumed untouched when migrate-source is stopped.
+    mig.signal(nix::sys::signal::Signal::SIGTERM);
+    mig.wait_bounded(LIMIT);
+    assert!(
+        mig.stderr().contains("resumed untouched"),
+        "{}",
+        mig.context()
+    );
+    let mut src = src;
+    std::io::Write::write_all(&mut src.stdin, b"verify\n").expect("write to the source");
+    let st = src.proc.wait_bounded(LIMIT);
+    assert!(
+        st.success() && src.proc.stdout().contains("OK richstate-build"),
+        "the resumed source did not verify its memory: {}\n{}",
+        describe(&st),
+        src.proc.context()
+    );
+}

@@ -393,6 +393,18 @@ fn serve_one_destination(
         let peer = socket
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        // The source stays frozen while this runs: a slow peer must not hold it up for long.
+        let deadline = match net_server::HandshakeDeadline::start(
+            &socket,
+            &peer,
+            net_server::handshake_deadline(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("{peer}: cannot bound its handshake ({e}); closed");
+                continue;
+            }
+        };
         let mut stream = match net_tls::accept(socket, &peer, tls.as_ref()) {
             Ok(s) => s,
             // Said in one line already.
@@ -414,6 +426,7 @@ fn serve_one_destination(
                     continue;
                 }
             };
+        drop(deadline);
         // The one destination: from now on only its urgent connection.
         {
             let (data, key, sessions) = (data.clone(), key.clone(), sessions.clone());

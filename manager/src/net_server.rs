@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -52,6 +52,39 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub fn accept_failed(e: &std::io::Error) {
     log::warn!("accept: {e} (trying again in {ACCEPT_RETRY:?})");
     std::thread::sleep(ACCEPT_RETRY);
+}
+
+/// How long a whole handshake (TLS, authentication, manifest) may take where it holds up
+/// others: each read has its own timeout, but a peer trickling a byte now and then could
+/// otherwise stretch it without end. Test hook: `UMM_TEST_HANDSHAKE_DEADLINE_MS`.
+pub fn handshake_deadline() -> Duration {
+    std::env::var("UMM_TEST_HANDSHAKE_DEADLINE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+}
+
+/// Shuts a connection down unless dropped within its limit (a blocked read then returns),
+/// with one log line: bounds a handshake that runs on a thread others wait for.
+pub struct HandshakeDeadline {
+    _cancel: crossbeam_channel::Sender<()>,
+}
+
+impl HandshakeDeadline {
+    pub fn start(socket: &TcpStream, peer: &str, limit: Duration) -> std::io::Result<Self> {
+        let socket = socket.try_clone()?;
+        let peer = peer.to_string();
+        let (cancel, cancelled) = crossbeam_channel::bounded::<()>(0);
+        crate::helper_thread::spawn("umm-hs-deadline", move || {
+            // Dropping the guard disconnects the channel: the handshake ended in time.
+            if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit)
+            {
+                log::warn!("{peer}: handshake not done within {limit:?}; connection closed");
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+        })?;
+        Ok(HandshakeDeadline { _cancel: cancel })
+    }
 }
 
 /// What a page server serves: an image's manifest and checksum table, and its data by
