@@ -157,6 +157,15 @@ impl NetStream {
     pub fn try_clone(&self) -> io::Result<NetStream> {
         Ok(match self {
             NetStream::Plain(s) => NetStream::Plain(s.try_clone()?),
+            // Ciphertext read but not yet given to rustls stays with this value: a clone that
+            // becomes the reader would never see it (and wait for bytes that came already).
+            // The protocol clones only between frames the peer sends after an answer, so this
+            // is an error, not a state to handle.
+            NetStream::Tls(t) if !t.pending.is_empty() => {
+                return Err(io::Error::other(
+                    "a TLS stream with unread ciphertext cannot be cloned",
+                ))
+            }
             NetStream::Tls(t) => NetStream::Tls(TlsStream {
                 socket: t.socket.try_clone()?,
                 shared: t.shared.clone(),
@@ -229,9 +238,14 @@ impl Read for TlsStream {
             let mut fresh = &self.inbuf[self.pending.clone()];
             let used = conn.read_tls(&mut fresh)?;
             self.pending.start += used;
-            conn.process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let processed = conn.process_new_packets();
             let wants_write = conn.wants_write();
+            if let Err(e) = processed {
+                // The alert rustls queued tells the peer why, before the connection ends.
+                drop(conn);
+                let _ = self.send_queued();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
             drop(conn);
             if wants_write {
                 self.send_queued()?;
