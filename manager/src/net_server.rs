@@ -273,11 +273,19 @@ struct Queue {
 
 type Shared = Arc<(Mutex<Queue>, Condvar)>;
 
+/// A session's urgent connection: none yet, joined (a clone, to shut it down when the
+/// session ends), or gone (its client closed it; no second one is taken).
+enum Urgent {
+    None,
+    Joined(NetStream),
+    Left,
+}
+
 /// The restores a server is serving, by join id (`SessionKey::join_id`): where an urgent
 /// connection finds the session it belongs to.
 #[derive(Clone, Default)]
 pub struct Sessions {
-    by_id: Arc<Mutex<HashMap<[u8; np::MAC_LEN], Option<NetStream>>>>,
+    by_id: Arc<Mutex<HashMap<[u8; np::MAC_LEN], Urgent>>>,
     /// Only urgent connections are taken (`umm migrate-source` has its one destination).
     joins_only: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -294,7 +302,7 @@ impl Sessions {
     }
 
     fn register(&self, id: [u8; np::MAC_LEN]) {
-        self.lock().insert(id, None);
+        self.lock().insert(id, Urgent::None);
     }
 
     /// `stream` joins session `id` as its urgent connection (one per session).
@@ -302,23 +310,33 @@ impl Sessions {
         let mut sessions = self.lock();
         match sessions.get_mut(id) {
             None => Err("no such session (unknown or ended)".into()),
-            Some(Some(_)) => Err("the session has an urgent connection already".into()),
+            Some(Urgent::Joined(_) | Urgent::Left) => {
+                Err("the session has (had) an urgent connection already".into())
+            }
             Some(slot) => {
                 let clone = stream.try_clone().map_err(|e| format!("socket: {e}"))?;
-                *slot = Some(clone);
+                *slot = Urgent::Joined(clone);
                 Ok(())
             }
         }
     }
 
+    /// Session `id`'s urgent connection ended: its socket is released now (the client sees
+    /// the close), not when the session ends.
+    fn left(&self, id: &[u8; np::MAC_LEN]) {
+        if let Some(slot) = self.lock().get_mut(id) {
+            *slot = Urgent::Left;
+        }
+    }
+
     /// Session `id` ended: its urgent connection (if any) ends too.
     fn end(&self, id: &[u8; np::MAC_LEN]) {
-        if let Some(Some(urgent)) = self.lock().remove(id) {
+        if let Some(Urgent::Joined(urgent)) = self.lock().remove(id) {
             let _ = urgent.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; np::MAC_LEN], Option<NetStream>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; np::MAC_LEN], Urgent>> {
         self.by_id.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -334,7 +352,7 @@ fn connection(
 ) -> Result<bool, String> {
     match handshake(&mut stream, peer, image.as_ref(), key, hooks, sessions)? {
         Opened::Restore(session) => answer(stream, session, image, hooks, sessions),
-        Opened::Urgent(session) => answer_urgent(stream, session, image.as_ref(), hooks),
+        Opened::Urgent(session) => answer_urgent(stream, session, image.as_ref(), hooks, sessions),
     }
 }
 
@@ -344,6 +362,8 @@ pub struct Session {
     pub opener: Opener,
     /// The id an urgent connection joins this one by (a restore's first connection).
     join_id: [u8; np::MAC_LEN],
+    /// The session an urgent connection joined.
+    joined: Option<[u8; np::MAC_LEN]>,
 }
 
 /// What an authenticated connection is.
@@ -371,6 +391,7 @@ pub fn handshake(
         sealer: session_key.sealer(Role::Server),
         opener: session_key.opener(Role::Client),
         join_id: session_key.join_id(),
+        joined: None,
     };
     if let Some(id) = joins {
         if let Err(why) = sessions.join(&id, stream) {
@@ -387,8 +408,10 @@ pub fn handshake(
             session: id,
         };
         if let Err(e) = session.sealer.write(stream, &joined) {
+            sessions.left(&id);
             return Err(format!("urgent connection: sending Join: {e}"));
         }
+        session.joined = Some(id);
         let _ = stream.set_read_timeout(None);
         log::info!("{peer}: urgent connection joined its session");
         return Ok(Opened::Urgent(session));
@@ -537,7 +560,9 @@ pub fn accept_urgent(
                 let hooks = TestHooks::default();
                 match handshake(&mut stream, &peer, image.as_ref(), &key, hooks, &sessions) {
                     Ok(Opened::Urgent(session)) => {
-                        if let Err(e) = answer_urgent(stream, session, image.as_ref(), hooks) {
+                        if let Err(e) =
+                            answer_urgent(stream, session, image.as_ref(), hooks, &sessions)
+                        {
                             log::info!("{peer}: {e}");
                         }
                     }
@@ -557,6 +582,22 @@ pub fn accept_urgent(
 /// (or the restore's first connection ends, which shuts this one down). Ok(false) always:
 /// only the first connection completes a restore.
 fn answer_urgent(
+    stream: NetStream,
+    session: Session,
+    image: &dyn ServedData,
+    hooks: TestHooks,
+    sessions: &Sessions,
+) -> Result<bool, String> {
+    let joined = session.joined;
+    let ended = answer_urgent_gets(stream, session, image, hooks);
+    if let Some(id) = joined {
+        sessions.left(&id);
+    }
+    ended
+}
+
+/// [`answer_urgent`]'s work.
+fn answer_urgent_gets(
     mut stream: NetStream,
     session: Session,
     image: &dyn ServedData,
@@ -775,4 +816,35 @@ fn send_damaged(
         }
     }
     stream.write_all(&sealed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback_stream() -> NetStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server = listener.accept().unwrap();
+        NetStream::Plain(client)
+    }
+
+    #[test]
+    fn a_session_takes_one_urgent_connection_and_releases_it_when_it_leaves() {
+        let sessions = Sessions::default();
+        let id = [1u8; np::MAC_LEN];
+        let stream = loopback_stream();
+        assert!(sessions.join(&id, &stream).is_err(), "unknown session");
+        sessions.register(id);
+        sessions.join(&id, &stream).unwrap();
+        assert!(sessions.join(&id, &stream).is_err(), "a second one");
+        sessions.left(&id);
+        assert!(matches!(sessions.lock().get(&id), Some(Urgent::Left)));
+        assert!(
+            sessions.join(&id, &stream).is_err(),
+            "no rejoin after it left"
+        );
+        sessions.end(&id);
+        assert!(sessions.lock().get(&id).is_none());
+    }
 }
