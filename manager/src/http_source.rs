@@ -60,7 +60,14 @@ pub struct HttpAgent {
 }
 
 impl HttpOptions {
-    pub fn agent(&self) -> Result<HttpAgent, String> {
+    /// The client for an image at a `https://` (`https`) or `http://` URL.
+    pub fn agent(&self, https: bool) -> Result<HttpAgent, String> {
+        if !https && self.header_file.is_some() {
+            log::warn!(
+                "--http-header-file with an http:// URL: the headers (credentials) travel \
+                 unencrypted"
+            );
+        }
         let ca = self
             .ca
             .clone()
@@ -76,10 +83,12 @@ impl HttpOptions {
                 .map(|c| ureq::tls::Certificate::from_der(c).to_owned())
                 .collect(),
             Err(e) if self.ca.is_some() => return Err(e),
-            Err(e) => {
-                log::debug!("{e}");
+            // Without it every https server is refused as "unknown issuer": said plainly.
+            Err(e) if https => {
+                log::warn!("{e}");
                 Vec::new()
             }
+            Err(_) => Vec::new(),
         };
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))

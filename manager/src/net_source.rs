@@ -363,7 +363,7 @@ impl NetClient {
         background: bool,
     ) -> Result<NetClient, String> {
         let base = crate::http_source::parse_url(url)?;
-        let agent = http.agent()?;
+        let agent = http.agent(base.starts_with("https://"))?;
         let (manifest, table) = crate::http_source::fetch_manifest(&agent, &base)?;
         log::info!(
             "{url}: image of {} regions, {} of data",
