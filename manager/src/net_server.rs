@@ -479,38 +479,25 @@ fn answer_queued(
     };
     let data_len = m.data_len;
     let ended = loop {
-        let frame = match opener.read(&mut stream, np::MAX_SMALL_FRAME) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(false),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                // Nothing more is said to a stream someone may be writing into.
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                break Err(format!("connection dropped: refused a request: {e}"));
-            }
-            Err(e) => break Err(format!("reading a request: {e}")),
-        };
-        match frame {
-            Frame::Get {
+        match read_request(&mut opener, &mut stream, data_len) {
+            Ok(Request::Get {
                 id,
                 offset,
                 len,
-                flags,
-            } => {
-                if let Err(e) = np::check_get(offset, len, flags, data_len) {
-                    break Err(e);
-                }
+                urgent,
+            }) => {
                 let (lock, cv) = &*shared;
                 let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
-                if flags & np::GET_URGENT != 0 {
+                if urgent {
                     q.urgent.push_back((id, offset, len));
                 } else {
                     q.background.push_back((id, offset, len));
                 }
                 cv.notify_one();
             }
-            Frame::Complete => break Ok(true),
-            Frame::Close => break Ok(false),
-            f => break Err(format!("unexpected {f:?}")),
+            Ok(Request::Complete) => break Ok(true),
+            Ok(Request::Close) => break Ok(false),
+            Err(RequestError::Protocol(e) | RequestError::Connection(e)) => break Err(e),
         }
     };
     {
@@ -610,37 +597,92 @@ fn answer_urgent_gets(
     } = session;
     let data_len = image.manifest().data_len;
     loop {
-        let frame = match opener.read(&mut stream, np::MAX_SMALL_FRAME) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                return Err(format!("urgent connection dropped: refused a request: {e}"));
+        match read_request(&mut opener, &mut stream, data_len) {
+            Ok(Request::Get {
+                id, offset, len, ..
+            }) => send_data(&mut stream, &mut sealer, image, hooks, (id, offset, len))?,
+            Ok(Request::Close) => return Ok(false),
+            // Only the first connection completes a restore.
+            Ok(Request::Complete) => {
+                return refuse_request(&mut stream, &mut sealer, "unexpected Complete".into())
             }
+            Err(RequestError::Protocol(e)) => return refuse_request(&mut stream, &mut sealer, e),
             // The first connection ended and shut this one down, or the peer reset it.
-            Err(e) => return Err(format!("urgent connection: reading a request: {e}")),
-        };
-        match frame {
-            Frame::Get {
+            Err(RequestError::Connection(e)) => return Err(format!("urgent connection: {e}")),
+        }
+    }
+}
+
+/// Tell an urgent connection's client why its request is refused, and close.
+fn refuse_request(
+    stream: &mut NetStream,
+    sealer: &mut Sealer,
+    why: String,
+) -> Result<bool, String> {
+    let error = Frame::Error {
+        code: np::ERR_PROTOCOL,
+        msg: why.clone(),
+    };
+    let _ = sealer.write(stream, &error);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    Err(format!("urgent connection: {why}"))
+}
+
+/// A client's next request, checked against the data's size.
+enum Request {
+    Get {
+        id: u64,
+        offset: u64,
+        len: u32,
+        urgent: bool,
+    },
+    Complete,
+    /// Close, or the end of the stream between frames.
+    Close,
+}
+
+/// Why no request was read: the client broke the protocol (it may be told), or the
+/// connection is unusable (nothing more is said on it).
+enum RequestError {
+    Protocol(String),
+    Connection(String),
+}
+
+fn read_request(
+    opener: &mut Opener,
+    stream: &mut NetStream,
+    data_len: u64,
+) -> Result<Request, RequestError> {
+    let frame = match opener.read(stream, np::MAX_SMALL_FRAME) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Request::Close),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            // Nothing more is said to a stream someone may be writing into.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Err(RequestError::Connection(format!(
+                "connection dropped: refused a request: {e}"
+            )));
+        }
+        Err(e) => return Err(RequestError::Connection(format!("reading a request: {e}"))),
+    };
+    match frame {
+        Frame::Get {
+            id,
+            offset,
+            len,
+            flags,
+        } => {
+            np::check_get(offset, len, flags, data_len).map_err(RequestError::Protocol)?;
+            Ok(Request::Get {
                 id,
                 offset,
                 len,
-                flags,
-            } => {
-                if let Err(e) = np::check_get(offset, len, flags, data_len) {
-                    let error = Frame::Error {
-                        code: np::ERR_PROTOCOL,
-                        msg: e.clone(),
-                    };
-                    let _ = sealer.write(&mut stream, &error);
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                    return Err(format!("urgent connection: {e}"));
-                }
-                send_data(&mut stream, &mut sealer, image, hooks, (id, offset, len))?;
-            }
-            Frame::Close => return Ok(false),
-            f => return Err(format!("urgent connection: unexpected {f:?}")),
+                urgent: flags & np::GET_URGENT != 0,
+            })
         }
+        Frame::Complete => Ok(Request::Complete),
+        Frame::Close => Ok(Request::Close),
+        f => Err(RequestError::Protocol(format!("unexpected {f:?}"))),
     }
 }
 
