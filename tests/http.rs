@@ -171,21 +171,7 @@ fn restore_from_nginx_verifies_every_page_fetched_with_range_requests() {
     // No background fetch: every page comes through a fault's request (on loopback the
     // background could otherwise fetch the whole image before the first fault).
     let run = restore_from_with(&dir, "restore", &url, &["--no-background".into()]);
-    run.assert_success();
-    let ok = run.ok_line("richstate");
-    assert!(
-        ok.u64("pages") * 10 >= data_pages * 9,
-        "the restorer verified {} data pages of {data_pages}\n{}",
-        ok.u64("pages"),
-        run.context()
-    );
-    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
-    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
-    run.assert_ge(
-        "restore.network.bytes_fetched",
-        data_pages * PAGE,
-        "every data page came over HTTP",
-    );
+    assert_network_restore_verified(&run, data_pages, "every data page came over HTTP");
     run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");
     assert_eq!(
         run.report
@@ -261,21 +247,7 @@ fn restore_over_https_reuses_connections_and_sends_the_header_file() {
         headers.into(),
     ];
     let run = restore_from_with(&dir, "restore", &url, &extra);
-    run.assert_success();
-    let ok = run.ok_line("richstate");
-    assert!(
-        ok.u64("pages") * 10 >= data_pages * 9,
-        "the restorer verified {} data pages of {data_pages}\n{}",
-        ok.u64("pages"),
-        run.context()
-    );
-    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
-    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
-    run.assert_ge(
-        "restore.network.bytes_fetched",
-        data_pages * PAGE,
-        "every data page came over https",
-    );
+    assert_network_restore_verified(&run, data_pages, "every data page came over https");
     assert_eq!(
         run.report
             .get("restore.network.tls")

@@ -605,19 +605,9 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
     let extra: Vec<OsString> = vec!["--tls-ca".into(), certs.ca.clone().into()];
     let (p, report) = spawn_restore_with(&dir, &net, "restore", KEY, &[], &extra);
     let run = UmmRun::finish(p, &report);
-    run.assert_success();
-    let ok = run.ok_line("richstate");
-    assert!(
-        ok.u64("pages") * 10 >= data_pages * 9,
-        "the restorer verified {} data pages of {data_pages}\n{}",
-        ok.u64("pages"),
-        run.context()
-    );
-    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
-    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
-    run.assert_ge(
-        "restore.network.bytes_fetched",
-        data_pages * PAGE,
+    assert_network_restore_verified(
+        &run,
+        data_pages,
         "the whole image came over the TLS connection",
     );
     run.assert_ge("restore.network.urgent_requests", 1, "faults asked first");

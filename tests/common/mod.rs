@@ -1263,6 +1263,24 @@ pub fn wait_attach_registered(pid: i32, umm: &mut Proc, what: &str) {
     );
 }
 
+/// A restore of the richstate image (`data_pages` of data) from a network source that ended
+/// well: its OK line, at least 90 % of the data pages verified, nothing stopped, the verified
+/// pages installed by umm, the whole image fetched `how` (the report's `restore.network`).
+pub fn assert_network_restore_verified(run: &UmmRun, data_pages: u64, how: &str) -> OkLine {
+    run.assert_success();
+    let ok = run.ok_line("richstate");
+    assert!(
+        ok.u64("pages") * 10 >= data_pages * 9,
+        "the restorer verified {} data pages of {data_pages}\n{}",
+        ok.u64("pages"),
+        run.context()
+    );
+    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
+    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
+    run.assert_ge("restore.network.bytes_fetched", data_pages * PAGE, how);
+    ok
+}
+
 /// `richstate build SEED` snapshotted by `umm snapshot` into `img` (its four regions); the
 /// builder is killed after. Returns the data pages the builder counted.
 pub fn snapshot_richstate(dir: &TestDir, seed: &str, img: &Path) -> u64 {
