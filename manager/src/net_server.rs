@@ -170,41 +170,22 @@ fn serve(args: PageServerArgs) -> Result<(), String> {
         umm::human_bytes(image.manifest().data_len),
         if tls.is_some() { " (TLS)" } else { "" }
     );
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                accept_failed(&e);
-                continue;
+    let keep_serving = args.keep_serving;
+    serve_connections(&listener, "umm-ps-conn", move |socket, peer| {
+        let ended = net_tls::accept(socket, &peer, tls.as_ref())
+            .and_then(|stream| connection(stream, &peer, &image, &key, corrupt, &sessions));
+        match ended {
+            Ok(true) if !keep_serving => {
+                eprintln!("umm: page-server: {peer} completed its restore; exiting");
+                std::process::exit(0);
             }
-        };
-        let (image, key, sessions, tls) =
-            (image.clone(), key.clone(), sessions.clone(), tls.clone());
-        let keep_serving = args.keep_serving;
-        let spawned = std::thread::Builder::new()
-            .name("umm-ps-conn".into())
-            .spawn(move || {
-                let peer = stream
-                    .peer_addr()
-                    .map_or_else(|_| "?".to_string(), |a| a.to_string());
-                let ended = net_tls::accept(stream, &peer, tls.as_ref())
-                    .and_then(|stream| connection(stream, &peer, &image, &key, corrupt, &sessions));
-                match ended {
-                    Ok(true) if !keep_serving => {
-                        eprintln!("umm: page-server: {peer} completed its restore; exiting");
-                        std::process::exit(0);
-                    }
-                    Ok(true) => log::info!("{peer} completed its restore"),
-                    Ok(false) => log::info!("{peer} closed the connection"),
-                    // Said in one line already.
-                    Err(e) if e.starts_with(REFUSED) => {}
-                    Err(e) => log::warn!("{peer}: {e}"),
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("cannot start a connection thread: {e}");
+            Ok(true) => log::info!("{peer} completed its restore"),
+            Ok(false) => log::info!("{peer} closed the connection"),
+            // Said in one line already.
+            Err(e) if e.starts_with(REFUSED) => {}
+            Err(e) => log::warn!("{peer}: {e}"),
         }
-    }
+    });
     Ok(())
 }
 
@@ -523,6 +504,33 @@ pub fn accept_urgent(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     sessions.take_joins_only();
+    serve_connections(&listener, "umm-ps-urgent", move |socket, peer| {
+        let mut stream = match net_tls::accept(socket, &peer, tls.as_ref()) {
+            Ok(s) => s,
+            Err(e) if e.starts_with(REFUSED) => return,
+            Err(e) => return log::warn!("{peer}: {e}"),
+        };
+        let hooks = TestHooks::default();
+        match handshake(&mut stream, &peer, image.as_ref(), &key, hooks, &sessions) {
+            Ok(Opened::Urgent(session)) => {
+                if let Err(e) = answer_urgent(stream, session, image.as_ref(), hooks, &sessions) {
+                    log::info!("{peer}: {e}");
+                }
+            }
+            // Cannot happen (joins only: Hello is refused); said, not served.
+            Ok(Opened::Restore(_)) => log::warn!("{peer}: a second destination"),
+            Err(e) if e.starts_with(REFUSED) => {}
+            Err(e) => log::warn!("{peer}: {e}"),
+        }
+    });
+}
+
+/// Take connections until the process ends, each served by `serve(socket, peer address)` on
+/// a thread of its own named `name`.
+fn serve_connections<F>(listener: &TcpListener, name: &str, serve: F)
+where
+    F: Fn(TcpStream, String) + Clone + Send + 'static,
+{
     for conn in listener.incoming() {
         let socket = match conn {
             Ok(s) => s,
@@ -531,36 +539,15 @@ pub fn accept_urgent(
                 continue;
             }
         };
-        let (image, key, sessions, tls) =
-            (image.clone(), key.clone(), sessions.clone(), tls.clone());
+        let peer = socket
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let serve = serve.clone();
         let spawned = std::thread::Builder::new()
-            .name("umm-ps-urgent".into())
-            .spawn(move || {
-                let peer = socket
-                    .peer_addr()
-                    .map_or_else(|_| "?".to_string(), |a| a.to_string());
-                let mut stream = match net_tls::accept(socket, &peer, tls.as_ref()) {
-                    Ok(s) => s,
-                    Err(e) if e.starts_with(REFUSED) => return,
-                    Err(e) => return log::warn!("{peer}: {e}"),
-                };
-                let hooks = TestHooks::default();
-                match handshake(&mut stream, &peer, image.as_ref(), &key, hooks, &sessions) {
-                    Ok(Opened::Urgent(session)) => {
-                        if let Err(e) =
-                            answer_urgent(stream, session, image.as_ref(), hooks, &sessions)
-                        {
-                            log::info!("{peer}: {e}");
-                        }
-                    }
-                    // Cannot happen (joins only: Hello is refused); said, not served.
-                    Ok(Opened::Restore(_)) => log::warn!("{peer}: a second destination"),
-                    Err(e) if e.starts_with(REFUSED) => {}
-                    Err(e) => log::warn!("{peer}: {e}"),
-                }
-            });
+            .name(name.into())
+            .spawn(move || serve(socket, peer));
         if let Err(e) = spawned {
-            log::warn!("cannot start an urgent connection's thread: {e}");
+            log::warn!("cannot start a connection thread ({name}): {e}");
         }
     }
 }
