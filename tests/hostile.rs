@@ -734,45 +734,10 @@ fn memory_cgroup_limit_during_a_fill_gives_up_and_fails_open_in_track_mode() {
     );
 }
 
-/// An image of `richstate build SEED` by `umm snapshot` (as in tests/restore.rs).
+/// An image of `richstate build SEED` by `umm snapshot`.
 fn richstate_image(dir: &TestDir) -> PathBuf {
-    let mut b = Command::new(target("richstate"));
-    b.args(["build", SEED]).current_dir(dir.path());
-    let mut builder = Proc::spawn(dir, "build", b);
-    let ready = poll_until(3000, Duration::from_millis(10), || {
-        builder.stdout().contains("\nRANGES ") || builder.try_wait().is_some()
-    });
-    let out = builder.stdout();
-    assert!(
-        ready,
-        "the builder never became ready\n{}",
-        builder.context()
-    );
-    let pid = out
-        .lines()
-        .find_map(|l| l.strip_prefix("READY pid="))
-        .and_then(|v| v.split_whitespace().next())
-        .expect("READY pid=")
-        .to_string();
-    let ranges: Vec<&str> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("RANGES "))
-        .expect("RANGES")
-        .split_whitespace()
-        .collect();
     let img = dir.join("img");
-    let mut s = Command::new(umm_bin());
-    s.arg("snapshot")
-        .arg(&pid)
-        .arg("-o")
-        .arg(&img)
-        .args(&ranges)
-        .current_dir(dir.path());
-    let mut snap = Proc::spawn(dir, "snapshot", s);
-    let st = snap.wait_bounded(LIMIT);
-    assert!(st.success(), "umm snapshot\n{}", snap.context());
-    snap.assert_group_gone();
-    builder.kill();
+    snapshot_richstate(dir, SEED, &img);
     img
 }
 

@@ -1328,6 +1328,7 @@ pub fn snapshot_richstate(dir: &TestDir, seed: &str, img: &Path) -> u64 {
         describe(&st),
         snap.context()
     );
+    snap.assert_group_gone();
     builder.kill();
     data_pages
 }
