@@ -399,6 +399,23 @@ fn without_an_urgent_connection_faults_go_on_the_first_connection_and_the_restor
     restore_over(1, Some("100mbit"), "net-no-urgent", Urgent::NotOffered);
 }
 
+/// A restore on a slow link (the caller's `NetPair`), started and handed over, still
+/// running 300 ms later: mid-transfer, for a test to break something.
+fn restore_under_way(dir: &TestDir, net: &NetPair) -> (Proc, PathBuf) {
+    let (mut p, report) = spawn_restore(dir, net, "restore", KEY, &[]);
+    let handed = poll_until(3000, Duration::from_millis(10), || {
+        p.stdout().contains("HANDED") || p.try_wait().is_some()
+    });
+    assert!(handed, "no handoff\n{}", p.context());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        p.try_wait().is_none(),
+        "the restore ended early\n{}",
+        p.context()
+    );
+    (p, report)
+}
+
 /// Everything a stopped restore must show: the restorer tree killed (no OK line: it did not
 /// finish; no FAIL line: it never saw wrong or zero memory), the reason in the report.
 fn assert_stopped(run: &UmmRun, reason: &str) {
@@ -439,17 +456,7 @@ fn killing_the_page_server_mid_transfer_stops_the_restored_tree() {
     let (img, _) = build_image(&dir);
     let mut server = start_server(&dir, &net, &img, &[]);
     let _relay = net.start_relay(&dir);
-    let (mut p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let handed = poll_until(3000, Duration::from_millis(10), || {
-        p.stdout().contains("HANDED") || p.try_wait().is_some()
-    });
-    assert!(handed, "no handoff\n{}", p.context());
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        p.try_wait().is_none(),
-        "the restore ended early\n{}",
-        p.context()
-    );
+    let (p, report) = restore_under_way(&dir, &net);
     server.kill();
     let run = UmmRun::finish(p, &report);
     assert_stopped(&run, "page server");
@@ -844,17 +851,7 @@ fn migrate_source_resumes_the_source_when_the_destination_dies_mid_way() {
     let mut src = start_live_source(&dir);
     let mut mig = start_migrate_source(&dir, &net, &src);
     let _relay = net.start_relay(&dir);
-    let (mut p, _report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
-    let handed = poll_until(3000, Duration::from_millis(10), || {
-        p.stdout().contains("HANDED") || p.try_wait().is_some()
-    });
-    assert!(handed, "no handoff\n{}", p.context());
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        p.try_wait().is_none(),
-        "the restore ended early\n{}",
-        p.context()
-    );
+    let (mut p, _report) = restore_under_way(&dir, &net);
     // The destination's umm dies; its keeper stops the restored tree.
     p.signal(nix::sys::signal::Signal::SIGKILL);
     p.wait_bounded(LIMIT);
