@@ -21,10 +21,6 @@ use serde_json::Value;
 
 const SEED: &str = "0x5eed";
 
-fn richstate() -> PathBuf {
-    target("richstate")
-}
-
 fn nginx_bin() -> PathBuf {
     for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
         if Path::new(p).is_file() {
@@ -137,23 +133,8 @@ fn restore_from_with(dir: &TestDir, label: &str, url: &str, extra: &[OsString]) 
 /// `umm restore --source URL --report R EXTRA -- richstate restore SEED URL`, started; and R.
 fn spawn_restore(dir: &TestDir, label: &str, url: &str, extra: &[OsString]) -> (Proc, PathBuf) {
     let report = dir.join(format!("{label}.report.json"));
-    let mut argv: Vec<OsString> = vec![
-        "restore".into(),
-        "--source".into(),
-        url.into(),
-        "--report".into(),
-        report.clone().into(),
-    ];
-    argv.extend(extra.iter().cloned());
-    argv.extend([
-        "--".into(),
-        richstate().into(),
-        "restore".into(),
-        SEED.into(),
-        url.into(),
-    ]);
     let mut c = Command::new(umm_bin());
-    c.args(&argv)
+    c.args(richstate_restore_args(url, &report, extra, SEED))
         .current_dir(dir.path())
         .env("UMM_AGENT", agent_lib())
         .env_remove("UMM_SOCKET")

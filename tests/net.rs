@@ -272,24 +272,10 @@ fn spawn_restore_with(
     let key = write_key(dir, &format!("{label}.key"), key);
     let report = dir.join(format!("{label}.report.json"));
     let url = source_url();
-    let mut argv: Vec<OsString> = vec![
-        umm_bin().into(),
-        "restore".into(),
-        "--source".into(),
-        url.clone().into(),
-        "--key".into(),
-        key.into(),
-        "--report".into(),
-        report.clone().into(),
-    ];
-    argv.extend(extra.iter().cloned());
-    argv.extend([
-        "--".into(),
-        richstate().into(),
-        "restore".into(),
-        SEED.into(),
-        url.into(),
-    ]);
+    let mut options: Vec<OsString> = vec!["--key".into(), key.into()];
+    options.extend(extra.iter().cloned());
+    let mut argv: Vec<OsString> = vec![umm_bin().into()];
+    argv.extend(richstate_restore_args(&url, &report, &options, SEED));
     let mut c = NetPair::command(&net.client_ns, &argv);
     c.current_dir(dir.path())
         .env("UMM_AGENT", agent_lib())

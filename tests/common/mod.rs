@@ -1263,6 +1263,32 @@ pub fn wait_attach_registered(pid: i32, umm: &mut Proc, what: &str) {
     );
 }
 
+/// The arguments of `umm restore --source URL --report REPORT OPTIONS -- richstate restore
+/// SEED URL` (after the program name): richstate restoring its image from a network source.
+pub fn richstate_restore_args(
+    url: &str,
+    report: &Path,
+    options: &[std::ffi::OsString],
+    seed: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut argv: Vec<std::ffi::OsString> = vec![
+        "restore".into(),
+        "--source".into(),
+        url.into(),
+        "--report".into(),
+        report.into(),
+    ];
+    argv.extend(options.iter().cloned());
+    argv.extend([
+        "--".into(),
+        target("richstate").into(),
+        "restore".into(),
+        seed.into(),
+        url.into(),
+    ]);
+    argv
+}
+
 /// A restore of the richstate image (`data_pages` of data) from a network source that ended
 /// well: its OK line, at least 90 % of the data pages verified, nothing stopped, the verified
 /// pages installed by umm, the whole image fetched `how` (the report's `restore.network`).
