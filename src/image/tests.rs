@@ -1221,40 +1221,17 @@ fn a_describe_only_writer_gives_the_manifest_and_checksums_a_real_one_writes() {
     let sample = write_sample(&dir);
     let image = Image::open(&dir).unwrap();
     let mut d = ImageWriter::describe_only(Path::new("<memory>"), 4242, "/usr/bin/sample");
-    let mut region_of = sample.manifest.regions.iter();
-    let mut current = region_of.next().unwrap();
-    d.begin_region(
-        current.start,
-        current.len,
-        current.prot,
-        &current.flags.iter().map(String::as_str).collect::<Vec<_>>(),
-        &current.name,
-    )
-    .unwrap();
-    for (addr, bytes) in &sample.written {
-        while *addr >= current.start + current.len {
-            current = region_of.next().unwrap();
-            d.begin_region(
-                current.start,
-                current.len,
-                current.prot,
-                &current.flags.iter().map(String::as_str).collect::<Vec<_>>(),
-                &current.name,
-            )
+    // Each region of the sample begun as the writer saw it, with the pages written in it.
+    let mut pages = sample.written.iter().peekable();
+    for r in &sample.manifest.regions {
+        let flags: Vec<&str> = r.flags.iter().map(String::as_str).collect();
+        d.begin_region(r.start, r.len, r.prot, &flags, &r.name)
             .unwrap();
+        while let Some((addr, bytes)) = pages.next_if(|(a, _)| *a < r.start + r.len) {
+            d.write_pages(*addr, bytes).unwrap();
         }
-        d.write_pages(*addr, bytes).unwrap();
     }
-    for r in region_of {
-        d.begin_region(
-            r.start,
-            r.len,
-            r.prot,
-            &r.flags.iter().map(String::as_str).collect::<Vec<_>>(),
-            &r.name,
-        )
-        .unwrap();
-    }
+    assert!(pages.next().is_none(), "pages outside every region");
     let (mut manifest, sums) = d.finish_description().unwrap();
     manifest.created_unix = sample.manifest.created_unix;
     assert_eq!(manifest, sample.manifest);
