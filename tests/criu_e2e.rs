@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::netns::Veth;
 use common::*;
 use memtest_log::{filled_pid, parse_pass};
 use nix::sys::signal::{kill, Signal};
@@ -463,58 +464,27 @@ const PS_PORT: &str = "27027";
 /// by the kernel to a power of two: 4 MiB on x86_64).
 const CRIU_TEE_PIPE: u64 = 4 << 20;
 
-/// Two network namespaces joined by a veth pair (`DUMP_ADDR` on the dump side), removed on
-/// drop (deleting a namespace deletes its end of the pair, and so the pair).
+/// Two network namespaces joined by a veth pair (`DUMP_ADDR` on the dump side, its
+/// "server"), removed on drop.
 struct NetPair {
-    dump: String,
-    restore: String,
-    veth: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    veth: Veth,
 }
 
 impl NetPair {
     fn new() -> NetPair {
-        let id = std::process::id() % 100_000;
-        let net = NetPair {
-            dump: format!("umm-e2e-d{id}"),
-            restore: format!("umm-e2e-r{id}"),
-            veth: format!("ue2e{id}"),
-        };
-        let (vd, vr) = (format!("{}d", net.veth), format!("{}r", net.veth));
-        let (d, r) = (net.dump.as_str(), net.restore.as_str());
-        let steps: Vec<Vec<&str>> = vec![
-            vec!["netns", "add", d],
-            vec!["netns", "add", r],
-            vec!["link", "add", &vd, "type", "veth", "peer", "name", &vr],
-            vec!["link", "set", &vd, "netns", d],
-            vec!["link", "set", &vr, "netns", r],
-            vec!["-n", d, "addr", "add", "10.77.0.1/30", "dev", &vd],
-            vec!["-n", r, "addr", "add", "10.77.0.2/30", "dev", &vr],
-            vec!["-n", d, "link", "set", &vd, "up"],
-            vec!["-n", r, "link", "set", &vr, "up"],
-            vec!["-n", d, "link", "set", "lo", "up"],
-            vec!["-n", r, "link", "set", "lo", "up"],
-        ];
-        for step in steps {
-            // On failure `net` is dropped: what was made is removed.
-            ip(&step).unwrap_or_else(|e| panic!("cannot set up the namespaces: {e}"));
-        }
-        net
+        let tag = format!("e2e{}", std::process::id() % 100_000);
+        let veth = Veth::new(&tag, (&format!("{DUMP_ADDR}/30"), "10.77.0.2/30"))
+            .unwrap_or_else(|e| panic!("cannot set up the namespaces: {e}"));
+        NetPair { veth }
+    }
+
+    /// The dump side's namespace, and the restore side's.
+    fn dump_ns(&self) -> &str {
+        &self.veth.server_ns
+    }
+
+    fn restore_ns(&self) -> &str {
+        &self.veth.client_ns
     }
 
     /// `program` run in network namespace `ns` (nsenter: no mount namespace, unlike `ip netns
@@ -530,8 +500,14 @@ impl NetPair {
     /// Limit what the dump side sends to `rate` (tc tbf on its veth end).
     fn shape_dump_side(&self, rate: &str) {
         let out = Command::new("tc")
-            .args(["-n", &self.dump, "qdisc", "add", "dev"])
-            .arg(format!("{}d", self.veth))
+            .args([
+                "-n",
+                self.dump_ns(),
+                "qdisc",
+                "add",
+                "dev",
+                &self.veth.devs.0,
+            ])
             .args([
                 "root", "tbf", "rate", rate, "burst", "32kb", "latency", "10s",
             ])
@@ -542,14 +518,6 @@ impl NetPair {
             "tc: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-}
-
-impl Drop for NetPair {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.dump]);
-        let _ = ip(&["netns", "del", &self.restore]);
-        let _ = ip(&["link", "del", &format!("{}d", self.veth)]);
     }
 }
 
@@ -623,7 +591,7 @@ impl LazyDump {
         // memtest as init of a new PID namespace, its own session (CRIU dumps the whole
         // namespace then, and restores it as a new one): 16 MiB parent forking grandchildren,
         // 4 MiB child, both dropping and refilling a scratch area.
-        let mut cmd = net.exec(&net.dump, Path::new("unshare"));
+        let mut cmd = net.exec(net.dump_ns(), Path::new("unshare"));
         cmd.args(["--pid", "--fork", "setsid"])
             .arg(&memtest)
             .args(["-s", "16", "-c", "4", "-f", "-r", "-i", "200"]);
@@ -646,7 +614,7 @@ impl LazyDump {
 
         let img = dir.join("img");
         fs::create_dir(&img).unwrap();
-        let mut cmd = net.exec(&net.dump, criu);
+        let mut cmd = net.exec(net.dump_ns(), criu);
         cmd.args(["dump", "-t", &root.to_string(), "-D"])
             .arg(&img)
             .args(["--lazy-pages", "--address", DUMP_ADDR, "--port", PS_PORT])
@@ -697,7 +665,7 @@ impl LazyDump {
 
     /// `umm lazy-pages --page-server` on the restore side, listening for criu restore.
     fn start_umm(&self, dir: &TestDir, extra: &[&str]) -> Proc {
-        let mut cmd = self.net.exec(&self.net.restore, &umm_bin());
+        let mut cmd = self.net.exec(self.net.restore_ns(), &umm_bin());
         cmd.args(["lazy-pages", "--page-server", "--address", DUMP_ADDR])
             .args(["--port", PS_PORT, "-D"])
             .arg(&self.images)
@@ -721,7 +689,7 @@ impl LazyDump {
     /// if it succeeded.
     fn restore(&mut self, dir: &TestDir, criu: &Path) -> (Option<i32>, Proc) {
         let pidfile = dir.join("restored.pid");
-        let mut cmd = self.net.exec(&self.net.restore, criu);
+        let mut cmd = self.net.exec(self.net.restore_ns(), criu);
         cmd.args(["restore", "-D"])
             .arg(&self.images)
             .args([

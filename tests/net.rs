@@ -25,6 +25,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::netns::{ip, Veth};
 use common::*;
 use serde_json::Value;
 
@@ -38,27 +39,10 @@ fn richstate() -> PathBuf {
     target("richstate")
 }
 
-fn run_ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip` (is iproute2 installed? make test-deps): {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
 /// Two network namespaces joined by a veth pair, with a one-way delay and optionally a rate
-/// limit in each direction. Deleted on drop (deleting a namespace deletes its end of the veth,
-/// and with it the pair).
+/// limit in each direction. Deleted on drop.
 struct NetPair {
-    server_ns: String,
-    client_ns: String,
+    veth: Veth,
     /// No netem in this kernel: the delay is the relay's (milliseconds), else None.
     relay_delay_ms: Option<u32>,
 }
@@ -72,35 +56,26 @@ impl NetPair {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let mut pair = NetPair {
-            server_ns: format!("umm-s{tag}"),
-            client_ns: format!("umm-c{tag}"),
-            relay_delay_ms: None,
-        };
-        if let Err(e) = pair.set_up(&tag, delay_ms, rate) {
+        let cidrs = (format!("{SERVER_IP}/24"), format!("{CLIENT_IP}/24"));
+        let set_up = Veth::new(&tag, (&cidrs.0, &cidrs.1)).and_then(|veth| {
+            let mut pair = NetPair {
+                veth,
+                relay_delay_ms: None,
+            };
+            pair.shape(delay_ms, rate)?;
+            Ok(pair)
+        });
+        set_up.unwrap_or_else(|e| {
             panic!(
                 "cannot set up two network namespaces joined by a veth pair with a delay (needs \
                  root, iproute2 and tc; `make test-deps` installs iproute2): {e}"
-            );
-        }
-        pair
+            )
+        })
     }
 
-    fn set_up(&mut self, tag: &str, delay_ms: u32, rate: Option<&str>) -> Result<(), String> {
-        let (s, c) = (self.server_ns.as_str(), self.client_ns.as_str());
-        // Interface names: at most 15 bytes.
-        let tail = &tag[tag.len().saturating_sub(9)..];
-        let (vs, vc) = (format!("vs{tail}"), format!("vc{tail}"));
-        run_ip(&["netns", "add", s])?;
-        run_ip(&["netns", "add", c])?;
-        run_ip(&[
-            "link", "add", &vs, "netns", s, "type", "veth", "peer", "name", &vc, "netns", c,
-        ])?;
-        for (ns, dev, ip) in [(s, &vs, SERVER_IP), (c, &vc, CLIENT_IP)] {
-            let cidr = format!("{ip}/24");
-            run_ip(&["-n", ns, "addr", "add", &cidr, "dev", dev])?;
-            run_ip(&["-n", ns, "link", "set", dev, "up"])?;
-            run_ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    /// The delay and the rate on both ends: netem, or (no netem here) the relay and tbf.
+    fn shape(&mut self, delay_ms: u32, rate: Option<&str>) -> Result<(), String> {
+        for (ns, dev) in self.veth.ends() {
             let tc = [
                 "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
             ];
@@ -110,7 +85,7 @@ impl NetPair {
             if let Some(r) = rate {
                 netem.extend(["rate", r]);
             }
-            match run_ip(&netem) {
+            match ip(&netem) {
                 Ok(()) => {}
                 Err(e) if e.contains("qdisc kind is unknown") => {
                     // No netem in this kernel: the relay delays, tbf limits the rate.
@@ -118,14 +93,16 @@ impl NetPair {
                     if let Some(r) = rate {
                         let mut tbf = tc.to_vec();
                         tbf.extend(["tbf", "rate", r, "burst", "64kb", "latency", "1s"]);
-                        run_ip(&tbf)?;
+                        ip(&tbf)?;
                     }
                 }
                 Err(e) => return Err(e),
             }
         }
         eprintln!(
-            "net: veth between {s} and {c}: {delay_ms} ms each way by {}{}",
+            "net: veth between {} and {}: {delay_ms} ms each way by {}{}",
+            self.veth.server_ns,
+            self.veth.client_ns,
             if self.relay_delay_ms.is_some() {
                 "delay_relay.py (this kernel has no netem)"
             } else {
@@ -157,7 +134,7 @@ impl NetPair {
             (PORT + 1).to_string().into(),
             delay.to_string().into(),
         ];
-        let mut relay = Proc::spawn(dir, "relay", NetPair::command(&self.server_ns, &argv));
+        let mut relay = Proc::spawn(dir, "relay", NetPair::command(&self.veth.server_ns, &argv));
         let up = poll_until(1000, Duration::from_millis(10), || {
             relay.stdout().contains("RELAY READY") || relay.try_wait().is_some()
         });
@@ -174,16 +151,6 @@ impl NetPair {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
         c
-    }
-}
-
-impl Drop for NetPair {
-    fn drop(&mut self) {
-        for ns in [&self.server_ns, &self.client_ns] {
-            if let Err(e) = run_ip(&["netns", "del", ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
     }
 }
 
@@ -230,7 +197,7 @@ fn start_server_with(
         key.into(),
     ];
     argv.extend(extra.iter().cloned());
-    let mut c = NetPair::command(&net.server_ns, &argv);
+    let mut c = NetPair::command(&net.veth.server_ns, &argv);
     c.envs(env.iter().copied());
     let mut server = Proc::spawn(dir, "page-server", c);
     let up = poll_until(3000, Duration::from_millis(10), || {
@@ -276,7 +243,7 @@ fn spawn_restore_with(
     options.extend(extra.iter().cloned());
     let mut argv: Vec<OsString> = vec![umm_bin().into()];
     argv.extend(richstate_restore_args(&url, &report, &options, SEED));
-    let mut c = NetPair::command(&net.client_ns, &argv);
+    let mut c = NetPair::command(&net.veth.client_ns, &argv);
     c.current_dir(dir.path())
         .env("UMM_AGENT", agent_lib())
         .env_remove("UMM_SOCKET")
@@ -766,7 +733,7 @@ fn start_migrate_source(dir: &TestDir, net: &NetPair, src: &LiveSource) -> Proc 
     let mut m = Proc::spawn(
         dir,
         "migrate-source",
-        NetPair::command(&net.server_ns, &argv),
+        NetPair::command(&net.veth.server_ns, &argv),
     );
     let up = poll_until(3000, Duration::from_millis(10), || {
         m.stderr().contains("serving on") || m.try_wait().is_some()

@@ -70,68 +70,27 @@ const LINKS: [Link; 6] = [
 ];
 const KEY: &str = "umm-bench figure 8 pre-shared key";
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
+#[path = "../../tests/common/netns.rs"]
+mod netns;
+use netns::Veth;
 
 /// Two network namespaces joined by a veth pair; deleted on drop.
 struct NetPair {
-    server: String,
-    client: String,
-    /// The veth's ends: in the server's namespace, in the client's.
-    devs: (String, String),
+    veth: Veth,
 }
 
 impl NetPair {
     fn new() -> Result<NetPair, String> {
-        let id = std::process::id();
-        let (vs, vc) = (format!("vbs{id}"), format!("vbc{id}"));
-        let pair = NetPair {
-            server: format!("umm-bs{id}"),
-            client: format!("umm-bc{id}"),
-            devs: (vs.clone(), vc.clone()),
-        };
-        ip(&["netns", "add", &pair.server])?;
-        ip(&["netns", "add", &pair.client])?;
-        ip(&[
-            "link",
-            "add",
-            &vs,
-            "netns",
-            &pair.server,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vc,
-            "netns",
-            &pair.client,
-        ])?;
-        for (ns, dev, addr) in [
-            (&pair.server, &vs, SERVER_IP),
-            (&pair.client, &vc, CLIENT_IP),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(pair)
+        let tag = format!("b{}", std::process::id());
+        let cidrs = (format!("{SERVER_IP}/24"), format!("{CLIENT_IP}/24"));
+        Ok(NetPair {
+            veth: Veth::new(&tag, (&cidrs.0, &cidrs.1))?,
+        })
     }
 
     /// Limit both ends of the veth to `rate` (tbf), or lift the limit (None).
     fn set_rate(&self, rate: Option<(&str, &str)>) -> Result<(), String> {
-        for (ns, dev) in [(&self.server, &self.devs.0), (&self.client, &self.devs.1)] {
+        for (ns, dev) in self.veth.ends() {
             let mut argv = vec!["-n", ns, "qdisc"];
             match rate {
                 Some((rate, burst)) => argv.extend([
@@ -160,16 +119,6 @@ impl NetPair {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
         c
-    }
-}
-
-impl Drop for NetPair {
-    fn drop(&mut self) {
-        for ns in [&self.server, &self.client] {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                eprintln!("umm-bench: figure 8 cleanup: {e}");
-            }
-        }
     }
 }
 
@@ -216,7 +165,7 @@ fn start_servers(
     let mut ps = Background::spawn(
         &ctx.work,
         "page-server",
-        NetPair::cmd(&net.server, &["sh", "-c", &script]),
+        NetPair::cmd(&net.veth.server_ns, &["sh", "-c", &script]),
     )?;
     ps.wait_line("umm: page-server: serving", ctx.limit)?;
     procs.push(ps);
@@ -226,7 +175,7 @@ fn start_servers(
         &ctx.work,
         "tcp-blast",
         NetPair::cmd(
-            &net.server,
+            &net.veth.server_ns,
             &[
                 s("/usr/bin/python3"),
                 s(blast.display()),
@@ -243,7 +192,7 @@ fn start_servers(
         let mut r = Background::spawn(
             &ctx.work,
             &format!("relay{i}"),
-            NetPair::cmd(&net.server, &argv),
+            NetPair::cmd(&net.veth.server_ns, &argv),
         )?;
         r.wait_line("RELAY READY", ctx.limit)?;
         procs.push(r);
@@ -279,7 +228,7 @@ fn restore_cmd(
         tail.iter()
             .map(|a| OsString::from(if a == "IMG" { &url } else { a })),
     );
-    let mut c = NetPair::cmd(&net.client, &argv);
+    let mut c = NetPair::cmd(&net.veth.client_ns, &argv);
     c.env("UMM_AGENT", &ctx.agent)
         .env_remove("LD_PRELOAD")
         .env_remove("UMM_SOCKET");
@@ -399,7 +348,7 @@ fn one_rtt(
         &ctx.work,
         "tcp-blast-get",
         NetPair::cmd(
-            &net.client,
+            &net.veth.client_ns,
             &[
                 s("/usr/bin/python3"),
                 s(ctx.prog("tcp_blast.py").display()),

@@ -15,6 +15,7 @@
 //! `--trace <dir>/<label>.trace.jsonl` to every `umm run` (keep the dir to read it).
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod tls;
 pub mod wire;
 
