@@ -369,37 +369,6 @@ fn restore_under_way(dir: &TestDir, net: &NetPair) -> (Proc, PathBuf) {
     (p, report)
 }
 
-/// Everything a stopped restore must show: the restorer tree killed (no OK line: it did not
-/// finish; no FAIL line: it never saw wrong or zero memory), the reason in the report.
-fn assert_stopped(run: &UmmRun, reason: &str) {
-    assert!(
-        !run.status.success(),
-        "umm restore succeeded\n{}",
-        run.context()
-    );
-    assert!(
-        !run.stdout.contains("OK richstate") && !run.stdout.contains("FAIL richstate"),
-        "a restored process finished, or saw wrong memory\n{}",
-        run.context()
-    );
-    assert!(
-        run.stdout.contains("HANDED"),
-        "the restorer never handed over\n{}",
-        run.context()
-    );
-    run.assert_ge("restore.killed", 1, "the restored tree was stopped");
-    let failed = run
-        .report
-        .get("restore.failed")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    assert!(
-        failed.contains(reason),
-        "restore.failed = {failed:?}, want it to mention {reason:?}\n{}",
-        run.context()
-    );
-}
-
 #[test]
 fn killing_the_page_server_mid_transfer_stops_the_restored_tree() {
     require_root_and_uffd();
@@ -412,7 +381,7 @@ fn killing_the_page_server_mid_transfer_stops_the_restored_tree() {
     let (p, report) = restore_under_way(&dir, &net);
     server.kill();
     let run = UmmRun::finish(p, &report);
-    assert_stopped(&run, "page server");
+    assert_restore_stopped(&run, "page server");
     let fetched = run.report.u64("restore.network.bytes_fetched");
     assert!(
         fetched < img_data_len(&img),
@@ -471,7 +440,7 @@ fn restore_with_a_flipped_byte(
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
     let run = UmmRun::finish(p, &report);
-    assert_stopped(&run, reason);
+    assert_restore_stopped(&run, reason);
     if let Some(l) = lines.0 {
         assert!(run.stderr.contains(l), "no `{l}` line\n{}", run.context());
     }

@@ -1290,6 +1290,38 @@ pub fn richstate_restore_args(
     argv
 }
 
+/// Everything a stopped restore of richstate must show: the restorer tree killed after it
+/// handed over (no OK line: it did not finish; no FAIL line: it never saw wrong or zero
+/// memory), the reason in the report.
+pub fn assert_restore_stopped(run: &UmmRun, reason: &str) {
+    assert!(
+        !run.status.success(),
+        "umm restore succeeded\n{}",
+        run.context()
+    );
+    assert!(
+        !run.stdout.contains("OK richstate") && !run.stdout.contains("FAIL richstate"),
+        "a restored process finished, or saw wrong memory\n{}",
+        run.context()
+    );
+    assert!(
+        run.stdout.contains("HANDED"),
+        "the restorer never handed over\n{}",
+        run.context()
+    );
+    run.assert_ge("restore.killed", 1, "the restored tree was stopped");
+    let failed = run
+        .report
+        .get("restore.failed")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(
+        failed.contains(reason),
+        "restore.failed = {failed:?}, want it to mention {reason:?}\n{}",
+        run.context()
+    );
+}
+
 /// A restore of the richstate image (`data_pages` of data) from a network source that ended
 /// well: its OK line, at least 90 % of the data pages verified, nothing stopped, the verified
 /// pages installed by umm, the whole image fetched `how` (the report's `restore.network`).
