@@ -725,20 +725,9 @@ fn migrate_source_moves_a_live_process_to_the_other_namespace_and_kills_it_after
     let _relay = net.start_relay(&dir);
     let (p, report) = spawn_restore(&dir, &net, "restore", KEY, &[]);
     let run = UmmRun::finish(p, &report);
-    run.assert_success();
-    let ok = run.ok_line("richstate");
-    assert!(
-        ok.u64("pages") * 10 >= src.data_pages * 9,
-        "the destination verified {} data pages of {}\n{}",
-        ok.u64("pages"),
+    assert_network_restore_verified(
+        &run,
         src.data_pages,
-        run.context()
-    );
-    run.assert_eq("restore.killed", 0, "nothing had to be stopped");
-    run.assert_ge("pages_served", ok.u64("pages"), "pages installed by umm");
-    run.assert_ge(
-        "restore.network.bytes_fetched",
-        src.data_pages * PAGE,
         "every data page of the live process came over the network",
     );
     // Complete: the source process is killed, and migrate-source ends.
