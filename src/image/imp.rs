@@ -297,21 +297,22 @@ impl ImageWriter {
         }
         let sums = std::mem::take(&mut self.sums);
         let dir = self.dir.clone();
-        let manifest = self.into_manifest();
+        let manifest = self.take_manifest();
         manifest::validate(&dir, &manifest)?;
         Ok((manifest, sums))
     }
 
-    fn into_manifest(self) -> Manifest {
+    /// The manifest of what was written (the regions and the executable's name move into it).
+    fn take_manifest(&mut self) -> Manifest {
         Manifest {
             version: FORMAT_VERSION,
             page_size: PAGE_SIZE,
             chunk_size: CHUNK_SIZE,
             data_len: self.data_len,
             source_pid: self.source_pid,
-            source_exe: self.source_exe,
+            source_exe: std::mem::take(&mut self.source_exe),
             created_unix: self.created_unix,
-            regions: self.regions,
+            regions: std::mem::take(&mut self.regions),
         }
     }
 
@@ -334,16 +335,7 @@ impl ImageWriter {
         file.sync_all().map_err(|e| io_err(&data_path, e))?;
         drop(file);
 
-        let manifest = Manifest {
-            version: FORMAT_VERSION,
-            page_size: PAGE_SIZE,
-            chunk_size: CHUNK_SIZE,
-            data_len: self.data_len,
-            source_pid: self.source_pid,
-            source_exe: self.source_exe,
-            created_unix: self.created_unix,
-            regions: self.regions,
-        };
+        let manifest = self.take_manifest();
         // What the reader will check; the writer's own checks make this hold.
         manifest::validate(&self.dir.join(MANIFEST_FILE), &manifest)?;
 
