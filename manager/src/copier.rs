@@ -63,10 +63,10 @@ pub type Done = Result<Result<u64, UffdError>, SourceError>;
 
 /// How long the copier looks for the next job before it sleeps: jobs come back to back while
 /// the fill runs, and a wake-up across vCPUs costs tens of µs here.
-const SPIN: Duration = Duration::from_micros(50);
+const SPIN: Duration = Duration::from_micros(5);
 
 /// How long the loop spins for the copier's result before it sleeps.
-const FINISH_SPIN: Duration = Duration::from_millis(2);
+const FINISH_SPIN: Duration = Duration::from_micros(50);
 
 pub struct Copier {
     jobs: Sender<Job>,
