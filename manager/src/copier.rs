@@ -12,8 +12,13 @@
 //! EAGAIN (the kernel's `mmap_changing`), exactly as when the loop copies both pieces itself,
 //! and both results are accounted by the loop, in order, before anything else happens. The
 //! copier touches nothing else: it gets a duplicate of the uffd, the source and the range.
+//! When the loop is done with its piece and the copier has not started the other (it got no
+//! CPU: the restored program runs), the loop takes that piece back and copies it itself
+//! (whoever claims a job first copies it), so the fill never waits for a thread that is not
+//! running, and degrades to one thread on a busy machine.
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,13 +46,21 @@ impl SharedSource {
     }
 }
 
-/// `--fill-threads`, else 1. Measured on a quiet 2-vCPU VM: a bare two-thread UFFDIO_COPY
-/// loop copies ~1.8× as fast as one; umm's fill of an idle restore (figure 1) ~1.5× with the
-/// second copier (3.73 vs 2.43 GB/s, pieces in separate page tables), but a 1 GiB CRIU
-/// restore whose program faults (figure 7) is slower with it (the copier takes a CPU from the
-/// restored program), so it stays opt-in.
+/// `--fill-threads`, else 2 when this process may run on two or more CPUs (affinity and
+/// cgroup quota, as `available_parallelism` reads them), else 1. Measured on a quiet 2-vCPU
+/// VM: a bare two-thread UFFDIO_COPY loop copies ~1.8× as fast as one; umm's fill of an idle
+/// restore ~1.5× (figure 1: 3.73 vs 2.43 GB/s), a CRIU restore whose tree sleeps 1.5–1.9×
+/// (figure 7). The second copier only works in quiet turns once the fill chunk has grown to
+/// its largest (restore.rs), so a restored program that faults keeps the one-thread path and
+/// its CPU.
 pub fn fill_threads(asked: Option<u8>) -> usize {
-    asked.map_or(1, usize::from)
+    asked.map_or_else(
+        || match std::thread::available_parallelism() {
+            Ok(n) if n.get() >= 2 => 2,
+            _ => 1,
+        },
+        usize::from,
+    )
 }
 
 /// One piece to copy: `len` bytes at `offset` of `source` to `dst`, through `uffd`.
@@ -61,52 +74,88 @@ pub struct Job {
 
 pub type Done = Result<Result<u64, UffdError>, SourceError>;
 
+/// A job in the copier's hands: whoever sets `claimed` first copies it.
+struct Handoff {
+    job: Job,
+    claimed: Arc<AtomicBool>,
+}
+
+/// A job handed over, for [`Copier::finish`].
+pub struct Handed {
+    claimed: Arc<AtomicBool>,
+}
+
+/// How a handed-over job ended.
+pub enum Finish {
+    /// The copier copied it.
+    Copied(Done),
+    /// The copier had not started it (no CPU for it, e.g. the restored program runs on the
+    /// others): the caller copies it itself.
+    NotStarted,
+    /// The copier is gone: the caller copies it itself.
+    Gone,
+}
+
 /// How long the copier looks for the next job before it sleeps: jobs come back to back while
-/// the fill runs, and a wake-up across vCPUs costs tens of µs here.
+/// the fill runs, and a wake-up across vCPUs costs tens of µs here. Short: spinning takes a
+/// CPU the restored program may want (50 µs here cost a busy restore 70–100 ms of CPU).
 const SPIN: Duration = Duration::from_micros(5);
 
 /// How long the loop spins for the copier's result before it sleeps.
 const FINISH_SPIN: Duration = Duration::from_micros(50);
 
 pub struct Copier {
-    jobs: Sender<Job>,
+    jobs: Sender<Handoff>,
     done: Receiver<Done>,
 }
 
 impl Copier {
     pub fn start() -> std::io::Result<Copier> {
-        let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(1);
+        let (jobs, job_rx) = crossbeam_channel::bounded::<Handoff>(1);
         let (done_tx, done) = crossbeam_channel::bounded::<Done>(1);
         crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx))?;
         Ok(Copier { jobs, done })
     }
 
-    /// Hand `job` over. False if the copier is gone (the caller copies it itself).
-    pub fn start_copy(&self, job: Job) -> bool {
-        self.jobs.send(job).is_ok()
+    /// Hand `job` over. None if the copier is gone or has not yet picked up a job the loop
+    /// took back (the caller copies it itself).
+    pub fn start_copy(&self, job: Job) -> Option<Handed> {
+        let claimed = Arc::new(AtomicBool::new(false));
+        let handoff = Handoff {
+            job,
+            claimed: claimed.clone(),
+        };
+        self.jobs.try_send(handoff).ok().map(|()| Handed { claimed })
     }
 
-    /// The result of the job handed over last. It is due within about one piece's copy, so
-    /// the loop spins for it rather than sleep (a wake-up across vCPUs costs more here).
-    pub fn finish(&self) -> Option<Done> {
+    /// The end of the job handed over last. Taken back if the copier has not started it
+    /// (fork-join must not wait for a thread that gets no CPU); else due within about one
+    /// piece's copy, so the loop spins for it briefly before it sleeps.
+    pub fn finish(&self, handed: Handed) -> Finish {
+        if !handed.claimed.swap(true, Ordering::AcqRel) {
+            return Finish::NotStarted;
+        }
         let spin_until = Instant::now() + FINISH_SPIN;
         while Instant::now() < spin_until {
             match self.done.try_recv() {
-                Ok(d) => return Some(d),
-                Err(TryRecvError::Disconnected) => return None,
+                Ok(d) => return Finish::Copied(d),
+                Err(TryRecvError::Disconnected) => return Finish::Gone,
                 Err(TryRecvError::Empty) => std::hint::spin_loop(),
             }
         }
-        self.done.recv().ok()
+        self.done.recv().map_or(Finish::Gone, Finish::Copied)
     }
 }
 
-fn run(jobs: Receiver<Job>, done: Sender<Done>) {
+fn run(jobs: Receiver<Handoff>, done: Sender<Done>) {
     loop {
-        let job = match next_job(&jobs) {
-            Some(j) => j,
-            None => return,
+        let Some(Handoff { job, claimed }) = next_job(&jobs) else {
+            return;
         };
+        // Taken back by the loop: it copies this one itself.
+        if claimed.swap(true, Ordering::AcqRel) {
+            continue;
+        }
         let result = job
             .source
             .data(job.offset, job.len)
@@ -118,7 +167,7 @@ fn run(jobs: Receiver<Job>, done: Sender<Done>) {
 }
 
 /// The next job: spin for [`SPIN`], then sleep. None: the loop is gone.
-fn next_job(jobs: &Receiver<Job>) -> Option<Job> {
+fn next_job(jobs: &Receiver<Handoff>) -> Option<Handoff> {
     let spin_until = Instant::now() + SPIN;
     while Instant::now() < spin_until {
         match jobs.try_recv() {

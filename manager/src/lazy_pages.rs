@@ -86,7 +86,8 @@ pub struct LazyPagesArgs {
     #[arg(long, value_name = "BYTES_PER_S")]
     pub fill_rate: Option<u64>,
     /// Threads copying the background fill while no fault waits: 1 (the loop) or 2 (the
-    /// loop and a second copier) [default: 1].
+    /// loop and a second copier) [default: 2 when the manager may run on two or more CPUs,
+    /// else 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
     pub fill_threads: Option<u8>,
     /// Fetch the lazy pages from CRIU's page server (`criu dump --lazy-pages --port P`)

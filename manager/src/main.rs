@@ -167,7 +167,8 @@ struct RestoreArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 2 << 20, value_parser = parse_window)]
     fill_chunk_max: u64,
     /// Threads copying the background fill while no fault waits: 1 (the loop) or 2 (the
-    /// loop and a second copier) [default: 1].
+    /// loop and a second copier) [default: 2 when the manager may run on two or more CPUs,
+    /// else 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=2))]
     fill_threads: Option<u8>,
     /// Verify every chunk of the image before serving anything (else each chunk is verified

@@ -494,9 +494,14 @@ impl Manager {
         }
         let pick = restoring[self.restore.next % restoring.len()];
         self.restore.next = self.restore.next.wrapping_add(1);
-        // Quiet, and a second copier: pieces in pairs, one copied by each (fork-join, see
-        // copier.rs), from a run long enough for two page tables.
-        let paired = !faults_this_turn && rc.fill_threads > 1 && self.shared_source(pick).is_some();
+        // Quiet for long enough that the chunk has grown to its largest (a program that
+        // faults keeps it small: a fault would wait behind a pair, and the copier would take
+        // the program's CPU), and a second copier: pieces in pairs, one copied by each
+        // (fork-join, see copier.rs), from a run long enough for two page tables.
+        let paired = !faults_this_turn
+            && chunk >= rc.chunk_max
+            && rc.fill_threads > 1
+            && self.shared_source(pick).is_some();
         let run_len = if paired {
             chunk.max(2 * PAIRED_PIECE)
         } else {
@@ -606,16 +611,18 @@ impl Manager {
                         offset,
                         len: second.range.end - second.range.start,
                     }),
-                    _ => false,
+                    _ => None,
                 }
             }
-            _ => false,
+            _ => None,
         };
         let first_result = self.copy_run(pick, first);
-        let second_result = if handed {
-            self.restore.copier.as_ref().and_then(|c| c.finish())
-        } else {
-            None
+        let second_result = match (handed, &self.restore.copier) {
+            (Some(h), Some(c)) => match c.finish(h) {
+                crate::copier::Finish::Copied(r) => Some(r),
+                crate::copier::Finish::NotStarted | crate::copier::Finish::Gone => None,
+            },
+            _ => None,
         };
         let done = self.account_piece(pick, first, first_result, fill_rate);
         let second_done = match second_result {
@@ -624,7 +631,8 @@ impl Manager {
                 self.stats.second_copier_bytes += n;
                 n
             }
-            // Not handed over (or the copier is gone): copy it here, as without a copier.
+            // Not handed over, taken back before the copier started it, or the copier is
+            // gone: copy it here, as without a copier.
             None if done == first.range.end - first.range.start => {
                 self.fill_piece(pick, second, fill_rate)
             }
