@@ -101,6 +101,9 @@ pub enum Finish {
 /// CPU the restored program may want (50 µs here cost a busy restore 70–100 ms of CPU).
 const SPIN: Duration = Duration::from_micros(5);
 
+/// How long the loop waits for the copier to start a piece before it takes the piece back.
+const TAKE_BACK_GRACE: Duration = Duration::from_micros(200);
+
 /// How long the loop spins for the copier's result before it sleeps.
 const FINISH_SPIN: Duration = Duration::from_micros(50);
 
@@ -125,13 +128,23 @@ impl Copier {
             job,
             claimed: claimed.clone(),
         };
-        self.jobs.try_send(handoff).ok().map(|()| Handed { claimed })
+        self.jobs
+            .try_send(handoff)
+            .ok()
+            .map(|()| Handed { claimed })
     }
 
     /// The end of the job handed over last. Taken back if the copier has not started it
     /// (fork-join must not wait for a thread that gets no CPU); else due within about one
     /// piece's copy, so the loop spins for it briefly before it sleeps.
     pub fn finish(&self, handed: Handed) -> Finish {
+        // A sleeping copier takes tens of µs to wake (more for a vCPU the host has parked):
+        // a short grace, yielding, so a piece the loop finished quickly does not take it back
+        // from a copier about to start.
+        let grace_until = Instant::now() + TAKE_BACK_GRACE;
+        while !handed.claimed.load(Ordering::Acquire) && Instant::now() < grace_until {
+            std::thread::yield_now();
+        }
         if !handed.claimed.swap(true, Ordering::AcqRel) {
             return Finish::NotStarted;
         }

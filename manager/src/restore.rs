@@ -131,8 +131,10 @@ pub struct RestoreBook {
     pub keep_running: bool,
     /// The whole restore was stopped (fail-stop of everything, not one process).
     pub stopped_all: bool,
-    /// The second copier of the background fill (started at its first use).
+    /// The second copier of the background fill (started at the first background slice, so
+    /// it is running by the time pieces pair), and whether it could not be started.
     pub copier: Option<crate::copier::Copier>,
+    pub copier_failed: bool,
     /// The image read-ahead helper, and how far into the data file it was asked to read.
     pub readahead: Option<crate::readahead::ReadAhead>,
     pub ahead_until: u64,
@@ -448,6 +450,15 @@ impl Manager {
             return false;
         }
         let book = &mut self.restore;
+        if rc.fill_threads > 1 && book.copier.is_none() && !book.copier_failed {
+            match crate::copier::Copier::start() {
+                Ok(c) => book.copier = Some(c),
+                Err(e) => {
+                    log::warn!("no second copier, the fill uses one thread: {e}");
+                    book.copier_failed = true;
+                }
+            }
+        }
         if book.chunk == 0 {
             book.chunk = rc.chunk_min;
         }
@@ -500,7 +511,7 @@ impl Manager {
         // (fork-join, see copier.rs), from a run long enough for two page tables.
         let paired = !faults_this_turn
             && chunk >= rc.chunk_max
-            && rc.fill_threads > 1
+            && self.restore.copier.is_some()
             && self.shared_source(pick).is_some();
         let run_len = if paired {
             chunk.max(2 * PAIRED_PIECE)
@@ -593,17 +604,10 @@ impl Manager {
             self.spaces.get(pick),
         ) {
             (PageState::Missing, Some(offset), Some(source), Some(space)) => {
-                let copier = match &self.restore.copier {
-                    Some(c) => Some(c),
-                    None => match crate::copier::Copier::start() {
-                        Ok(c) => Some(&*self.restore.copier.insert(c)),
-                        Err(e) => {
-                            log::warn!("no second copier: {e}");
-                            None
-                        }
-                    },
-                };
-                match (copier, space.uffd.as_fd().try_clone_to_owned()) {
+                match (
+                    &self.restore.copier,
+                    space.uffd.as_fd().try_clone_to_owned(),
+                ) {
                     (Some(c), Ok(uffd)) => c.start_copy(crate::copier::Job {
                         uffd,
                         dst: second.range.start,
@@ -620,7 +624,11 @@ impl Manager {
         let second_result = match (handed, &self.restore.copier) {
             (Some(h), Some(c)) => match c.finish(h) {
                 crate::copier::Finish::Copied(r) => Some(r),
-                crate::copier::Finish::NotStarted | crate::copier::Finish::Gone => None,
+                crate::copier::Finish::NotStarted => {
+                    self.stats.second_copier_taken_back += 1;
+                    None
+                }
+                crate::copier::Finish::Gone => None,
             },
             _ => None,
         };

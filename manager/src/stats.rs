@@ -145,6 +145,7 @@ pub struct Stats {
     pub restore_killed: u64,
     pub background_bytes: u64,
     pub second_copier_bytes: u64,
+    pub second_copier_taken_back: u64,
     /// Bytes the restores handed over so far had to fill from the image (at their handoff).
     pub restore_to_fill: u64,
     pub restore_first_fault_ms: Option<f64>,
@@ -165,6 +166,7 @@ impl Stats {
                 killed: self.restore_killed,
                 background_bytes: self.background_bytes,
                 second_copier_bytes: self.second_copier_bytes,
+                second_copier_taken_back: self.second_copier_taken_back,
                 first_fault_ms: self.restore_first_fault_ms,
                 complete_ms: (self.restore_completed > 0).then_some(self.restore_complete_ms),
                 failed: None,
@@ -248,6 +250,9 @@ pub struct RestoreReport {
     pub background_bytes: u64,
     /// Of those, bytes the second copier copied (`--fill-threads 2`).
     pub second_copier_bytes: u64,
+    /// Pieces handed to the second copier that the loop took back and copied itself (the
+    /// copier had not started them when the loop was done with its own).
+    pub second_copier_taken_back: u64,
     pub first_fault_ms: Option<f64>,
     pub complete_ms: Option<u64>,
     /// Why the restore was stopped (fail-stop), if it was.
