@@ -509,8 +509,10 @@ impl Manager {
         // faults keeps it small: a fault would wait behind a pair, and the copier would take
         // the program's CPU), and a second copier: pieces in pairs, one copied by each
         // (fork-join, see copier.rs), from a run long enough for two page tables.
+        // A --fill-chunk-max below a page table's span asks for small copies: one thread.
         let paired = !faults_this_turn
             && chunk >= rc.chunk_max
+            && rc.chunk_max >= PAIRED_PIECE
             && self.restore.copier.is_some()
             && self.shared_source(pick).is_some();
         let run_len = if paired {
