@@ -114,10 +114,16 @@ pub struct Copier {
 
 impl Copier {
     pub fn start() -> std::io::Result<Copier> {
+        let (copier, job_rx, done_tx) = Copier::unstarted();
+        crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx))?;
+        Ok(copier)
+    }
+
+    /// The loop's side, and the two channel ends the copier thread runs on.
+    fn unstarted() -> (Copier, Receiver<Handoff>, Sender<Done>) {
         let (jobs, job_rx) = crossbeam_channel::bounded::<Handoff>(1);
         let (done_tx, done) = crossbeam_channel::bounded::<Done>(1);
-        crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx))?;
-        Ok(Copier { jobs, done })
+        (Copier { jobs, done }, job_rx, done_tx)
     }
 
     /// Hand `job` over. None if the copier is gone or has not yet picked up a job the loop
@@ -190,4 +196,53 @@ fn next_job(jobs: &Receiver<Handoff>) -> Option<Handoff> {
         }
     }
     jobs.recv().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job the copier would fail on if it ever ran it: /dev/null is no uffd.
+    fn job(pages: &Arc<PagesFile>) -> Job {
+        Job {
+            uffd: std::fs::File::open("/dev/null").unwrap().into(),
+            dst: 0x1000_0000,
+            source: SharedSource::Criu(pages.clone()),
+            offset: 0,
+            len: 4096,
+        }
+    }
+
+    #[test]
+    fn a_piece_the_copier_has_not_started_is_taken_back_and_never_copied() {
+        let dir = std::env::temp_dir().join(format!("umm-copier-test.{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pages-1.img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let pages = Arc::new(PagesFile::open(&path, 8192).unwrap());
+
+        // No copier thread yet: nobody claims the piece, so the loop takes it back.
+        let (copier, job_rx, done_tx) = Copier::unstarted();
+        let handed = copier.start_copy(job(&pages)).expect("handed over");
+        // (On a thread: a finish that waited for the copier would never return.)
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let f = copier.finish(handed);
+            let _ = tx.send((copier, f));
+        });
+        let (copier, finished) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("finish waited for a copier that never ran");
+        assert!(matches!(finished, Finish::NotStarted));
+        // It still sits in the channel: the next piece is not handed over (the loop copies
+        // it), rather than waiting for a copier that gets no CPU.
+        assert!(copier.start_copy(job(&pages)).is_none());
+
+        // The copier, once it runs, skips the piece taken back: no result, no copy.
+        let done = copier.done.clone();
+        drop(copier);
+        run(job_rx, done_tx);
+        assert!(matches!(done.try_recv(), Err(TryRecvError::Disconnected)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
