@@ -257,25 +257,50 @@ fn snapshot_then_lazy_restore_verifies_every_page_under_fork_mremap_dontneed_mun
 
 /// The same with the second copier (`--fill-threads 2`) on: it pairs pieces only in turns
 /// without faults, so whether it meets the storms depends on timing; what it copies is
-/// checked by `a_second_copier_fills_a_quiet_restore`.
+/// checked by `a_second_copier_fills_a_quiet_restore_by_default`.
 #[test]
 fn a_second_copier_meets_fork_mremap_dontneed_munmap_and_no_page_is_wrong() {
     restore_storm("restore-storm-2", "2");
 }
 
-/// The restorer touches nothing (RICHSTATE_WATCH): every turn is quiet, so with
-/// `--fill-threads 2` the fill goes in pairs of pieces, one copied by the second copier; the
-/// restorer then verifies every page.
+/// The restorer touches nothing (RICHSTATE_WATCH): every turn is quiet, so by default (two
+/// or more CPUs: `--fill-threads` defaults to 2) the fill goes in pairs of pieces, one copied
+/// by the second copier; the restorer then verifies every page.
 #[test]
-fn a_second_copier_fills_a_quiet_restore() {
+fn a_second_copier_fills_a_quiet_restore_by_default() {
     require_root_and_uffd();
-    let dir = TestDir::new("restore-copier");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs (the second copier's default), this process may use {cpus}"
+    );
+    let ok_run = quiet_restore("restore-copier", &[]);
+    // (Pieces pair only inside one run of image data, so not half of it: 4 of 23.7 MiB seen.)
+    ok_run.assert_ge(
+        "restore.second_copier_bytes",
+        1 << 20,
+        "the second copier copied part of it",
+    );
+}
+
+/// `--fill-threads 1`: the loop alone fills the same quiet restore.
+#[test]
+fn fill_threads_1_keeps_the_fill_on_the_loop() {
+    require_root_and_uffd();
+    let run = quiet_restore("restore-copier-1", &["--fill-threads", "1"]);
+    run.assert_eq("restore.second_copier_bytes", 0, "no second copier");
+}
+
+/// A restore whose restorer touches nothing, verified page by page, all of it filled in the
+/// background.
+fn quiet_restore(name: &str, args: &[&str]) -> UmmRun {
+    let dir = TestDir::new(name);
     let built = build_image(&dir, "img");
     let run = umm_restore(
         &dir,
         "restore",
         &built.img,
-        &["--fill-threads", "2"],
+        args,
         &[("RICHSTATE_WATCH", &format!("{A_START:#x}"))],
     );
     let ok = assert_restored(&run);
@@ -286,12 +311,7 @@ fn a_second_copier_fills_a_quiet_restore() {
         data_len,
         "every byte came through the background fill",
     );
-    // (Pieces pair only inside one run of image data, so not half of it: 4 of 23.7 MiB seen.)
-    run.assert_ge(
-        "restore.second_copier_bytes",
-        1 << 20,
-        "the second copier copied part of it",
-    );
+    run
 }
 
 fn restore_storm(name: &str, fill_threads: &str) -> UmmRun {
