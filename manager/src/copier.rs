@@ -109,6 +109,9 @@ const FINISH_SPIN: Duration = Duration::from_micros(50);
 
 pub struct Copier {
     jobs: Sender<Handoff>,
+    /// The copier's end of `jobs`, for the loop to pull a piece it took back out again (so
+    /// no duplicate of the uffd waits there for a copier that gets no CPU).
+    jobs_back: Receiver<Handoff>,
     done: Receiver<Done>,
 }
 
@@ -123,11 +126,19 @@ impl Copier {
     fn unstarted() -> (Copier, Receiver<Handoff>, Sender<Done>) {
         let (jobs, job_rx) = crossbeam_channel::bounded::<Handoff>(1);
         let (done_tx, done) = crossbeam_channel::bounded::<Done>(1);
-        (Copier { jobs, done }, job_rx, done_tx)
+        let jobs_back = job_rx.clone();
+        (
+            Copier {
+                jobs,
+                jobs_back,
+                done,
+            },
+            job_rx,
+            done_tx,
+        )
     }
 
-    /// Hand `job` over. None if the copier is gone or has not yet picked up a job the loop
-    /// took back (the caller copies it itself).
+    /// Hand `job` over. None if the copier is gone (the caller copies it itself).
     pub fn start_copy(&self, job: Job) -> Option<Handed> {
         let claimed = Arc::new(AtomicBool::new(false));
         let handoff = Handoff {
@@ -152,6 +163,8 @@ impl Copier {
             std::thread::yield_now();
         }
         if !handed.claimed.swap(true, Ordering::AcqRel) {
+            // Out of the channel if the copier has not taken it yet (else it drops it).
+            let _ = self.jobs_back.try_recv();
             return Finish::NotStarted;
         }
         let spin_until = Instant::now() + FINISH_SPIN;
@@ -234,11 +247,15 @@ mod tests {
             .recv_timeout(Duration::from_secs(30))
             .expect("finish waited for a copier that never ran");
         assert!(matches!(finished, Finish::NotStarted));
-        // It still sits in the channel: the next piece is not handed over (the loop copies
-        // it), rather than waiting for a copier that gets no CPU.
-        assert!(copier.start_copy(job(&pages)).is_none());
+        // Out of the channel again (with its duplicate of the uffd): the next piece can be
+        // handed over.
+        assert!(job_rx.is_empty());
+        let next = copier.start_copy(job(&pages));
+        assert!(next.is_some());
 
-        // The copier, once it runs, skips the piece taken back: no result, no copy.
+        // A piece the copier dequeued but had not claimed when the loop took it back: the
+        // copier drops it, no result, no copy.
+        next.unwrap().claimed.store(true, Ordering::Release);
         let done = copier.done.clone();
         drop(copier);
         run(job_rx, done_tx);
