@@ -274,7 +274,7 @@ fn a_second_copier_fills_a_quiet_restore_by_default() {
         cpus >= 2,
         "this test needs two CPUs (the second copier's default), this process may use {cpus}"
     );
-    let ok_run = quiet_restore("restore-copier", &[]);
+    let ok_run = quiet_restore("restore-copier", &[], &[]);
     // (Pieces pair only inside one run of image data, so not half of it: 4 of 23.7 MiB seen.)
     ok_run.assert_ge(
         "restore.second_copier_bytes",
@@ -287,13 +287,30 @@ fn a_second_copier_fills_a_quiet_restore_by_default() {
 #[test]
 fn fill_threads_1_keeps_the_fill_on_the_loop() {
     require_root_and_uffd();
-    let run = quiet_restore("restore-copier-1", &["--fill-threads", "1"]);
+    let run = quiet_restore("restore-copier-1", &["--fill-threads", "1"], &[]);
     run.assert_eq("restore.second_copier_bytes", 0, "no second copier");
+}
+
+/// A copier that gets no CPU (a test hook makes it wait 5 ms before it looks at a piece): the
+/// loop takes its pieces back and copies them itself, and every page is still right.
+#[test]
+fn pieces_a_stalled_copier_has_not_started_are_taken_back_and_every_page_is_right() {
+    require_root_and_uffd();
+    let run = quiet_restore(
+        "restore-copier-stalled",
+        &["--fill-threads", "2"],
+        &[("UMM_TEST_COPIER_CLAIM_DELAY_US", "5000")],
+    );
+    run.assert_ge(
+        "restore.second_copier_taken_back",
+        1,
+        "the loop took pieces back from the stalled copier",
+    );
 }
 
 /// A restore whose restorer touches nothing, verified page by page, all of it filled in the
 /// background.
-fn quiet_restore(name: &str, args: &[&str]) -> UmmRun {
+fn quiet_restore(name: &str, args: &[&str], env: &[(&str, &str)]) -> UmmRun {
     let dir = TestDir::new(name);
     let built = build_image(&dir, "img");
     let run = umm_restore(
@@ -301,7 +318,11 @@ fn quiet_restore(name: &str, args: &[&str]) -> UmmRun {
         "restore",
         &built.img,
         args,
-        &[("RICHSTATE_WATCH", &format!("{A_START:#x}"))],
+        &[
+            &[("RICHSTATE_WATCH", format!("{A_START:#x}").as_str())],
+            env,
+        ]
+        .concat(),
     );
     let ok = assert_restored(&run);
     let data_len = built.manifest.data_len;

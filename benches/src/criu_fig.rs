@@ -93,27 +93,20 @@ fn is_memtest(pid: i32) -> bool {
     })
 }
 
-/// Whether /run is a tmpfs (where CRIU keeps its kernel probes across runs).
-fn run_is_tmpfs() -> bool {
-    fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((f.nth(1)?, f.next()?))
-            })
-            .filter(|&(dir, _)| dir == "/run")
-            .last()
-            .is_some_and(|(_, fstype)| fstype == "tmpfs")
-    })
+/// Whether `dir` is on a tmpfs (CRIU keeps its kernel probes in /run only on one: it checks
+/// the file's fstatfs).
+fn is_tmpfs(dir: &str) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
-/// `criu restore ARGS`, run where CRIU can keep its kernel probes: as is when /run is a tmpfs,
+/// `criu SUBCOMMAND`, run where CRIU can keep its kernel probes: as is when /run is a tmpfs,
 /// else in a private mount namespace with `kdat_dir` (on /dev/shm) bind-mounted on /run.
-fn criu_restore(criu: &Path, kdat_dir: Option<&Path>) -> Command {
+fn criu_cmd(criu: &Path, kdat_dir: Option<&Path>, subcommand: &str) -> Command {
     match kdat_dir {
         None => {
             let mut c = Command::new(criu);
-            c.arg("restore");
+            c.arg(subcommand);
             c
         }
         Some(dir) => {
@@ -122,10 +115,36 @@ fn criu_restore(criu: &Path, kdat_dir: Option<&Path>) -> Command {
                 .arg(r#"mount --bind "$0" /run && exec "$@""#)
                 .arg(dir)
                 .arg(criu)
-                .arg("restore");
+                .arg(subcommand);
             c
         }
     }
+}
+
+/// Where /run is no tmpfs, a tmpfs directory for CRIU's kernel probes, probed once (`criu
+/// check`) so the first measured restore does not pay for them: None when /run is a tmpfs.
+fn kdat_dir(ctx: &Ctx, criu: &Path) -> Result<Option<PathBuf>, String> {
+    if is_tmpfs("/run") {
+        return Ok(None);
+    }
+    if !is_tmpfs("/dev/shm") {
+        return Err(
+            "neither /run nor /dev/shm is a tmpfs: CRIU cannot keep its kernel probes".into(),
+        );
+    }
+    let d = PathBuf::from(format!(
+        "/dev/shm/umm-bench-criu-run.{}",
+        std::process::id()
+    ));
+    fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    let check = criu_cmd(criu, Some(&d), "check");
+    // (`criu check` may report missing optional features: only the cache it leaves matters.)
+    let _ = run(&ctx.work, "criu-check", check, ctx.limit);
+    if !d.join("criu.kdat").exists() {
+        let _ = fs::remove_dir_all(&d);
+        return Err(format!("criu check left no criu.kdat in {}", d.display()));
+    }
+    Ok(Some(d))
 }
 
 fn pid_free(pid: i32) -> bool {
@@ -321,7 +340,7 @@ impl Case {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let t0 = Instant::now();
-        let mut restore = criu_restore(criu, kdat_dir);
+        let mut restore = criu_cmd(criu, kdat_dir, "restore");
         restore
             .arg("-D")
             .arg(&self.img)
@@ -475,16 +494,14 @@ pub fn fig7(ctx: &mut Ctx) -> Figure {
             ("busy", &["-i", "0", "-f", "-r"], 1.0),
         ]
     };
-    // Where /run is no tmpfs, a tmpfs directory for criu restore's kernel probes (kept
-    // across this figure's restores, as /run/criu.kdat would be).
-    let kdat_dir = (!run_is_tmpfs()).then(|| {
-        let d = PathBuf::from(format!(
-            "/dev/shm/umm-bench-criu-run.{}",
-            std::process::id()
-        ));
-        let _ = fs::create_dir_all(&d);
-        d
-    });
+    // Kept across this figure's restores, as /run/criu.kdat would be.
+    let kdat_dir = match kdat_dir(ctx, &criu) {
+        Ok(d) => d,
+        Err(e) => {
+            f.error("criu kernel probes", "", e);
+            return f;
+        }
+    };
     let _remove_kdat_dir = kdat_dir.clone().map(RemoveDir);
     f.note(format!(
         "criu: {}; memtest parent of the size shown + a {CHILD_MIB} MiB child; idle = \

@@ -18,8 +18,7 @@
 //! running, and degrades to one thread on a busy machine.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -49,10 +48,10 @@ impl SharedSource {
 /// `--fill-threads`, else 2 when this process may run on two or more CPUs (affinity and
 /// cgroup quota, as `available_parallelism` reads them), else 1. Measured on a quiet 2-vCPU
 /// VM: a bare two-thread UFFDIO_COPY loop copies ~1.8× as fast as one; umm's fill of an idle
-/// restore ~1.5× (figure 1: 3.73 vs 2.43 GB/s), a CRIU restore whose tree sleeps 1.5–1.9×
-/// (figure 7). The second copier only works in quiet turns once the fill chunk has grown to
-/// its largest (restore.rs), so a restored program that faults keeps the one-thread path and
-/// its CPU.
+/// restore ~1.3× (figure 1: 3.49 vs 2.65 GB/s), a CRIU restore whose tree sleeps ~1.5×
+/// (figure 7). Pieces pair only in quiet turns once the fill chunk has grown to its largest
+/// (restore.rs), and the loop takes back a piece the copier has not started, so a copier that
+/// gets no CPU costs the fill a short wait, not a stall.
 pub fn fill_threads(asked: Option<u8>) -> usize {
     asked.map_or_else(
         || match std::thread::available_parallelism() {
@@ -74,15 +73,19 @@ pub struct Job {
 
 pub type Done = Result<Result<u64, UffdError>, SourceError>;
 
-/// A job in the copier's hands: whoever sets `claimed` first copies it.
-struct Handoff {
-    job: Job,
-    claimed: Arc<AtomicBool>,
+/// A job handed over: whoever takes it out of the slot first copies it (the copier, or the
+/// loop taking it back), so the loop drops a piece it took back, with its duplicate of the
+/// uffd, at once, whether or not the copier has looked at the slot yet.
+type Slot = Arc<Mutex<Option<Job>>>;
+
+fn take(slot: &Slot) -> Option<Job> {
+    // A poisoned slot: a thread panicked holding it; the job is still there or not.
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 /// A job handed over, for [`Copier::finish`].
 pub struct Handed {
-    claimed: Arc<AtomicBool>,
+    slot: Slot,
 }
 
 /// How a handed-over job ended.
@@ -108,47 +111,33 @@ const TAKE_BACK_GRACE: Duration = Duration::from_micros(200);
 const FINISH_SPIN: Duration = Duration::from_micros(50);
 
 pub struct Copier {
-    jobs: Sender<Handoff>,
-    /// The copier's end of `jobs`, for the loop to pull a piece it took back out again (so
-    /// no duplicate of the uffd waits there for a copier that gets no CPU).
-    jobs_back: Receiver<Handoff>,
+    jobs: Sender<Slot>,
     done: Receiver<Done>,
 }
 
 impl Copier {
     pub fn start() -> std::io::Result<Copier> {
         let (copier, job_rx, done_tx) = Copier::unstarted();
-        crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx))?;
+        let delay = test_claim_delay();
+        crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx, delay))?;
         Ok(copier)
     }
 
     /// The loop's side, and the two channel ends the copier thread runs on.
-    fn unstarted() -> (Copier, Receiver<Handoff>, Sender<Done>) {
-        let (jobs, job_rx) = crossbeam_channel::bounded::<Handoff>(1);
+    fn unstarted() -> (Copier, Receiver<Slot>, Sender<Done>) {
+        let (jobs, job_rx) = crossbeam_channel::bounded::<Slot>(1);
         let (done_tx, done) = crossbeam_channel::bounded::<Done>(1);
-        let jobs_back = job_rx.clone();
-        (
-            Copier {
-                jobs,
-                jobs_back,
-                done,
-            },
-            job_rx,
-            done_tx,
-        )
+        (Copier { jobs, done }, job_rx, done_tx)
     }
 
-    /// Hand `job` over. None if the copier is gone (the caller copies it itself).
+    /// Hand `job` over. None if the copier is gone, or has not yet looked at a slot the loop
+    /// emptied (it gets no CPU): the caller copies it itself.
     pub fn start_copy(&self, job: Job) -> Option<Handed> {
-        let claimed = Arc::new(AtomicBool::new(false));
-        let handoff = Handoff {
-            job,
-            claimed: claimed.clone(),
-        };
+        let slot = Arc::new(Mutex::new(Some(job)));
         self.jobs
-            .try_send(handoff)
+            .try_send(slot.clone())
             .ok()
-            .map(|()| Handed { claimed })
+            .map(|()| Handed { slot })
     }
 
     /// The end of the job handed over last. Taken back if the copier has not started it
@@ -156,15 +145,13 @@ impl Copier {
     /// piece's copy, so the loop spins for it briefly before it sleeps.
     pub fn finish(&self, handed: Handed) -> Finish {
         // A sleeping copier takes tens of µs to wake (more for a vCPU the host has parked):
-        // a short grace, yielding, so a piece the loop finished quickly does not take it back
+        // a short grace, yielding, so a piece the loop finished quickly is not taken back
         // from a copier about to start.
         let grace_until = Instant::now() + TAKE_BACK_GRACE;
-        while !handed.claimed.load(Ordering::Acquire) && Instant::now() < grace_until {
+        while handed.slot.lock().is_ok_and(|j| j.is_some()) && Instant::now() < grace_until {
             std::thread::yield_now();
         }
-        if !handed.claimed.swap(true, Ordering::AcqRel) {
-            // Out of the channel if the copier has not taken it yet (else it drops it).
-            let _ = self.jobs_back.try_recv();
+        if take(&handed.slot).is_some() {
             return Finish::NotStarted;
         }
         let spin_until = Instant::now() + FINISH_SPIN;
@@ -179,15 +166,29 @@ impl Copier {
     }
 }
 
-fn run(jobs: Receiver<Handoff>, done: Sender<Done>) {
+/// `UMM_TEST_COPIER_CLAIM_DELAY_US`: the copier waits this long before it looks at a job, so
+/// tests can make the loop take pieces back (a copier that gets no CPU).
+fn test_claim_delay() -> Option<Duration> {
+    std::env::var("UMM_TEST_COPIER_CLAIM_DELAY_US")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_micros)
+}
+
+fn run(jobs: Receiver<Slot>, done: Sender<Done>, claim_delay: Option<Duration>) {
     loop {
-        let Some(Handoff { job, claimed }) = next_job(&jobs) else {
+        let Some(slot) = next_job(&jobs) else {
             return;
         };
-        // Taken back by the loop: it copies this one itself.
-        if claimed.swap(true, Ordering::AcqRel) {
-            continue;
+        if let Some(d) = claim_delay {
+            std::thread::sleep(d);
         }
+        // Empty: the loop took it back and copies it itself.
+        let Some(job) = take(&slot) else {
+            continue;
+        };
+        drop(slot);
         let result = job
             .source
             .data(job.offset, job.len)
@@ -199,7 +200,7 @@ fn run(jobs: Receiver<Handoff>, done: Sender<Done>) {
 }
 
 /// The next job: spin for [`SPIN`], then sleep. None: the loop is gone.
-fn next_job(jobs: &Receiver<Handoff>) -> Option<Handoff> {
+fn next_job(jobs: &Receiver<Slot>) -> Option<Slot> {
     let spin_until = Instant::now() + SPIN;
     while Instant::now() < spin_until {
         match jobs.try_recv() {
@@ -226,39 +227,54 @@ mod tests {
         }
     }
 
+    /// `finish` on another thread: one that waited for a copier that never runs would not
+    /// return.
+    fn finish_bounded(copier: Copier, handed: Handed) -> (Copier, Finish) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let f = copier.finish(handed);
+            let _ = tx.send((copier, f));
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("finish waited for a copier that never ran")
+    }
+
     #[test]
-    fn a_piece_the_copier_has_not_started_is_taken_back_and_never_copied() {
+    fn a_piece_the_copier_has_not_started_is_taken_back_dropped_at_once_and_never_copied() {
         let dir = std::env::temp_dir().join(format!("umm-copier-test.{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pages-1.img");
         std::fs::write(&path, vec![7u8; 8192]).unwrap();
         let pages = Arc::new(PagesFile::open(&path, 8192).unwrap());
 
-        // No copier thread yet: nobody claims the piece, so the loop takes it back.
+        // No copier thread yet: nobody starts the piece, so the loop takes it back, and the
+        // job (its duplicate of the uffd, its source) is dropped at once.
         let (copier, job_rx, done_tx) = Copier::unstarted();
         let handed = copier.start_copy(job(&pages)).expect("handed over");
-        // (On a thread: a finish that waited for the copier would never return.)
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let f = copier.finish(handed);
-            let _ = tx.send((copier, f));
-        });
-        let (copier, finished) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("finish waited for a copier that never ran");
+        assert_eq!(Arc::strong_count(&pages), 2);
+        let (copier, finished) = finish_bounded(copier, handed);
         assert!(matches!(finished, Finish::NotStarted));
-        // Out of the channel again (with its duplicate of the uffd): the next piece can be
-        // handed over.
-        assert!(job_rx.is_empty());
-        let next = copier.start_copy(job(&pages));
-        assert!(next.is_some());
+        assert_eq!(Arc::strong_count(&pages), 1, "the job taken back was kept");
+        // Its empty slot waits for the copier: the next piece is not handed over (the loop
+        // copies it) rather than queued behind a copier that gets no CPU.
+        assert!(copier.start_copy(job(&pages)).is_none());
 
-        // A piece the copier dequeued but had not claimed when the loop took it back: the
-        // copier drops it, no result, no copy.
-        next.unwrap().claimed.store(true, Ordering::Release);
+        // A piece the copier has dequeued but not started: taken back and dropped the same.
+        let _stale = job_rx.try_recv().unwrap();
+        let handed = copier.start_copy(job(&pages)).expect("handed over");
+        let dequeued = job_rx.try_recv().unwrap();
+        let (copier, finished) = finish_bounded(copier, handed);
+        assert!(matches!(finished, Finish::NotStarted));
+        assert_eq!(Arc::strong_count(&pages), 1, "the job taken back was kept");
+
+        // The copier, when it gets to those slots, finds them empty: no copy, no result.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        tx.send(dequeued).unwrap();
+        drop(tx);
         let done = copier.done.clone();
         drop(copier);
-        run(job_rx, done_tx);
+        drop(job_rx);
+        run(rx, done_tx, None);
         assert!(matches!(done.try_recv(), Err(TryRecvError::Disconnected)));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -450,7 +450,12 @@ impl Manager {
             return false;
         }
         let book = &mut self.restore;
-        if rc.fill_threads > 1 && book.copier.is_none() && !book.copier_failed {
+        // (No copier where pieces never pair: a --fill-chunk-max below a page table.)
+        if rc.fill_threads > 1
+            && rc.chunk_max >= PAIRED_PIECE
+            && book.copier.is_none()
+            && !book.copier_failed
+        {
             match crate::copier::Copier::start() {
                 Ok(c) => book.copier = Some(c),
                 Err(e) => {
@@ -636,6 +641,9 @@ impl Manager {
         };
         let done = self.account_piece(pick, first, first_result, fill_rate);
         let second_done = match second_result {
+            // The first piece's failure closed the space (gave up, fail-stop, gone): what the
+            // copier got no longer matters, and its error must not be handled twice.
+            Some(_) if self.spaces.get(pick).is_none() => 0,
             Some(r) => {
                 let n = self.account_piece(pick, second, r, fill_rate);
                 self.stats.second_copier_bytes += n;

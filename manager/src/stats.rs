@@ -248,10 +248,11 @@ pub struct RestoreReport {
     pub completed: u64,
     pub killed: u64,
     pub background_bytes: u64,
-    /// Of those, bytes the second copier copied (`--fill-threads 2`).
+    /// Of those, bytes the second copier copied (`--fill-threads`, 2 by default on two or
+    /// more CPUs).
     pub second_copier_bytes: u64,
-    /// Pieces handed to the second copier that the loop took back and copied itself (the
-    /// copier had not started them when the loop was done with its own).
+    /// Pieces handed to the second copier that the loop took back (the copier had not
+    /// started them 200 µs after the loop was done with its own): the loop copies them.
     pub second_copier_taken_back: u64,
     pub first_fault_ms: Option<f64>,
     pub complete_ms: Option<u64>,
