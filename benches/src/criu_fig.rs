@@ -259,9 +259,17 @@ impl Case {
             parent: child.id() as i32,
             size,
         };
+        // Dumped right after the parent's second pass: with a pause between passes (idle,
+        // waking) the parent has just begun it, so an idle restore finds it asleep.
+        let parent = case.parent;
         let started = wait_for(Duration::from_secs(60), || {
             let l = case.log();
-            l.contains(" parent pid=") && l.contains(" child pid=") && l.contains(" pass=2 ")
+            l.contains(" child pid=")
+                && l.lines()
+                    .filter_map(parse_pass)
+                    .filter(|p| p.pid == parent)
+                    .count()
+                    >= 2
         });
         if !started {
             let _ = child.kill();
