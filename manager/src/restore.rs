@@ -450,7 +450,8 @@ impl Manager {
             return false;
         }
         let book = &mut self.restore;
-        // (No copier where pieces never pair: a --fill-chunk-max below a page table.)
+        // No copier where pieces never pair: a --fill-chunk-max below a page table's span
+        // asks for small copies, one thread.
         if rc.fill_threads > 1
             && rc.chunk_max >= PAIRED_PIECE
             && book.copier.is_none()
@@ -512,12 +513,11 @@ impl Manager {
         self.restore.next = self.restore.next.wrapping_add(1);
         // Quiet for long enough that the chunk has grown to its largest (a program that
         // faults keeps it small: a fault would wait behind a pair, and the copier would take
-        // the program's CPU), and a second copier: pieces in pairs, one copied by each
-        // (fork-join, see copier.rs), from a run long enough for two page tables.
-        // A --fill-chunk-max below a page table's span asks for small copies: one thread.
+        // the program's CPU), and a second copier (started above only where pieces can pair):
+        // pieces in pairs, one copied by each (fork-join, see copier.rs), from a run long
+        // enough for two page tables.
         let paired = !faults_this_turn
             && chunk >= rc.chunk_max
-            && rc.chunk_max >= PAIRED_PIECE
             && self.restore.copier.is_some()
             && self.shared_source(pick).is_some();
         let run_len = if paired {
