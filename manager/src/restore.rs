@@ -836,8 +836,12 @@ impl Manager {
         if self.not_registered_yet(id, run) {
             return 0;
         }
-        if run.range.end - run.range.start > PAGE_SIZE {
-            self.learn_vma_bounds(id, run.range.clone());
+        if run.range.end - run.range.start > PAGE_SIZE
+            && !self.learn_vma_bounds(id, run.range.clone())
+        {
+            // An event is on its way (learn_vma_bounds): read it, then plan again.
+            self.to_drain.push(id);
+            return 0;
         }
         let page = Run {
             range: run.range.start..run.range.start + PAGE_SIZE,
@@ -845,6 +849,17 @@ impl Manager {
         };
         match self.copy_run(id, &page) {
             Ok(Ok(n)) => n,
+            Ok(Err(e))
+                if e.errno == Errno::ENOENT
+                    && self
+                        .spaces
+                        .get(id)
+                        .is_some_and(|s| s.uffd.mappings_changing(page.range.start)) =>
+            {
+                // Gone from here, maybe only moved: read the event before forgetting it.
+                self.to_drain.push(id);
+                0
+            }
             Ok(Err(e)) if e.errno == Errno::ENOENT => {
                 log::debug!(
                     "{}: no registered VMA at {:#x}; nothing to fill there",

@@ -217,7 +217,18 @@ impl Manager {
                         // thread refaults (and gets SIGSEGV if the memory is really gone).
                         self.stats.enoent += 1;
                         if !single_page {
-                            self.learn_vma_bounds(f.space, primary.clone());
+                            if !self.learn_vma_bounds(f.space, primary.clone()) {
+                                // An event is on its way: read it first, as for EAGAIN.
+                                if drained {
+                                    return Outcome::Park;
+                                }
+                                drained = true;
+                                self.drain_space(f.space);
+                                if self.spaces.get(f.space).is_none() {
+                                    return Outcome::Done;
+                                }
+                                continue;
+                            }
                             single_page = true;
                             continue;
                         }
@@ -557,20 +568,28 @@ impl Manager {
     /// ENOENT: the VMA bounds inside the model's VMA holding `range` changed without an event
     /// (mprotect split, a MADV_DONTFORK range missing in a child). Learn all of them from one
     /// read of the maps: split the model at every bound, and forget what no VMA holds.
-    pub(crate) fn learn_vma_bounds(&mut self, id: Id, range: std::ops::Range<u64>) {
+    ///
+    /// Not while an event is on its way (munmap, mremap): the maps already show the change,
+    /// the model would forget a range that only moved, and the event would then find nothing
+    /// to move (its pages served as zeros). The probe comes after the maps were read, so a
+    /// change they show is still unread there. False then: the caller reads the events first.
+    pub(crate) fn learn_vma_bounds(&mut self, id: Id, range: std::ops::Range<u64>) -> bool {
         let Some(vma) = self
             .spaces
             .get(id)
             .and_then(|s| s.layout.vma_containing(range.start))
         else {
-            return;
+            return true;
         };
         let Some(maps) = self.maps_in(id, vma.clone()) else {
-            return;
+            return true;
         };
         let Some(space) = self.spaces.get_mut(id) else {
-            return;
+            return true;
         };
+        if space.uffd.mappings_changing(range.start) {
+            return false;
+        }
         let mut covered = vma.start;
         for m in maps
             .iter()
@@ -589,6 +608,7 @@ impl Manager {
         if covered < vma.end {
             space.layout.unregister(covered..vma.end);
         }
+        true
     }
 
     /// A forked child's pid shows up as the thread id of its first fault. That fault can also

@@ -263,6 +263,42 @@ fn events_are_read_in_batches_and_decoded() {
     u.unregister(r.addr, r.len as u64).unwrap();
 }
 
+/// `mappings_changing`: true from the moment a non-cooperative change begins until its event
+/// is read (the MADV_DONTNEED here waits in the kernel for that), false before and after.
+#[test]
+fn mappings_changing_is_true_exactly_while_an_event_waits_to_be_read() {
+    let u = uffd(Features::NON_COOPERATIVE);
+    let r = Region::new(4);
+    u.register(r.addr, r.len as u64, RegisterMode::MISSING)
+        .unwrap();
+    assert!(!u.mappings_changing(r.page(1)), "nothing is changing yet");
+    let a = r.page(2);
+    let t = std::thread::spawn(move || {
+        let p = std::ptr::NonNull::new(a as usize as *mut std::ffi::c_void).unwrap();
+        // SAFETY: dropping one page of the test's own mapping.
+        unsafe { nix::sys::mman::madvise(p, PAGE, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+            .unwrap();
+    });
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&u),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap();
+    assert_eq!(ready, 1, "no REMOVE event within 10 s");
+    // Queued, not read: the madvise is still waiting, mappings are changing (also at
+    // another page of the process).
+    assert!(u.mappings_changing(r.page(0)));
+    let mut got = Vec::new();
+    u.read_events(&mut got).unwrap();
+    assert!(
+        matches!(got.as_slice(), [Ok(Event::Remove { .. })]),
+        "{got:?}"
+    );
+    t.join().unwrap();
+    assert!(!u.mappings_changing(r.page(0)), "the event was read");
+    u.unregister(r.addr, r.len as u64).unwrap();
+}
+
 /// A userfaultfd made in another process (a fresh python, its own ASLR layout), received
 /// here over a socketpair; the process waits until `keep` (its stdin) closes.
 fn foreign_uffd() -> (

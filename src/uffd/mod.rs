@@ -469,6 +469,23 @@ impl Uffd {
         Ok(())
     }
 
+    /// Whether the address space's mappings are being changed by a munmap, mremap, madvise
+    /// or fork whose event the manager has not read yet (the kernel's `mmap_changing`, set
+    /// before the change and cleared once its event is read). Until then the process's maps
+    /// already show the change but the model does not: an ENOENT, or a VMA missing from
+    /// /proc, is no proof that memory is gone (a moved range is only elsewhere).
+    ///
+    /// The probe is a `UFFDIO_WRITEPROTECT` that clears protection on the page at `addr`
+    /// without waking anyone: EAGAIN exactly when mappings are changing, else ENOENT (no
+    /// write-protect registration) or success (nothing was protected): no side effect.
+    pub fn mappings_changing(&self, addr: u64) -> bool {
+        let page = crate::PAGE_SIZE;
+        matches!(
+            self.writeprotect(addr & !(page - 1), page, false, true),
+            Err(e) if e.errno == Errno::EAGAIN
+        )
+    }
+
     /// `UFFDIO_CONTINUE`: map pages already in the page cache (MINOR mode).
     pub fn continue_(&self, start: u64, len: u64, mode: u64) -> Result<u64, UffdError> {
         let mut arg = UffdioContinue {
