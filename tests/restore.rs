@@ -265,7 +265,10 @@ fn a_second_copier_meets_fork_mremap_dontneed_munmap_and_no_page_is_wrong() {
 
 /// The restorer touches nothing (RICHSTATE_WATCH): every turn is quiet, so by default (two
 /// or more CPUs: `--fill-threads` defaults to 2) the fill goes in pairs of pieces, one copied
-/// by the second copier; the restorer then verifies every page.
+/// by the second copier; the restorer then verifies every page. (The image offers only a few
+/// pairs: the loop's grace before it takes a piece back is made long, so a copier woken late
+/// because another test holds the other CPU still copies them; the take-back has its own
+/// test.)
 #[test]
 fn a_second_copier_fills_a_quiet_restore_by_default() {
     require_root_and_uffd();
@@ -274,7 +277,11 @@ fn a_second_copier_fills_a_quiet_restore_by_default() {
         cpus >= 2,
         "this test needs two CPUs (the second copier's default), this process may use {cpus}"
     );
-    let ok_run = quiet_restore("restore-copier", &[], &[]);
+    let ok_run = quiet_restore(
+        "restore-copier",
+        &[],
+        &[("UMM_TEST_COPIER_TAKE_BACK_GRACE_US", "5000000")],
+    );
     // (Pieces pair only inside one run of image data, so not half of it: 4 of 23.7 MiB seen.)
     ok_run.assert_ge(
         "restore.second_copier_bytes",
@@ -291,7 +298,7 @@ fn fill_threads_1_keeps_the_fill_on_the_loop() {
     run.assert_eq("restore.second_copier_bytes", 0, "no second copier");
 }
 
-/// A copier that gets no CPU (a test hook makes it wait 5 ms before it looks at a piece): the
+/// A copier that gets no CPU (a test hook makes it wait 50 ms before it looks at a piece): the
 /// loop takes its pieces back and copies them itself, and every page is still right.
 #[test]
 fn pieces_a_stalled_copier_has_not_started_are_taken_back_and_every_page_is_right() {
@@ -299,7 +306,7 @@ fn pieces_a_stalled_copier_has_not_started_are_taken_back_and_every_page_is_righ
     let run = quiet_restore(
         "restore-copier-stalled",
         &["--fill-threads", "2"],
-        &[("UMM_TEST_COPIER_CLAIM_DELAY_US", "5000")],
+        &[("UMM_TEST_COPIER_CLAIM_DELAY_US", "50000")],
     );
     run.assert_ge(
         "restore.second_copier_taken_back",
@@ -577,11 +584,14 @@ fn prefetch_order_from_a_trace_is_used() {
     let built = build_image(&dir, "img");
     let trace = dir.join("first.trace.jsonl");
     let trace_arg = trace.to_str().expect("utf-8 path");
+    // (A bounded fill, so the restorer faults on its data pages rather than find them
+    // filled: the trace needs a fault order, and an unbounded fill with two copiers could
+    // get ahead of it.)
     let first = umm_restore(
         &dir,
         "traced",
         &built.img,
-        &["--trace", trace_arg],
+        &["--trace", trace_arg, "--fill-rate", "64000000"],
         &[("RICHSTATE_CHILDREN", "2")],
     );
     let ok1 = assert_restored(&first);

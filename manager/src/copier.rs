@@ -113,12 +113,16 @@ const FINISH_SPIN: Duration = Duration::from_micros(50);
 pub struct Copier {
     jobs: Sender<Slot>,
     done: Receiver<Done>,
+    /// [`TAKE_BACK_GRACE`], or the test hook's.
+    grace: Duration,
 }
 
 impl Copier {
     pub fn start() -> std::io::Result<Copier> {
-        let (copier, job_rx, done_tx) = Copier::unstarted();
-        let delay = test_claim_delay();
+        let (mut copier, job_rx, done_tx) = Copier::unstarted();
+        copier.grace =
+            test_hook_us("UMM_TEST_COPIER_TAKE_BACK_GRACE_US").unwrap_or(TAKE_BACK_GRACE);
+        let delay = test_hook_us("UMM_TEST_COPIER_CLAIM_DELAY_US");
         crate::helper_thread::spawn("umm-copier", move || run(job_rx, done_tx, delay))?;
         Ok(copier)
     }
@@ -127,7 +131,12 @@ impl Copier {
     fn unstarted() -> (Copier, Receiver<Slot>, Sender<Done>) {
         let (jobs, job_rx) = crossbeam_channel::bounded::<Slot>(1);
         let (done_tx, done) = crossbeam_channel::bounded::<Done>(1);
-        (Copier { jobs, done }, job_rx, done_tx)
+        let copier = Copier {
+            jobs,
+            done,
+            grace: TAKE_BACK_GRACE,
+        };
+        (copier, job_rx, done_tx)
     }
 
     /// Hand `job` over. None if the copier is gone, or has not yet looked at a slot the loop
@@ -147,7 +156,7 @@ impl Copier {
         // A sleeping copier takes tens of µs to wake (more for a vCPU the host has parked):
         // a short grace, yielding, so a piece the loop finished quickly is not taken back
         // from a copier about to start.
-        let grace_until = Instant::now() + TAKE_BACK_GRACE;
+        let grace_until = Instant::now() + self.grace;
         while handed.slot.lock().is_ok_and(|j| j.is_some()) && Instant::now() < grace_until {
             std::thread::yield_now();
         }
@@ -166,10 +175,12 @@ impl Copier {
     }
 }
 
-/// `UMM_TEST_COPIER_CLAIM_DELAY_US`: the copier waits this long before it looks at a job, so
-/// tests can make the loop take pieces back (a copier that gets no CPU).
-fn test_claim_delay() -> Option<Duration> {
-    std::env::var("UMM_TEST_COPIER_CLAIM_DELAY_US")
+/// Test hooks, in µs: `UMM_TEST_COPIER_CLAIM_DELAY_US`, how long the copier waits before it
+/// looks at a job (tests make the loop take pieces back: a copier that gets no CPU);
+/// `UMM_TEST_COPIER_TAKE_BACK_GRACE_US`, the loop's grace (tests make sure the copier copies
+/// its pieces on a machine where another test takes the other CPU).
+fn test_hook_us(name: &str) -> Option<Duration> {
+    std::env::var(name)
         .ok()?
         .parse()
         .ok()
