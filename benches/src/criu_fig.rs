@@ -515,10 +515,10 @@ pub fn fig7(ctx: &mut Ctx) -> Figure {
         "criu: {}; memtest parent of the size shown + a {CHILD_MIB} MiB child; idle = \
          `-i 1000 -w` (asleep through the fill: the fill alone), waking = `-i 1000` (one full \
          verification pass at once, then asleep), busy = `-i 0 -f -r` (verifying without \
-         pause, a fork and a MADV_DONTNEED every pass); umm = its defaults ({} copier(s) \
-         here); ratio = criu's time / umm's (umm's speed-up); criu restore {}",
+         pause, a fork and a MADV_DONTNEED every pass); umm = its defaults (a second copier \
+         where it may use two CPUs); ratio = criu's time / umm's (umm's speed-up); criu \
+         restore {}",
         criu.display(),
-        umm_default_copiers(),
         if kdat_dir.is_some() {
             "in a mount namespace with a tmpfs on /run (this machine's /run is no tmpfs: \
              CRIU could not keep its kernel probes)"
@@ -585,14 +585,6 @@ pub fn fig7(ctx: &mut Ctx) -> Figure {
         }
     }
     f
-}
-
-/// The copiers umm's fill uses by default on this machine (as `umm::copier::fill_threads`).
-fn umm_default_copiers() -> usize {
-    match std::thread::available_parallelism() {
-        Ok(n) if n.get() >= 2 => 2,
-        _ => 1,
-    }
 }
 
 /// Removes a directory when dropped.
