@@ -214,14 +214,7 @@ fn restore_over_https_reuses_connections_and_sends_the_header_file() {
     ];
     let run = restore_from_with(&dir, "restore", &url, &extra);
     assert_network_restore_verified(&run, data_pages, "every data page came over https");
-    assert_eq!(
-        run.report
-            .get("restore.network.tls")
-            .and_then(Value::as_bool),
-        Some(true),
-        "the report says TLS was used\n{}",
-        run.context()
-    );
+    tls::assert_report_says_tls(&run);
     assert!(
         !run.stderr.contains(TOKEN),
         "a header value was logged\n{}",
@@ -266,14 +259,7 @@ fn https_without_the_header_or_with_another_ca_is_refused_clearly() {
     let url = nginx.https_url("private/img");
     let refused = |label: &str, extra: Vec<OsString>| {
         let (mut p, _report) = spawn_restore(&dir, label, &url, &extra);
-        let st = p.wait_bounded(Duration::from_secs(120));
-        p.assert_group_gone();
-        assert!(
-            !st.success() && !p.stdout().contains("HANDED"),
-            "{label}: the restore was not refused before a restorer ran\n{}",
-            p.context()
-        );
-        p.stderr()
+        p.assert_refused_before_handoff(Duration::from_secs(120))
     };
     let err = refused(
         "no-header",

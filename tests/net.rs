@@ -535,14 +535,7 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
         run.report.u64("restore.network.urgent_requests"),
         "every urgent request went on the urgent TLS connection",
     );
-    assert_eq!(
-        run.report
-            .get("restore.network.tls")
-            .and_then(Value::as_bool),
-        Some(true),
-        "the report says TLS was used\n{}",
-        run.context()
-    );
+    tls::assert_report_says_tls(&run);
     let st = server.wait_bounded(Duration::from_secs(30));
     assert!(
         st.success()
@@ -558,14 +551,7 @@ fn restore_over_tls_verifies_every_page_and_reports_tls() {
 /// (no handoff, its process group gone), and its stderr.
 fn refused_restore(dir: &TestDir, net: &NetPair, label: &str, extra: &[OsString]) -> String {
     let (mut p, _report) = spawn_restore_with(dir, net, label, KEY, &[], extra);
-    let st = p.wait_bounded(LIMIT);
-    p.assert_group_gone();
-    assert!(
-        !st.success() && !p.stdout().contains("HANDED"),
-        "{label}: the restore was not refused before a restorer ran\n{}",
-        p.context()
-    );
-    p.stderr()
+    p.assert_refused_before_handoff(LIMIT)
 }
 
 #[test]

@@ -1151,12 +1151,7 @@ fn a_flipped_byte_in_the_image_stops_the_restore() {
     );
     run.report.check_shape();
     run.assert_ge("restore.killed", 1, "the restore was stopped");
-    let failed = run
-        .report
-        .get("restore.failed")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let failed = run.report.str_or_empty("restore.failed");
     assert!(
         failed.contains("corrupt") && failed.contains("pages.img") && failed.contains("chunk"),
         "restore.failed = {failed:?} does not name the corrupt chunk\n{}",
@@ -1455,11 +1450,7 @@ fn assert_touched_restorer_stopped(run: &UmmRun) {
         run.context()
     );
     run.assert_ge("restore.killed", 1, "the restore was stopped");
-    let failed = run
-        .report
-        .get("restore.failed")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let failed = run.report.str_or_empty("restore.failed");
     assert!(
         failed.contains("populated before the manager could fill it"),
         "restore.failed = {failed:?}\n{}",

@@ -436,6 +436,20 @@ impl Proc {
         self.group_gone = true;
     }
 
+    /// A `umm restore` that must be refused before any restorer ran: wait (bounded), then it
+    /// failed, printed no HANDED, and its process group is gone. Its stderr.
+    pub fn assert_refused_before_handoff(&mut self, limit: Duration) -> String {
+        let st = self.wait_bounded(limit);
+        self.assert_group_gone();
+        assert!(
+            !st.success() && !self.stdout().contains("HANDED"),
+            "{}: the restore was not refused before a restorer ran\n{}",
+            self.label,
+            self.context()
+        );
+        self.stderr()
+    }
+
     pub fn signal(&self, sig: Signal) {
         if self.status.is_none() {
             let _ = kill(Pid::from_raw(self.pid), sig);
@@ -569,6 +583,11 @@ impl Report {
     /// A field by dotted path (`events.fork`); `None` if absent.
     pub fn get(&self, path: &str) -> Option<&Value> {
         path.split('.').try_fold(&self.json, |v, k| v.get(k))
+    }
+
+    /// A string field by dotted path; empty if absent, null or not a string.
+    pub fn str_or_empty(&self, path: &str) -> &str {
+        self.get(path).and_then(Value::as_str).unwrap_or_default()
     }
 
     /// An unsigned counter by dotted path; panics if absent or not a non-negative integer.
@@ -1310,11 +1329,7 @@ pub fn assert_restore_stopped(run: &UmmRun, reason: &str) {
         run.context()
     );
     run.assert_ge("restore.killed", 1, "the restored tree was stopped");
-    let failed = run
-        .report
-        .get("restore.failed")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let failed = run.report.str_or_empty("restore.failed");
     assert!(
         failed.contains(reason),
         "restore.failed = {failed:?}, want it to mention {reason:?}\n{}",

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::TestDir;
+use super::{TestDir, UmmRun};
 
 /// The DNS name every test server certificate carries (besides its IP addresses).
 pub const SERVER_NAME: &str = "umm-test-server";
@@ -122,4 +122,16 @@ impl TestCerts {
             key: d.join("server.tls.key"),
         }
     }
+}
+
+/// The restore's report says its network source used TLS (`restore.network.tls`).
+pub fn assert_report_says_tls(run: &UmmRun) {
+    assert_eq!(
+        run.report
+            .get("restore.network.tls")
+            .and_then(serde_json::Value::as_bool),
+        Some(true),
+        "the report says TLS was used\n{}",
+        run.context()
+    );
 }
