@@ -465,7 +465,8 @@ fn restore_with_a_fill_rate_still_completes() {
         &dir,
         "restore",
         &built.img,
-        &["--fill-rate", &rate.to_string()],
+        // One copier: the order is watched page by page (two fill pieces 2 MiB apart at once).
+        &["--fill-rate", &rate.to_string(), "--fill-threads", "1"],
         &[("RICHSTATE_WATCH", &format!("{A_START:#x}"))],
     );
     let ok = assert_restored(&run);
@@ -622,7 +623,15 @@ fn prefetch_order_from_a_trace_is_used() {
         &dir,
         "prefetched",
         &built.img,
-        &["--prefetch", trace_arg, "--fill-rate", "16000000"],
+        // One copier: the order is watched page by page (two fill pieces 2 MiB apart at once).
+        &[
+            "--prefetch",
+            trace_arg,
+            "--fill-rate",
+            "16000000",
+            "--fill-threads",
+            "1",
+        ],
         &[("RICHSTATE_WATCH", &format!("{head:#x},{A_START:#x}"))],
     );
     let ok2 = assert_restored(&run);
