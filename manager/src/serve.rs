@@ -201,13 +201,8 @@ impl Manager {
                         // Layout changing: an event is pending. Read events, then decide
                         // again from the layout (the page may be zero-on-refault now).
                         self.stats.eagain_retries += 1;
-                        if drained {
-                            return Outcome::Park;
-                        }
-                        drained = true;
-                        self.drain_space(f.space);
-                        if self.spaces.get(f.space).is_none() {
-                            return Outcome::Done;
+                        if let Some(outcome) = self.drain_once(f.space, &mut drained) {
+                            return outcome;
                         }
                         continue;
                     }
@@ -219,13 +214,8 @@ impl Manager {
                         if !single_page {
                             if !self.learn_vma_bounds(f.space, primary.clone()) {
                                 // An event is on its way: read it first, as for EAGAIN.
-                                if drained {
-                                    return Outcome::Park;
-                                }
-                                drained = true;
-                                self.drain_space(f.space);
-                                if self.spaces.get(f.space).is_none() {
-                                    return Outcome::Done;
+                                if let Some(outcome) = self.drain_once(f.space, &mut drained) {
+                                    return outcome;
                                 }
                                 continue;
                             }
@@ -563,6 +553,18 @@ impl Manager {
                     .collect(),
             ),
         }
+    }
+
+    /// A fault's copy met a layout change whose event is pending: read the space's events
+    /// once, then the caller decides again (None). Some: what the fault comes to instead
+    /// (parked when the events were read already, done when the space went with them).
+    fn drain_once(&mut self, id: Id, drained: &mut bool) -> Option<Outcome> {
+        if *drained {
+            return Some(Outcome::Park);
+        }
+        *drained = true;
+        self.drain_space(id);
+        self.spaces.get(id).is_none().then_some(Outcome::Done)
     }
 
     /// ENOENT: the VMA bounds inside the model's VMA holding `range` changed without an event
